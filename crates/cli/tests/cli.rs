@@ -1,0 +1,103 @@
+//! End-to-end tests of the `whittle` binary: help, real-model commands, and bad input.
+
+#[path = "../../models/tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Output};
+
+fn whittle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whittle")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_command() {
+    let o = whittle(&["--help"]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    for c in ["inspect", "convert", "embed", "generate"] {
+        assert!(s.contains(c), "--help does not list {c}:\n{s}");
+    }
+    let o = whittle(&["--version"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("whittle "));
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let o = whittle(&["inspect", "/no/such/model.gguf"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/no/such/model.gguf"), "{}", stderr(&o));
+}
+
+#[test]
+fn corrupt_gguf_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bad.gguf");
+    std::fs::write(&p, b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\x7f").unwrap();
+    let o = whittle(&["inspect", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("bad.gguf") && e.contains("past the end"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn inspect_minilm_json_counts() {
+    let m = common::minilm();
+    let o = whittle(&["inspect", m.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["params"]["total"], 22_713_216);
+    assert_eq!(v["params"]["head"], 147_840);
+    assert_eq!(v["family"], "bert");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn inspect_smollm2_shows_q4_1_storage() {
+    let m = common::smollm2();
+    let o = whittle(&["inspect", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("q4_1") && s.contains("llama") && s.contains("FLOPs/token"), "{s}");
+}
+
+#[test]
+fn embed_and_generate_json() {
+    let o = whittle(&["embed", common::minilm().to_str().unwrap(), "--json", "hello world", "a second text"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dim"], 384);
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 2);
+
+    let o = whittle(&["generate", common::smollm2().to_str().unwrap(), "--prompt", "The capital of France is", "-n", "4", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fx = common::fixture("smollm2.json");
+    let want: Vec<u64> = fx["prompts"][0]["greedy32"].as_array().unwrap()[..4].iter().map(|x| x.as_u64().unwrap()).collect();
+    let got: Vec<u64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn wrong_family_for_command_is_an_error() {
+    let o = whittle(&["generate", common::minilm().to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("needs a decoder"), "{}", stderr(&o));
+    let o = whittle(&["embed", common::smollm2().to_str().unwrap(), "hi"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("needs an encoder"), "{}", stderr(&o));
+}
+
+#[test]
+fn convert_does_not_leave_partial_output_on_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = whittle(&["convert", "/no/such/dir", "-o", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+}

@@ -1,0 +1,18 @@
+//! whittle-core: the tensor facade over candle, devices, errors and the `Linear` seam.
+//!
+//! Every projection inside a Transformer block is a [`Linear`]. Passes (quantize, prune, low-rank, ...)
+//! walk a model and replace the representation behind a `Linear`; the runtime only ever calls
+//! [`Linear::forward`], so a new representation is one new variant of [`LinearWeight`].
+
+pub mod error;
+pub mod linear;
+
+pub use candle_core;
+pub use candle_core::{DType, Device, Tensor};
+pub use error::{Error, Result};
+pub use linear::{Linear, LinearWeight};
+
+/// Number of bytes one element of `dtype` occupies in memory.
+pub fn dtype_bytes(dtype: DType) -> usize {
+    dtype.size_in_bytes()
+}

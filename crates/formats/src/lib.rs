@@ -1,0 +1,42 @@
+//! whittle-formats: reading and writing the files models come in.
+//!
+//! - [`gguf`]: GGUF v2/v3 reader (llama.cpp), bounds-checked so a lying length field is an error, never
+//!   an allocation; tensors dequantized to f32 on request.
+//! - [`hf`]: Hugging Face directories (`config.json`, single or sharded safetensors, `tokenizer.json`),
+//!   hub ids resolved from the local cache, and atomic safetensors writing.
+//! - [`tokenizer`]: a `tokenizers::Tokenizer` built from GGUF metadata.
+
+pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+
+use candle_core::Tensor;
+
+/// What a source file says about one stored tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Name in the source file's own convention.
+    pub name: String,
+    /// Storage type as the file names it (`f32`, `bf16`, `q4_1`, ...).
+    pub dtype: String,
+    /// Row-major shape (outermost first), as PyTorch would show it.
+    pub shape: Vec<usize>,
+    /// Bytes the tensor occupies in the file.
+    pub bytes: usize,
+}
+
+/// A file (or set of files) of named tensors.
+pub trait TensorSource {
+    /// Every stored tensor, in file order.
+    fn infos(&self) -> Vec<TensorInfo>;
+    /// Loads one tensor as f32 on the CPU (quantized types are dequantized).
+    fn load_f32(&self, name: &str) -> Result<Tensor>;
+    /// The path shown in errors.
+    fn describe(&self) -> String;
+    fn contains(&self, name: &str) -> bool {
+        self.infos().iter().any(|i| i.name == name)
+    }
+}

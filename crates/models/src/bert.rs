@@ -1,0 +1,308 @@
+//! BERT encoders (Devlin et al. 2018, <https://arxiv.org/abs/1810.04805>), as in Hugging Face
+//! `modeling_bert.py` and sentence-transformers' all-MiniLM-L6-v2: post-LayerNorm blocks, exact (erf)
+//! GELU, absolute position embeddings, optional pooler.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde::Deserialize;
+use whittle_core::Linear;
+use whittle_formats::TensorSource;
+
+use crate::loader::Weights;
+use crate::nn::{attention, embed, LayerNorm};
+use crate::{Error, Result};
+
+/// `config.json` as Hugging Face writes it for `model_type: bert`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfBertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_max_pos() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+
+/// Resolved BERT configuration.
+#[derive(Debug, Clone)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Heads of an unpruned block; blocks carry their own count.
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    /// Width of one attention head (hidden / heads in the original model).
+    pub head_dim: usize,
+}
+
+impl BertConfig {
+    pub fn from_hf(c: &HfBertConfig, path: &Path) -> Result<Self> {
+        let field = |f: &str, msg: String| Error::Config { path: path.into(), field: f.into(), msg };
+        if c.hidden_act != "gelu" {
+            return Err(field("hidden_act", format!("`{}` is not supported (only the exact `gelu`)", c.hidden_act)));
+        }
+        if let Some(p) = &c.position_embedding_type {
+            if p != "absolute" {
+                return Err(field("position_embedding_type", format!("`{p}` is not supported (only `absolute`)")));
+            }
+        }
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(field(
+                "num_attention_heads",
+                format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),
+            ));
+        }
+        Ok(Self {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            intermediate_size: c.intermediate_size,
+            max_position_embeddings: c.max_position_embeddings,
+            type_vocab_size: c.type_vocab_size,
+            layer_norm_eps: c.layer_norm_eps,
+            head_dim: c.hidden_size / c.num_attention_heads,
+        })
+    }
+
+    /// The `config.json` that reproduces this model in transformers.
+    pub fn to_hf_json(&self, blocks: &[BertBlock]) -> serde_json::Value {
+        let heads = blocks.first().map_or(self.num_heads, |b| b.n_head);
+        let inter = blocks.first().map_or(self.intermediate_size, |b| b.intermediate.out_features());
+        serde_json::json!({
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": blocks.len(),
+            "num_attention_heads": heads,
+            "intermediate_size": inter,
+            "hidden_act": "gelu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "position_embedding_type": "absolute",
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "initializer_range": 0.02,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+/// Word, position and token-type embeddings followed by LayerNorm.
+#[derive(Debug, Clone)]
+pub struct BertEmbeddings {
+    pub word: Tensor,       // (V, C)
+    pub position: Tensor,   // (P, C)
+    pub token_type: Tensor, // (types, C)
+    pub norm: LayerNorm,
+}
+
+/// One post-LN encoder block.
+#[derive(Debug, Clone)]
+pub struct BertBlock {
+    pub n_head: usize,
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub attn_out: Linear,
+    pub attn_norm: LayerNorm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub out_norm: LayerNorm,
+}
+
+impl BertBlock {
+    /// # Shapes
+    /// - `x`: (B, T, C); `mask`: (B, 1, 1, T) additive; returns (B, T, C)
+    pub fn forward(&self, x: &Tensor, mask: &Tensor, head_dim: usize) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        let h = self.n_head;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
+        };
+        let q = split(self.query.forward(x)?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
+        let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?; // (B, T, H*D)
+        let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
+        let m = self.intermediate.forward(&x)?.gelu_erf()?; // (B, T, I)
+        self.out_norm.forward(&(self.output.forward(&m)? + x)?)
+    }
+
+    pub fn linears(&self) -> [(&'static str, &Linear); 6] {
+        [
+            ("attention.self.query", &self.query),
+            ("attention.self.key", &self.key),
+            ("attention.self.value", &self.value),
+            ("attention.output.dense", &self.attn_out),
+            ("intermediate.dense", &self.intermediate),
+            ("output.dense", &self.output),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 6] {
+        [
+            ("attention.self.query", &mut self.query),
+            ("attention.self.key", &mut self.key),
+            ("attention.self.value", &mut self.value),
+            ("attention.output.dense", &mut self.attn_out),
+            ("intermediate.dense", &mut self.intermediate),
+            ("output.dense", &mut self.output),
+        ]
+    }
+}
+
+/// A BERT encoder: embeddings, blocks and an optional pooler (dense + tanh on [CLS]).
+#[derive(Debug, Clone)]
+pub struct Bert {
+    pub config: BertConfig,
+    pub embeddings: BertEmbeddings,
+    pub blocks: Vec<BertBlock>,
+    pub pooler: Option<Linear>,
+}
+
+impl Bert {
+    /// Builds the model from HF-named tensors (an optional `bert.` prefix is accepted).
+    pub fn load(config: BertConfig, w: &Weights) -> Result<Self> {
+        let c = &config;
+        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let ln = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: w.get(&format!("{p}{name}.weight"), &[c.hidden_size])?,
+                bias: w.get(&format!("{p}{name}.bias"), &[c.hidden_size])?,
+                eps: c.layer_norm_eps,
+            })
+        };
+        let embeddings = BertEmbeddings {
+            word: w.get(&format!("{p}embeddings.word_embeddings.weight"), &[c.vocab_size, c.hidden_size])?,
+            position: w.get(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[c.max_position_embeddings, c.hidden_size],
+            )?,
+            token_type: w.get(&format!("{p}embeddings.token_type_embeddings.weight"), &[c.type_vocab_size, c.hidden_size])?,
+            norm: ln("embeddings.LayerNorm")?,
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let pre = format!("{p}encoder.layer.{i}.");
+            let q = w.linear_any(&format!("{pre}attention.self.query"), None, Some(c.hidden_size), true)?;
+            let attn_width = q.out_features();
+            if attn_width % c.head_dim != 0 {
+                return Err(w.shape_err(&format!("{pre}attention.self.query.weight"), &[c.hidden_size, c.hidden_size], &[attn_width, c.hidden_size]));
+            }
+            let k = w.linear(&format!("{pre}attention.self.key"), attn_width, c.hidden_size, true)?;
+            let v = w.linear(&format!("{pre}attention.self.value"), attn_width, c.hidden_size, true)?;
+            let o = w.linear(&format!("{pre}attention.output.dense"), c.hidden_size, attn_width, true)?;
+            let inter = w.linear_any(&format!("{pre}intermediate.dense"), None, Some(c.hidden_size), true)?;
+            let out = w.linear(&format!("{pre}output.dense"), c.hidden_size, inter.out_features(), true)?;
+            blocks.push(BertBlock {
+                n_head: attn_width / c.head_dim,
+                query: q,
+                key: k,
+                value: v,
+                attn_out: o,
+                attn_norm: ln(&format!("encoder.layer.{i}.attention.output.LayerNorm"))?,
+                intermediate: inter,
+                output: out,
+                out_norm: ln(&format!("encoder.layer.{i}.output.LayerNorm"))?,
+            });
+        }
+        let pooler = if w.src.contains(&format!("{p}pooler.dense.weight")) {
+            Some(w.linear(&format!("{p}pooler.dense"), c.hidden_size, c.hidden_size, true)?)
+        } else {
+            None
+        };
+        Ok(Self { config, embeddings, blocks, pooler })
+    }
+
+    /// Last hidden states.
+    ///
+    /// # Shapes
+    /// - `ids`, `type_ids`, `mask`: (B, T) u32 (mask 1 = real token); returns (B, T, C)
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Usage(format!(
+                "sequence of {t} tokens is longer than max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let e = &self.embeddings;
+        let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
+        let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
+        let mut x = e.norm.forward(&x)?; // (B, T, C)
+        // Additive mask: 0 where attended, the most negative f32 where padded (as transformers does).
+        let m = mask.to_dtype(DType::F32)?;
+        let add = ((1.0 - m)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?; // (B, 1, 1, T)
+        for blk in &self.blocks {
+            x = blk.forward(&x, &add, self.config.head_dim)?;
+        }
+        Ok(x)
+    }
+
+    /// Every parameter with its HF name, in HF order (for saving).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let e = &self.embeddings;
+        let mut v = vec![
+            ("embeddings.word_embeddings.weight".to_string(), e.word.clone()),
+            ("embeddings.position_embeddings.weight".into(), e.position.clone()),
+            ("embeddings.token_type_embeddings.weight".into(), e.token_type.clone()),
+            ("embeddings.LayerNorm.weight".into(), e.norm.weight.clone()),
+            ("embeddings.LayerNorm.bias".into(), e.norm.bias.clone()),
+        ];
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (n, l) in b.linears() {
+                push_linear(&mut v, &format!("encoder.layer.{i}.{n}"), l)?;
+            }
+            for (n, ln) in [("attention.output.LayerNorm", &b.attn_norm), ("output.LayerNorm", &b.out_norm)] {
+                v.push((format!("encoder.layer.{i}.{n}.weight"), ln.weight.clone()));
+                v.push((format!("encoder.layer.{i}.{n}.bias"), ln.bias.clone()));
+            }
+        }
+        if let Some(p) = &self.pooler {
+            push_linear(&mut v, "pooler.dense", p)?;
+        }
+        Ok(v)
+    }
+}
+
+pub(crate) fn push_linear(v: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) -> Result<()> {
+    v.push((format!("{name}.weight"), l.dequantize()?));
+    if let Some(b) = &l.bias {
+        v.push((format!("{name}.bias"), b.clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! whittle-models: the model families, one file each, and the one `Model` type every pass walks.
+//!
+//! A [`Model`] is embeddings, a list of blocks and a head; every projection is a
+//! [`whittle_core::Linear`]. [`Model::linears`] / [`Model::linears_mut`] visit them by their
+//! Hugging Face names (`encoder.layer.3.attention.self.query`, `model.layers.7.mlp.down_proj`, `lm_head`),
+//! which are also the names recipes and `--override` regexes match.
+
+pub mod bert;
+pub mod error;
+pub mod generate;
+pub mod llama;
+pub mod loader;
+pub mod names;
+pub mod nn;
+pub mod save;
+pub mod stats;
+pub mod text;
+
+pub use error::{Error, Result};
+pub use loader::{load, LoadOptions, Loaded, SourceFormat, SourceInfo};
+
+use whittle_core::Linear;
+
+/// One in-memory model of any supported family.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Bert(bert::Bert),
+    Llama(llama::Llama),
+}
+
+/// The widths of one block; they may differ between blocks after structured pruning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BlockDims {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+}
+
+impl Model {
+    /// `bert` or the decoder's `model_type` (`llama`, `mistral`, `qwen2`).
+    pub fn family(&self) -> &str {
+        match self {
+            Model::Bert(_) => "bert",
+            Model::Llama(m) => &m.config.model_type,
+        }
+    }
+
+    pub fn is_decoder(&self) -> bool {
+        matches!(self, Model::Llama(_))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Bert(m) => m.config.vocab_size,
+            Model::Llama(m) => m.config.vocab_size,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Model::Bert(m) => m.config.hidden_size,
+            Model::Llama(m) => m.config.hidden_size,
+        }
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        match self {
+            Model::Bert(m) => m.blocks.len(),
+            Model::Llama(m) => m.blocks.len(),
+        }
+    }
+
+    /// Widths of every block, in order.
+    pub fn block_dims(&self) -> Vec<BlockDims> {
+        match self {
+            Model::Bert(m) => m
+                .blocks
+                .iter()
+                .map(|b| BlockDims { n_head: b.n_head, n_kv_head: b.n_head, head_dim: m.config.head_dim, ffn: b.intermediate.out_features() })
+                .collect(),
+            Model::Llama(m) => m
+                .blocks
+                .iter()
+                .map(|b| BlockDims { n_head: b.n_head, n_kv_head: b.n_kv_head, head_dim: m.config.head_dim, ffn: b.gate.out_features() })
+                .collect(),
+        }
+    }
+
+    /// Every Linear with its HF name, blocks first in order, then the head.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        match self {
+            Model::Bert(m) => {
+                for (i, b) in m.blocks.iter().enumerate() {
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                }
+                if let Some(p) = &m.pooler {
+                    v.push(("pooler.dense".into(), p));
+                }
+            }
+            Model::Llama(m) => {
+                for (i, b) in m.blocks.iter().enumerate() {
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                }
+                v.push(("lm_head".into(), &m.lm_head));
+            }
+        }
+        v
+    }
+
+    /// Every Linear, mutably, in the order and with the names of [`Model::linears`].
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v = Vec::new();
+        match self {
+            Model::Bert(m) => {
+                for (i, b) in m.blocks.iter_mut().enumerate() {
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                }
+                if let Some(p) = &mut m.pooler {
+                    v.push(("pooler.dense".into(), p));
+                }
+            }
+            Model::Llama(m) => {
+                for (i, b) in m.blocks.iter_mut().enumerate() {
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                }
+                v.push(("lm_head".into(), &mut m.lm_head));
+            }
+        }
+        v
+    }
+
+    /// Every parameter tensor with its HF name (dense f32), as saved by `convert`.
+    pub fn named_tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+        match self {
+            Model::Bert(m) => m.named_tensors(),
+            Model::Llama(m) => m.named_tensors(),
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! LLaMA-style decoders (Touvron et al. 2023, <https://arxiv.org/abs/2302.13971>), as in Hugging Face
+//! `modeling_llama.py`: pre-RMSNorm blocks, SwiGLU MLP, rotary position embeddings (the "rotate half"
+//! convention of HF checkpoints), grouped-query attention, tied or untied embeddings.
+//!
+//! Mistral and Qwen2 are config differences: Qwen2 adds biases to q/k/v (`attention_bias`); Mistral's
+//! sliding window only matters past its 4096-token window, which whittle does not apply yet.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use whittle_core::Linear;
+use whittle_formats::gguf::Gguf;
+
+use crate::bert::push_linear;
+use crate::loader::Weights;
+use crate::nn::{attention, embed, RmsNorm};
+use crate::{Error, Result};
+
+/// `config.json` as Hugging Face writes it for `model_type: llama | mistral | qwen2`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfLlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// How RoPE frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF `"linear"`).
+    Linear { factor: f64 },
+    /// Llama 3.1's smooth per-frequency scaling (HF `"llama3"`).
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Explicit per-frequency divisors (GGUF's `rope_freqs.weight`).
+    Divisors(Vec<f32>),
+}
+
+/// Resolved LLaMA-family configuration.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Head counts and FFN width of an unpruned block; blocks carry their own.
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub intermediate_size: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+}
+
+impl LlamaConfig {
+    pub fn from_hf(c: &HfLlamaConfig, model_type: &str, path: &Path) -> Result<Self> {
+        let field = |f: &str, msg: String| Error::Config { path: path.into(), field: f.into(), msg };
+        if c.hidden_act != "silu" {
+            return Err(field("hidden_act", format!("`{}` is not supported (only `silu`)", c.hidden_act)));
+        }
+        if c.mlp_bias == Some(true) {
+            return Err(field("mlp_bias", "MLP biases are not supported".into()));
+        }
+        if c.num_attention_heads == 0 {
+            return Err(field("num_attention_heads", "must be positive".into()));
+        }
+        let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        if kv == 0 || c.num_attention_heads % kv != 0 {
+            return Err(field("num_key_value_heads", format!("{kv} does not divide num_attention_heads {}", c.num_attention_heads)));
+        }
+        let rope_scaling = match &c.rope_scaling {
+            None | Some(serde_json::Value::Null) => RopeScaling::None,
+            Some(v) => {
+                let ty = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+                let num = |k: &str| -> Result<f64> {
+                    v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| field("rope_scaling", format!("missing number `{k}`")))
+                };
+                match ty {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear { factor: num("factor")? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    },
+                    other => return Err(field("rope_scaling", format!("type `{other}` is not supported (default, linear, llama3)"))),
+                }
+            }
+        };
+        Ok(Self {
+            model_type: model_type.into(),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: kv,
+            intermediate_size: c.intermediate_size,
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            rope_scaling,
+            max_position_embeddings: c.max_position_embeddings,
+            // transformers' LlamaConfig defaults to untied; Qwen2 checkpoints say so explicitly.
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            attention_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
+        })
+    }
+
+    /// Reads `llama.*` metadata of a GGUF file.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let a = "llama";
+        let u = |k: &str| -> Result<usize> { Ok(g.require_u64(&format!("{a}.{k}"))? as usize) };
+        let hidden = u("embedding_length")?;
+        let heads_key = format!("{a}.attention.head_count");
+        let heads = match g.require(&heads_key)? {
+            whittle_formats::gguf::Value::Array(v) => v.first().and_then(|x| x.as_u64()).unwrap_or(0) as usize,
+            v => v.as_u64().unwrap_or(0) as usize,
+        };
+        if heads == 0 {
+            return Err(Error::Format(g.meta_err(&heads_key, "must be a positive integer".into())));
+        }
+        let kv = match g.get(&format!("{a}.attention.head_count_kv")) {
+            Some(whittle_formats::gguf::Value::Array(v)) => v.first().and_then(|x| x.as_u64()).unwrap_or(heads as u64) as usize,
+            Some(v) => v.as_u64().unwrap_or(heads as u64) as usize,
+            None => heads,
+        };
+        let head_dim = match g.get(&format!("{a}.attention.key_length")) {
+            Some(v) => v.as_u64().unwrap_or(0) as usize,
+            None => hidden / heads,
+        };
+        if let Some(rd) = g.get(&format!("{a}.rope.dimension_count")).and_then(|v| v.as_u64()) {
+            if rd as usize != head_dim {
+                return Err(Error::Format(g.meta_err(
+                    &format!("{a}.rope.dimension_count"),
+                    format!("partial rotary embeddings ({rd} of {head_dim} dims) are not supported"),
+                )));
+            }
+        }
+        let vocab = match g.get(&format!("{a}.vocab_size")).and_then(|v| v.as_u64()) {
+            Some(v) => v as usize,
+            None => g.tensor("token_embd.weight").map(|t| t.shape()[0]).unwrap_or(0),
+        };
+        let mut rope_scaling = RopeScaling::None;
+        if let Some(ty) = g.get(&format!("{a}.rope.scaling.type")).and_then(|v| v.as_str()) {
+            let factor = g.get_f64(&format!("{a}.rope.scaling.factor"))?.unwrap_or(1.0);
+            rope_scaling = match ty {
+                "none" => RopeScaling::None,
+                "linear" => RopeScaling::Linear { factor },
+                other => {
+                    return Err(Error::Format(g.meta_err(&format!("{a}.rope.scaling.type"), format!("`{other}` is not supported"))))
+                }
+            };
+        }
+        if let Some(t) = g.tensor("rope_freqs.weight") {
+            let v: Vec<f32> = g.dequantize(t)?.flatten_all()?.to_vec1()?;
+            rope_scaling = RopeScaling::Divisors(v);
+        }
+        Ok(Self {
+            model_type: "llama".into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_layers: u("block_count")?,
+            num_heads: heads,
+            num_kv_heads: kv,
+            intermediate_size: u("feed_forward_length")?,
+            head_dim,
+            rms_norm_eps: g.get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: g.get_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: g.get(&format!("{a}.context_length")).and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
+            tie_word_embeddings: g.tensor("output.weight").is_none(),
+            attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
+        })
+    }
+
+    /// RoPE inverse frequencies `θ^(-2i/d)`, rescaled as configured (HF `_compute_default_rope_parameters`
+    /// and `_compute_llama3_parameters`), in f32 as transformers computes them.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d / 2).map(|i| (1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
+        match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+            RopeScaling::Divisors(div) => base.iter().zip(div).map(|(f, d)| f / d).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let f = f as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
+                            let s = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            ((1.0 - s) * scaled / factor + s * scaled) as f32
+                        } else {
+                            scaled as f32
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The `config.json` transformers needs to load this model (uniform widths only).
+    pub fn to_hf_json(&self, blocks: &[LlamaBlock], bos: Option<u32>, eos: &[u32]) -> serde_json::Value {
+        let b0 = blocks.first();
+        let mut v = serde_json::json!({
+            "architectures": [match self.model_type.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": b0.map_or(self.intermediate_size, |b| b.gate.out_features()),
+            "num_hidden_layers": blocks.len(),
+            "num_attention_heads": b0.map_or(self.num_heads, |b| b.n_head),
+            "num_key_value_heads": b0.map_or(self.num_kv_heads, |b| b.n_kv_head),
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+            "use_cache": true,
+        });
+        if let Some(b) = bos {
+            v["bos_token_id"] = b.into();
+        }
+        match eos {
+            [] => {}
+            [e] => v["eos_token_id"] = (*e).into(),
+            many => v["eos_token_id"] = many.into(),
+        }
+        match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Divisors(_) => {}
+            RopeScaling::Linear { factor } => v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings})
+            }
+        }
+        v
+    }
+}
+
+/// One pre-norm decoder block: `x += attn(norm(x)); x += mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct LlamaBlock {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub attn_norm: RmsNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: RmsNorm,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Keys and values of past positions, one entry per block.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>, // each (B, KV, S, D)
+}
+
+impl KvCache {
+    pub fn new(n_blocks: usize) -> Self {
+        Self { kv: vec![None; n_blocks] }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv.first().and_then(|e| e.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl LlamaBlock {
+    /// # Shapes
+    /// - `x`: (B, T, C); `cos`, `sin`: (T, D/2); `mask`: (T, S) additive or None; returns (B, T, C)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        let (h, kvh) = (self.n_head, self.n_kv_head);
+        let hx = self.attn_norm.forward(x)?;
+        let q = self.q.forward(&hx)?.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let k = self.k.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
+        let v = self.v.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?), // (B, KV, S, D)
+            None => (k, v.contiguous()?),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let rep = h / kvh;
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(t.clone());
+            }
+            let (b, kvh, s, d) = t.dims4()?;
+            Ok(t.unsqueeze(2)?.expand((b, kvh, rep, s, d))?.reshape((b, kvh * rep, s, d))?) // (B, H, S, D)
+        };
+        let a = attention(&q, &repeat(&k)?, &repeat(&v)?, mask)?; // (B, H, T, D)
+        let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?;
+        let x = (x + self.o.forward(&a)?)?;
+        let hx = self.mlp_norm.forward(&x)?;
+        let m = (self.gate.forward(&hx)?.silu()? * self.up.forward(&hx)?)?; // (B, T, F)
+        Ok((x + self.down.forward(&m)?)?)
+    }
+
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q),
+            ("self_attn.k_proj", &mut self.k),
+            ("self_attn.v_proj", &mut self.v),
+            ("self_attn.o_proj", &mut self.o),
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
+    }
+}
+
+/// A LLaMA-family decoder.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor, // (V, C)
+    pub blocks: Vec<LlamaBlock>,
+    pub norm: RmsNorm,
+    /// The output projection; shares `embed_tokens`' storage when `config.tie_word_embeddings`.
+    pub lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+/// llama.cpp permutes the rows of Q and K so its interleaved RoPE sees HF's "rotate half" pairs;
+/// undo it: (n_head, D/2, 2, cols) -> (n_head, 2, D/2, cols). (transformers' `reverse_permute_weights`.)
+fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
+    let half = rows / n_head / 2;
+    Ok(w.reshape((n_head, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// The opposite of [`unpermute_rows`], for writing GGUF.
+pub fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
+    let half = rows / n_head / 2;
+    Ok(w.reshape((n_head, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors; `from_gguf` undoes llama.cpp's Q/K row permutation.
+    pub fn load(config: LlamaConfig, w: &Weights, from_gguf: bool) -> Result<Self> {
+        let c = &config;
+        let (hs, hd) = (c.hidden_size, c.head_dim);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, hs])?;
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}.");
+            let rms = |n: &str| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&format!("{p}{n}.weight"), &[hs])?, eps: c.rms_norm_eps }) };
+            let mut q = w.linear_any(&format!("{p}self_attn.q_proj"), None, Some(hs), c.attention_bias)?;
+            let mut k = w.linear_any(&format!("{p}self_attn.k_proj"), None, Some(hs), c.attention_bias)?;
+            let (qw, kw) = (q.out_features(), k.out_features());
+            if qw % hd != 0 || kw % hd != 0 || kw == 0 || (qw / hd) % (kw / hd) != 0 {
+                return Err(w.shape_err(&format!("{p}self_attn.k_proj.weight"), &[c.num_kv_heads * hd, hs], &[kw, hs]));
+            }
+            let (n_head, n_kv_head) = (qw / hd, kw / hd);
+            if from_gguf {
+                q = unpermute_linear(q, n_head)?;
+                k = unpermute_linear(k, n_kv_head)?;
+            }
+            let v = w.linear(&format!("{p}self_attn.v_proj"), kw, hs, c.attention_bias)?;
+            let o = w.linear(&format!("{p}self_attn.o_proj"), hs, qw, false)?;
+            let gate = w.linear_any(&format!("{p}mlp.gate_proj"), None, Some(hs), false)?;
+            let f = gate.out_features();
+            let up = w.linear(&format!("{p}mlp.up_proj"), f, hs, false)?;
+            let down = w.linear(&format!("{p}mlp.down_proj"), hs, f, false)?;
+            blocks.push(LlamaBlock {
+                n_head,
+                n_kv_head,
+                attn_norm: rms("input_layernorm")?,
+                q,
+                k,
+                v,
+                o,
+                mlp_norm: rms("post_attention_layernorm")?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = RmsNorm { weight: w.get("model.norm.weight", &[hs])?, eps: c.rms_norm_eps };
+        let tied = c.tie_word_embeddings || !w.contains("lm_head.weight");
+        let lm_head = if tied { Linear::dense(embed_tokens.clone(), None)? } else { w.linear("lm_head", c.vocab_size, hs, false)? };
+        let mut config = config;
+        config.tie_word_embeddings = tied;
+        let inv_freq = config.inv_freq();
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq })
+    }
+
+    /// cos and sin of the rotary angles for positions `start..start+t`, (T, D/2) each, f32.
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let a = Tensor::from_vec(angles, (t, half), &Device::Cpu)?;
+        Ok((a.cos()?, a.sin()?))
+    }
+
+    /// Runs `ids` after the positions already in `cache`, appending to it; returns final hidden states.
+    ///
+    /// # Shapes
+    /// - `ids`: (B, T) u32; returns (B, T, C)
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        if cache.kv.len() != self.blocks.len() {
+            *cache = KvCache::new(self.blocks.len());
+        }
+        let past = cache.len();
+        let (cos, sin) = self.rope_tables(past, t)?;
+        // Causal mask over (T, past + T): query i sees keys 0..=past+i.
+        let mask = if t > 1 {
+            let s = past + t;
+            let m: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+            Some(Tensor::from_vec(m, (t, s), &Device::Cpu)?)
+        } else {
+            None
+        };
+        let mut x = embed(&self.embed_tokens, ids)?; // (B, T, C)
+        for (blk, kv) in self.blocks.iter().zip(cache.kv.iter_mut()) {
+            x = blk.forward(&x, &cos, &sin, mask.as_ref(), kv, self.config.head_dim)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for every position: (B, T) u32 -> (B, T, V).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// Logits of the last position only: (B, T) u32 -> (B, V).
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, C)
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    /// Every parameter with its HF name (the tied head is not repeated).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            v.push((format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.weight.clone()));
+            for (n, l) in b.linears() {
+                push_linear(&mut v, &format!("model.layers.{i}.{n}"), l)?;
+            }
+            v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.weight.clone()));
+        }
+        v.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        if !self.config.tie_word_embeddings {
+            push_linear(&mut v, "lm_head", &self.lm_head)?;
+        }
+        Ok(v)
+    }
+}
+
+fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
+    let w = unpermute_rows(&l.dequantize()?, n_head)?;
+    let b = match &l.bias {
+        Some(b) => Some(unpermute_rows(b, n_head)?),
+        None => None,
+    };
+    Ok(Linear::dense(w, b)?)
+}
+
+/// Converts f32 weights to `dtype` for saving (norms stay as they are asked too).
+pub fn cast_all(v: Vec<(String, Tensor)>, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    v.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_roundtrip() {
+        let w = Tensor::arange(0f32, 48., &Device::Cpu).unwrap().reshape((8, 6)).unwrap();
+        let back = unpermute_rows(&permute_rows(&w, 2).unwrap(), 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        let p = permute_rows(&w, 2).unwrap().to_vec2::<f32>().unwrap();
+        // Head 0 has rows 0..4 = halves [0,1] and [2,3]; interleaved: 0,2,1,3.
+        assert_eq!(p[1], w.to_vec2::<f32>().unwrap()[2]);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies() {
+        let hf: HfLlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 10, "hidden_size": 128, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+        .unwrap();
+        let c = LlamaConfig::from_hf(&hf, "llama", Path::new("config.json")).unwrap();
+        let mut plain = c.clone();
+        plain.rope_scaling = RopeScaling::None;
+        let (a, b) = (c.inv_freq(), plain.inv_freq());
+        assert_eq!(a[0], b[0]); // highest frequency untouched
+        assert!((a[31] - b[31] / 8.0).abs() < 1e-12); // lowest divided by the factor
+    }
+}

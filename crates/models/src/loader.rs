@@ -1,0 +1,231 @@
+//! Turning a MODEL argument (HF directory, `.gguf` file, or hub id) into a [`Loaded`] model.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use tokenizers::Tokenizer;
+use whittle_core::Linear;
+use whittle_formats::gguf::Gguf;
+use whittle_formats::hf::{self, HfDir};
+use whittle_formats::{tokenizer as tok, TensorInfo, TensorSource};
+
+use crate::bert::{Bert, BertConfig, HfBertConfig};
+use crate::llama::{HfLlamaConfig, Llama, LlamaConfig};
+use crate::{Error, Model, Result};
+
+/// The file formats a model can come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    HfDir,
+    Gguf,
+}
+
+/// Where a model came from and what its file stored.
+#[derive(Debug, Clone)]
+pub struct SourceInfo {
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    /// Every tensor in the file(s), in the file's own naming.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// A model ready to run, with its tokenizer.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// The tokenizer as `tokenizer.json`, for writing next to a converted model.
+    pub tokenizer_json: serde_json::Value,
+    /// Token prepended to decoder inputs (`add_bos_token`); `None` for encoders.
+    pub bos_token_id: Option<u32>,
+    /// Whether plain text should start with BOS (llama.cpp's `tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    pub eos_token_ids: Vec<u32>,
+    pub source: SourceInfo,
+    /// sentence-transformers' `max_seq_length`, when the directory has one.
+    pub max_seq_length: Option<usize>,
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A `tokenizer.json` to use instead of the one the model ships.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Tensors of one source, checked against the shapes the config implies.
+pub struct Weights<'a> {
+    pub src: &'a dyn TensorSource,
+    pub path: PathBuf,
+    /// Maps a Hugging Face name to the source's name.
+    pub rename: fn(&str) -> Option<String>,
+}
+
+fn identity(n: &str) -> Option<String> {
+    Some(n.to_string())
+}
+
+impl Weights<'_> {
+    fn source_name(&self, name: &str) -> String {
+        (self.rename)(name).unwrap_or_else(|| name.to_string())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(&self.source_name(name))
+    }
+
+    pub fn shape_err(&self, name: &str, expected: &[usize], got: &[usize]) -> Error {
+        Error::Shape { path: self.path.clone(), tensor: self.source_name(name), expected: expected.to_vec(), got: got.to_vec() }
+    }
+
+    /// Loads `name` as f32 and checks its shape; `0` in `shape` accepts any size.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.src.load_f32(&self.source_name(name))?;
+        let ok = t.dims().len() == shape.len() && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
+        if !ok {
+            return Err(self.shape_err(name, shape, t.dims()));
+        }
+        Ok(t)
+    }
+
+    /// A Linear `name.weight` (out, in) with `name.bias` when `bias` is true (or present).
+    pub fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.linear_any(name, Some(out), Some(inp), bias)
+    }
+
+    /// Like [`Weights::linear`], accepting any size where `None` is given (widths pruning may change).
+    pub fn linear_any(&self, name: &str, out: Option<usize>, inp: Option<usize>, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{name}.weight"), &[out.unwrap_or(0), inp.unwrap_or(0)])?;
+        let rows = w.dim(0)?;
+        let bname = format!("{name}.bias");
+        let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
+        Ok(Linear::dense(w, b)?)
+    }
+}
+
+/// Resolves a MODEL argument to a path: an existing file or directory, else a hub id in the cache.
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.exists() {
+        return Ok(p);
+    }
+    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\') && !spec.ends_with(".gguf");
+    if looks_like_hub_id {
+        return Ok(hf::resolve_hub_id(spec)?);
+    }
+    Err(Error::NotFound { spec: spec.into() })
+}
+
+/// Loads a model from a MODEL argument.
+pub fn load(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
+    let path = resolve(spec)?;
+    if path.is_dir() {
+        load_hf_dir(&path, opts)
+    } else {
+        load_gguf(&path, opts)
+    }
+}
+
+fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let src = HfDir::open(dir)?;
+    let cfg_path = src.config_path();
+    let model_type = src.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity };
+    let parse_err = |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
+    let model = match model_type.as_str() {
+        "bert" => {
+            let hf: HfBertConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            Model::Bert(Bert::load(BertConfig::from_hf(&hf, &cfg_path)?, &weights)?)
+        }
+        "llama" | "mistral" | "qwen2" => {
+            let hf: HfLlamaConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            let cfg = LlamaConfig::from_hf(&hf, &model_type, &cfg_path)?;
+            Model::Llama(Llama::load(cfg, &weights, false)?)
+        }
+        other => {
+            return Err(Error::UnsupportedModelType {
+                path: cfg_path,
+                model_type: other.to_string(),
+                supported: "bert, llama, mistral, qwen2",
+            })
+        }
+    };
+    let tok_path = opts.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tokenizer_json = hf::read_json(&tok_path)?;
+    let tokenizer = tok::tokenizer_from_json(&tokenizer_json, &tok_path)?;
+    let (bos_token_id, eos_token_ids, add_bos) = match &model {
+        Model::Bert(_) => (None, vec![], false),
+        Model::Llama(_) => {
+            let c = &src.config;
+            let bos = c.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+            let eos = match c.get("eos_token_id") {
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+                None => vec![],
+            };
+            // Whether the HF tokenizer adds BOS is in tokenizer_config.json; default to no.
+            let add_bos = hf::read_json(&dir.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|c| c.get("add_bos_token").and_then(|v| v.as_bool()))
+                .unwrap_or(false);
+            (bos, eos, add_bos)
+        }
+    };
+    let max_seq_length = hf::read_json(&dir.join("sentence_bert_config.json"))
+        .ok()
+        .and_then(|c| c.get("max_seq_length").and_then(|v| v.as_u64()))
+        .map(|v| v as usize);
+    let loaded = Loaded {
+        model,
+        tokenizer,
+        tokenizer_json,
+        bos_token_id,
+        add_bos,
+        eos_token_ids,
+        source: SourceInfo { path: dir.to_path_buf(), format: SourceFormat::HfDir, tensors: src.infos() },
+        max_seq_length,
+    };
+    check_vocab(&loaded, &tok_path)?;
+    Ok(loaded)
+}
+
+fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let g = Gguf::open(path)?;
+    let arch = g.require("general.architecture")?.as_str().unwrap_or("").to_string();
+    if arch != "llama" {
+        return Err(Error::UnsupportedModelType {
+            path: path.to_path_buf(),
+            model_type: format!("{arch} (general.architecture)"),
+            supported: "llama",
+        });
+    }
+    let cfg = LlamaConfig::from_gguf(&g)?;
+    let weights = Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf };
+    let model = Model::Llama(Llama::load(cfg, &weights, true)?);
+    let (tokenizer_json, tok_path) = match &opts.tokenizer {
+        Some(p) => (hf::read_json(p)?, p.clone()),
+        None => (tok::gguf_tokenizer_json(&g)?, path.to_path_buf()),
+    };
+    let tokenizer = tok::tokenizer_from_json(&tokenizer_json, &tok_path)?;
+    let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let loaded = Loaded {
+        model,
+        tokenizer,
+        tokenizer_json,
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        source: SourceInfo { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors: g.infos() },
+        max_seq_length: None,
+    };
+    check_vocab(&loaded, &tok_path)?;
+    Ok(loaded)
+}
+
+fn check_vocab(l: &Loaded, tok_path: &Path) -> Result<()> {
+    let n_tok = l.tokenizer.get_vocab_size(true);
+    let n_model = l.model.vocab_size();
+    if n_tok > n_model {
+        return Err(Error::VocabMismatch { path: tok_path.to_path_buf(), tokenizer: n_tok, model: n_model });
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! Small building blocks shared by the model families: norms, embeddings, attention.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::Result;
+
+/// LayerNorm: `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor, // (C,)
+    pub bias: Tensor,   // (C,)
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+    }
+    pub fn num_params(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
+}
+
+/// RMSNorm (Zhang & Sennrich 2019): `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor, // (C,)
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
+    }
+    pub fn num_params(&self) -> usize {
+        self.weight.elem_count()
+    }
+}
+
+/// Rows of an embedding table.
+///
+/// # Shapes
+/// - `table`: (V, C); `ids`: (B, T) u32; returns (B, T, C)
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let c = table.dim(1)?;
+    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?)
+}
+
+/// Scaled dot-product attention with an additive mask.
+///
+/// # Shapes
+/// - `q`: (B, H, T, D); `k`, `v`: (B, H, S, D); `mask`: broadcastable to (B, H, T, S), 0 or -inf/min
+/// - returns (B, H, T, D)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, S)
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(p.matmul(&v.contiguous()?)?)
+}
+
+/// Mean of `x` over the positions where `mask` is 1, then L2-normalised: sentence-transformers'
+/// mean pooling followed by its `Normalize` module.
+///
+/// # Shapes
+/// - `x`: (B, T, C); `mask`: (B, T) u32; returns (B, C)
+pub fn mean_pool_normalize(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (B, T, 1)
+    let sum = x.broadcast_mul(&m)?.sum(1)?; // (B, C)
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // (B, 1)
+    let mean = sum.broadcast_div(&count)?;
+    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(mean.broadcast_div(&norm)?)
+}
