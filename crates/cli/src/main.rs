@@ -13,7 +13,11 @@ use whittle_models::generate::{generate, Sampling};
 use whittle_models::{load, stats, text, LoadOptions, Loaded, Model};
 
 #[derive(Parser)]
-#[command(name = "whittle", version, about = "Make Transformer models smaller and faster, and prove it with numbers.")]
+#[command(
+    name = "whittle",
+    version,
+    about = "Make Transformer models smaller and faster, and prove it with numbers."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -109,7 +113,13 @@ enum OutDtype {
 }
 
 fn open(m: &ModelArg) -> Result<Loaded> {
-    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone() }).with_context(|| format!("loading model `{}`", m.model))
+    load(
+        &m.model,
+        &LoadOptions {
+            tokenizer: m.tokenizer.clone(),
+        },
+    )
+    .with_context(|| format!("loading model `{}`", m.model))
 }
 
 fn human(n: usize) -> String {
@@ -125,7 +135,7 @@ fn with_commas(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -143,44 +153,103 @@ fn cmd_inspect(m: &ModelArg, json: bool, seq: usize) -> Result<()> {
     }
     writeln!(out, "model      {}  ({}, {})", r.source, r.family, r.format)?;
     let c = &r.config;
-    let keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings"];
-    let cfg: Vec<String> = keys.iter().filter_map(|k| c.get(*k).map(|v| format!("{k}={v}"))).collect();
+    let keys = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "rope_theta",
+        "tie_word_embeddings",
+    ];
+    let cfg: Vec<String> = keys
+        .iter()
+        .filter_map(|k| c.get(*k).map(|v| format!("{k}={v}")))
+        .collect();
     writeln!(out, "config     {}", cfg.join(" "))?;
     writeln!(out, "\nparameters")?;
     let p = &r.params;
-    for (name, v) in [("embeddings", p.embeddings), ("attention", p.attention), ("mlp", p.mlp), ("norms", p.norms), ("head", p.head), ("total", p.total)] {
+    for (name, v) in [
+        ("embeddings", p.embeddings),
+        ("attention", p.attention),
+        ("mlp", p.mlp),
+        ("norms", p.norms),
+        ("head", p.head),
+        ("total", p.total),
+    ] {
         writeln!(out, "  {name:<11}{:>14}  {:>8}", with_commas(v), human(v))?;
     }
-    writeln!(out, "\nstorage in file ({} bytes)", with_commas(r.file_bytes))?;
+    writeln!(
+        out,
+        "\nstorage in file ({} bytes)",
+        with_commas(r.file_bytes)
+    )?;
     for (dt, (bytes, count)) in &r.storage {
-        writeln!(out, "  {dt:<11}{:>14} bytes  {count:>4} tensors", with_commas(*bytes))?;
+        writeln!(
+            out,
+            "  {dt:<11}{:>14} bytes  {count:>4} tensors",
+            with_commas(*bytes)
+        )?;
     }
-    writeln!(out, "\nFLOPs/token at seq {}: {} ({:.3} GFLOP)", r.seq, with_commas(r.flops_per_token as usize), r.flops_per_token as f64 / 1e9)?;
-    writeln!(out, "\n{:>5} {:>6} {:>6} {:>6} {:>7} {:>12} {:>12} {:>8}", "layer", "heads", "kv", "hdim", "ffn", "attn params", "mlp params", "norms")?;
+    writeln!(
+        out,
+        "\nFLOPs/token at seq {}: {} ({:.3} GFLOP)",
+        r.seq,
+        with_commas(r.flops_per_token as usize),
+        r.flops_per_token as f64 / 1e9
+    )?;
+    writeln!(
+        out,
+        "\n{:>5} {:>6} {:>6} {:>6} {:>7} {:>12} {:>12} {:>8}",
+        "layer", "heads", "kv", "hdim", "ffn", "attn params", "mlp params", "norms"
+    )?;
     for row in &r.layers {
         let d = row.dims;
         writeln!(
             out,
             "{:>5} {:>6} {:>6} {:>6} {:>7} {:>12} {:>12} {:>8}",
-            row.index, d.n_head, d.n_kv_head, d.head_dim, d.ffn, with_commas(row.attention_params), with_commas(row.mlp_params), row.norm_params
+            row.index,
+            d.n_head,
+            d.n_kv_head,
+            d.head_dim,
+            d.ffn,
+            with_commas(row.attention_params),
+            with_commas(row.mlp_params),
+            row.norm_params
         )?;
     }
     Ok(())
 }
 
-fn cmd_convert(m: &ModelArg, output: &PathBuf, dtype: OutDtype) -> Result<()> {
+fn cmd_convert(m: &ModelArg, output: &std::path::Path, dtype: OutDtype) -> Result<()> {
     let l = open(m)?;
     let dt = match dtype {
         OutDtype::F32 => DType::F32,
         OutDtype::F16 => DType::F16,
         OutDtype::Bf16 => DType::BF16,
     };
-    whittle_models::save::save_hf_dir(&l, output, dt).with_context(|| format!("writing {}", output.display()))?;
-    eprintln!("wrote {} ({} model, {:?})", output.display(), l.model.family(), dt);
+    whittle_models::save::save_hf_dir(&l, output, dt)
+        .with_context(|| format!("writing {}", output.display()))?;
+    eprintln!(
+        "wrote {} ({} model, {:?})",
+        output.display(),
+        l.model.family(),
+        dt
+    );
     Ok(())
 }
 
-fn cmd_embed(m: &ModelArg, texts: &[String], file: &Option<PathBuf>, max_len: Option<usize>, batch: usize, json: bool) -> Result<()> {
+fn cmd_embed(
+    m: &ModelArg,
+    texts: &[String],
+    file: &Option<PathBuf>,
+    max_len: Option<usize>,
+    batch: usize,
+    json: bool,
+) -> Result<()> {
     let mut all: Vec<String> = texts.to_vec();
     if let Some(f) = file {
         let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -210,17 +279,37 @@ fn cmd_embed(m: &ModelArg, texts: &[String], file: &Option<PathBuf>, max_len: Op
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmd_generate(m: &ModelArg, prompt: &str, n: usize, s: Sampling, chat: bool, ignore_eos: bool, json: bool) -> Result<()> {
+fn cmd_generate(
+    m: &ModelArg,
+    prompt: &str,
+    n: usize,
+    s: Sampling,
+    chat: bool,
+    ignore_eos: bool,
+    json: bool,
+) -> Result<()> {
     let l = open(m)?;
     let Model::Llama(dec) = &l.model else {
-        bail!("`generate` needs a decoder; {} is a {} encoder", m.model, l.model.family());
+        bail!(
+            "`generate` needs a decoder; {} is a {} encoder",
+            m.model,
+            l.model.family()
+        );
     };
-    let text_in = if chat { format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n") } else { prompt.to_string() };
+    let text_in = if chat {
+        format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    } else {
+        prompt.to_string()
+    };
     let ids = text::encode_prompt(&l, &text_in, false)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    let eos: Vec<u32> = if ignore_eos { vec![] } else { l.eos_token_ids.clone() };
+    let eos: Vec<u32> = if ignore_eos {
+        vec![]
+    } else {
+        l.eos_token_ids.clone()
+    };
     let mut stdout = std::io::stdout().lock();
     if !json {
         write!(stdout, "{text_in}")?;
@@ -252,7 +341,13 @@ fn cmd_generate(m: &ModelArg, prompt: &str, n: usize, s: Sampling, chat: bool, i
         writeln!(stdout, "{v}")?;
     } else {
         writeln!(stdout)?;
-        eprintln!("[{} prompt tokens, {} generated in {:.2}s, {:.1} tok/s]", ids.len(), out.len(), secs, out.len() as f64 / secs);
+        eprintln!(
+            "[{} prompt tokens, {} generated in {:.2}s, {:.1} tok/s]",
+            ids.len(),
+            out.len(),
+            secs,
+            out.len() as f64 / secs
+        );
     }
     Ok(())
 }
@@ -261,12 +356,43 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { m, json, seq } => cmd_inspect(&m, json, seq),
         Cmd::Convert { m, output, dtype } => cmd_convert(&m, &output, dtype),
-        Cmd::Embed { m, texts, file, max_len, batch, json } => cmd_embed(&m, &texts, &file, max_len, batch, json),
-        Cmd::Generate { m, prompt, n, temperature, top_k, top_p, seed, chat, ignore_eos, json } => {
+        Cmd::Embed {
+            m,
+            texts,
+            file,
+            max_len,
+            batch,
+            json,
+        } => cmd_embed(&m, &texts, &file, max_len, batch, json),
+        Cmd::Generate {
+            m,
+            prompt,
+            n,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            chat,
+            ignore_eos,
+            json,
+        } => {
             if temperature < 0.0 || !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
-            cmd_generate(&m, &prompt, n, Sampling { temperature, top_k, top_p, seed }, chat, ignore_eos, json)
+            cmd_generate(
+                &m,
+                &prompt,
+                n,
+                Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                chat,
+                ignore_eos,
+                json,
+            )
         }
     }
 }
@@ -277,7 +403,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed pipe (`whittle ... | head`) is not a failure.
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");

@@ -6,7 +6,10 @@ mod common;
 use std::process::{Command, Output};
 
 fn whittle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whittle")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_whittle"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -62,29 +65,59 @@ fn inspect_smollm2_shows_q4_1_storage() {
     let o = whittle(&["inspect", m.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("q4_1") && s.contains("llama") && s.contains("FLOPs/token"), "{s}");
+    assert!(
+        s.contains("q4_1") && s.contains("llama") && s.contains("FLOPs/token"),
+        "{s}"
+    );
 }
 
 #[test]
 fn embed_and_generate_json() {
-    let o = whittle(&["embed", common::minilm().to_str().unwrap(), "--json", "hello world", "a second text"]);
+    let o = whittle(&[
+        "embed",
+        common::minilm().to_str().unwrap(),
+        "--json",
+        "hello world",
+        "a second text",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["dim"], 384);
     assert_eq!(v["embeddings"].as_array().unwrap().len(), 2);
 
-    let o = whittle(&["generate", common::smollm2().to_str().unwrap(), "--prompt", "The capital of France is", "-n", "4", "--json"]);
+    let o = whittle(&[
+        "generate",
+        common::smollm2().to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let fx = common::fixture("smollm2.json");
-    let want: Vec<u64> = fx["prompts"][0]["greedy32"].as_array().unwrap()[..4].iter().map(|x| x.as_u64().unwrap()).collect();
-    let got: Vec<u64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let want: Vec<u64> = fx["prompts"][0]["greedy32"].as_array().unwrap()[..4]
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let got: Vec<u64> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(got, want);
 }
 
 #[test]
 fn wrong_family_for_command_is_an_error() {
-    let o = whittle(&["generate", common::minilm().to_str().unwrap(), "--prompt", "hi"]);
+    let o = whittle(&[
+        "generate",
+        common::minilm().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("needs a decoder"), "{}", stderr(&o));
     let o = whittle(&["embed", common::smollm2().to_str().unwrap(), "hi"]);

@@ -35,7 +35,12 @@ impl Linear {
                 });
             }
         }
-        Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features, in_features })
+        Ok(Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            out_features,
+            in_features,
+        })
     }
 
     pub fn in_features(&self) -> usize {
@@ -56,7 +61,10 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
         };
-        w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+        w + self
+            .bias
+            .as_ref()
+            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
     /// Short name of the weight's representation, e.g. `f32`.
@@ -84,14 +92,21 @@ impl Linear {
         if in_f != self.in_features {
             return Err(crate::Error::Linear {
                 name: String::new(),
-                msg: format!("input has {in_f} features, layer expects {}", self.in_features),
+                msg: format!(
+                    "input has {in_f} features, layer expects {}",
+                    self.in_features
+                ),
             });
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_f))?; // (N, in)
         let y = match &self.weight {
             LinearWeight::Dense(w) => {
-                let w = if w.dtype() == DType::F32 { w.clone() } else { w.to_dtype(DType::F32)? };
+                let w = if w.dtype() == DType::F32 {
+                    w.clone()
+                } else {
+                    w.to_dtype(DType::F32)?
+                };
                 x2.matmul(&w.t()?)? // (N, out)
             }
         };
@@ -115,7 +130,10 @@ mod tests {
     #[test]
     fn dense_forward_matches_naive() {
         let dev = Device::Cpu;
-        let w = Tensor::arange(0f32, 12., &dev).unwrap().reshape((3, 4)).unwrap(); // (out=3, in=4)
+        let w = Tensor::arange(0f32, 12., &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap(); // (out=3, in=4)
         let b = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
         let l = Linear::dense(w.clone(), Some(b)).unwrap();
         let x = Tensor::new(&[[[1f32, 0., -1., 2.]]], &dev).unwrap(); // (1,1,4)
@@ -126,7 +144,11 @@ mod tests {
         let xv = [1f32, 0., -1., 2.];
         for o in 0..3 {
             let want: f32 = wv[o].iter().zip(xv).map(|(a, b)| a * b).sum::<f32>() + (o + 1) as f32;
-            assert!((y[o] - want).abs() < MAX_LINEAR_ABS_ERR, "row {o}: {} vs {want}", y[o]);
+            assert!(
+                (y[o] - want).abs() < MAX_LINEAR_ABS_ERR,
+                "row {o}: {} vs {want}",
+                y[o]
+            );
         }
         assert_eq!(l.num_params(), 15);
     }

@@ -34,7 +34,10 @@ pub struct HfDir {
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -45,9 +48,16 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     // SAFETY: read-only mapping of a file whittle never writes while reading.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let (n, meta) = SafeTensors::read_metadata(&mmap)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })?;
-    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + n, meta })
+    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("{e}"),
+    })?;
+    Ok(Shard {
+        path: path.to_path_buf(),
+        mmap,
+        data_start: 8 + n,
+        meta,
+    })
 }
 
 impl HfDir {
@@ -61,23 +71,33 @@ impl HfDir {
             vec![single]
         } else if index_path.exists() {
             let idx = read_json(&index_path)?;
-            let map = idx.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Other {
-                path: index_path.clone(),
-                msg: "no `weight_map` object".into(),
-            })?;
-            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            let map = idx
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Other {
+                    path: index_path.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             for f in &files {
                 if f.contains('/') || f.contains("..") {
-                    return Err(Error::Other { path: index_path.clone(), msg: format!("shard name `{f}` is not a plain file name") });
+                    return Err(Error::Other {
+                        path: index_path.clone(),
+                        msg: format!("shard name `{f}` is not a plain file name"),
+                    });
                 }
             }
             files.into_iter().map(|f| dir.join(f)).collect()
         } else {
             return Err(Error::Other {
                 path: dir.clone(),
-                msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
+                msg: "no model.safetensors or model.safetensors.index.json in this directory"
+                    .into(),
             });
         };
         let mut shards = Vec::new();
@@ -103,13 +123,22 @@ impl HfDir {
             names.sort_by_key(|(n, _)| shard.meta.info(n).map(|i| i.data_offsets.0));
             for (name, info) in names {
                 if index.insert(name.clone(), si).is_some() {
-                    return Err(Error::Other { path: f.clone(), msg: format!("tensor `{name}` appears in two shards") });
+                    return Err(Error::Other {
+                        path: f.clone(),
+                        msg: format!("tensor `{name}` appears in two shards"),
+                    });
                 }
                 infos.push(info);
             }
             shards.push(shard);
         }
-        Ok(Self { dir, config, shards, index, infos })
+        Ok(Self {
+            dir,
+            config,
+            shards,
+            index,
+            infos,
+        })
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -118,10 +147,10 @@ impl HfDir {
 
     /// Loads a tensor keeping its stored float dtype (f32, f16 or bf16).
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        let si = *self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
+        let si = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            tensor: name.into(),
+        })?;
         let sh = &self.shards[si];
         let ti = sh.meta.info(name).expect("indexed");
         let (a, b) = ti.data_offsets;
@@ -135,7 +164,11 @@ impl HfDir {
             Dtype::U8 => DType::U8,
             Dtype::U32 => DType::U32,
             other => {
-                return Err(Error::UnknownDtype { path: sh.path.clone(), tensor: name.into(), dtype: dtype_name(other) })
+                return Err(Error::UnknownDtype {
+                    path: sh.path.clone(),
+                    tensor: name.into(),
+                    dtype: dtype_name(other),
+                })
             }
         };
         Ok(Tensor::from_raw_buffer(raw, dt, &ti.shape, &Device::Cpu)?)
@@ -174,7 +207,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -185,7 +220,10 @@ pub fn resolve_hub_id(id: &str) -> Result<PathBuf> {
 
 pub fn resolve_hub_id_in(id: &str, cache: &Path) -> Result<PathBuf> {
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let not_found = || Error::NotInCache { id: id.into(), looked: repo.display().to_string() };
+    let not_found = || Error::NotInCache {
+        id: id.into(),
+        looked: repo.display().to_string(),
+    };
     let snapshots = repo.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
         let p = snapshots.join(rev.trim());
@@ -210,7 +248,10 @@ pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
@@ -230,10 +271,16 @@ pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
 }
 
 /// Writes named tensors to one safetensors file (row-major, their own dtypes).
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    safetensors::serialize_to_file(data, metadata, path)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })
+    safetensors::serialize_to_file(data, metadata, path).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!("{e}"),
+    })
 }
 
 /// Writes a JSON value pretty-printed.
@@ -254,12 +301,18 @@ mod tests {
     #[test]
     fn roundtrip_and_dtypes() {
         let d = tempfile::tempdir().unwrap();
-        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let b = a.to_dtype(DType::BF16).unwrap();
         write_model(d.path(), &[("a".into(), a.clone()), ("b".into(), b)]);
         let m = HfDir::open(d.path()).unwrap();
         assert_eq!(m.infos().len(), 2);
-        assert_eq!(m.load_f32("b").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            m.load_f32("b").unwrap().to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
         assert!(matches!(m.load_f32("zz"), Err(Error::MissingTensor { .. })));
     }
 
@@ -278,7 +331,10 @@ mod tests {
         let mut bad = bytes.clone();
         bad[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         std::fs::write(&p, &bad).unwrap();
-        assert!(matches!(HfDir::open(d.path()), Err(Error::Safetensors { .. })));
+        assert!(matches!(
+            HfDir::open(d.path()),
+            Err(Error::Safetensors { .. })
+        ));
     }
 
     #[test]
@@ -306,11 +362,18 @@ mod tests {
         let out = d.path().join("out");
         let r = write_dir_atomic(&out, |tmp| {
             std::fs::write(tmp.join("x"), "1").unwrap();
-            Err(Error::Other { path: tmp.into(), msg: "boom".into() })
+            Err(Error::Other {
+                path: tmp.into(),
+                msg: "boom".into(),
+            })
         });
         assert!(r.is_err());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
-        write_dir_atomic(&out, |tmp| Ok(std::fs::write(tmp.join("x"), "1").unwrap())).unwrap();
+        write_dir_atomic(&out, |tmp| {
+            let _: () = std::fs::write(tmp.join("x"), "1").unwrap();
+            Ok(())
+        })
+        .unwrap();
         assert!(out.join("x").exists());
     }
 }

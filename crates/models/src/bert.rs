@@ -7,7 +7,6 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use whittle_core::Linear;
-use whittle_formats::TensorSource;
 
 use crate::loader::Weights;
 use crate::nn::{attention, embed, LayerNorm};
@@ -66,19 +65,35 @@ pub struct BertConfig {
 
 impl BertConfig {
     pub fn from_hf(c: &HfBertConfig, path: &Path) -> Result<Self> {
-        let field = |f: &str, msg: String| Error::Config { path: path.into(), field: f.into(), msg };
+        let field = |f: &str, msg: String| Error::Config {
+            path: path.into(),
+            field: f.into(),
+            msg,
+        };
         if c.hidden_act != "gelu" {
-            return Err(field("hidden_act", format!("`{}` is not supported (only the exact `gelu`)", c.hidden_act)));
+            return Err(field(
+                "hidden_act",
+                format!(
+                    "`{}` is not supported (only the exact `gelu`)",
+                    c.hidden_act
+                ),
+            ));
         }
         if let Some(p) = &c.position_embedding_type {
             if p != "absolute" {
-                return Err(field("position_embedding_type", format!("`{p}` is not supported (only `absolute`)")));
+                return Err(field(
+                    "position_embedding_type",
+                    format!("`{p}` is not supported (only `absolute`)"),
+                ));
             }
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    c.num_attention_heads, c.hidden_size
+                ),
             ));
         }
         Ok(Self {
@@ -97,7 +112,9 @@ impl BertConfig {
     /// The `config.json` that reproduces this model in transformers.
     pub fn to_hf_json(&self, blocks: &[BertBlock]) -> serde_json::Value {
         let heads = blocks.first().map_or(self.num_heads, |b| b.n_head);
-        let inter = blocks.first().map_or(self.intermediate_size, |b| b.intermediate.out_features());
+        let inter = blocks
+            .first()
+            .map_or(self.intermediate_size, |b| b.intermediate.out_features());
         serde_json::json!({
             "architectures": ["BertModel"],
             "model_type": "bert",
@@ -150,7 +167,9 @@ impl BertBlock {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
         let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
+            Ok(y.reshape((b, t, h, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?) // (B, H, T, D)
         };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
@@ -198,7 +217,11 @@ impl Bert {
     /// Builds the model from HF-named tensors (an optional `bert.` prefix is accepted).
     pub fn load(config: BertConfig, w: &Weights) -> Result<Self> {
         let c = &config;
-        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: w.get(&format!("{p}{name}.weight"), &[c.hidden_size])?,
@@ -207,27 +230,67 @@ impl Bert {
             })
         };
         let embeddings = BertEmbeddings {
-            word: w.get(&format!("{p}embeddings.word_embeddings.weight"), &[c.vocab_size, c.hidden_size])?,
+            word: w.get(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                &[c.vocab_size, c.hidden_size],
+            )?,
             position: w.get(
                 &format!("{p}embeddings.position_embeddings.weight"),
                 &[c.max_position_embeddings, c.hidden_size],
             )?,
-            token_type: w.get(&format!("{p}embeddings.token_type_embeddings.weight"), &[c.type_vocab_size, c.hidden_size])?,
+            token_type: w.get(
+                &format!("{p}embeddings.token_type_embeddings.weight"),
+                &[c.type_vocab_size, c.hidden_size],
+            )?,
             norm: ln("embeddings.LayerNorm")?,
         };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let pre = format!("{p}encoder.layer.{i}.");
-            let q = w.linear_any(&format!("{pre}attention.self.query"), None, Some(c.hidden_size), true)?;
+            let q = w.linear_any(
+                &format!("{pre}attention.self.query"),
+                None,
+                Some(c.hidden_size),
+                true,
+            )?;
             let attn_width = q.out_features();
             if attn_width % c.head_dim != 0 {
-                return Err(w.shape_err(&format!("{pre}attention.self.query.weight"), &[c.hidden_size, c.hidden_size], &[attn_width, c.hidden_size]));
+                return Err(w.shape_err(
+                    &format!("{pre}attention.self.query.weight"),
+                    &[c.hidden_size, c.hidden_size],
+                    &[attn_width, c.hidden_size],
+                ));
             }
-            let k = w.linear(&format!("{pre}attention.self.key"), attn_width, c.hidden_size, true)?;
-            let v = w.linear(&format!("{pre}attention.self.value"), attn_width, c.hidden_size, true)?;
-            let o = w.linear(&format!("{pre}attention.output.dense"), c.hidden_size, attn_width, true)?;
-            let inter = w.linear_any(&format!("{pre}intermediate.dense"), None, Some(c.hidden_size), true)?;
-            let out = w.linear(&format!("{pre}output.dense"), c.hidden_size, inter.out_features(), true)?;
+            let k = w.linear(
+                &format!("{pre}attention.self.key"),
+                attn_width,
+                c.hidden_size,
+                true,
+            )?;
+            let v = w.linear(
+                &format!("{pre}attention.self.value"),
+                attn_width,
+                c.hidden_size,
+                true,
+            )?;
+            let o = w.linear(
+                &format!("{pre}attention.output.dense"),
+                c.hidden_size,
+                attn_width,
+                true,
+            )?;
+            let inter = w.linear_any(
+                &format!("{pre}intermediate.dense"),
+                None,
+                Some(c.hidden_size),
+                true,
+            )?;
+            let out = w.linear(
+                &format!("{pre}output.dense"),
+                c.hidden_size,
+                inter.out_features(),
+                true,
+            )?;
             blocks.push(BertBlock {
                 n_head: attn_width / c.head_dim,
                 query: q,
@@ -241,11 +304,21 @@ impl Bert {
             });
         }
         let pooler = if w.src.contains(&format!("{p}pooler.dense.weight")) {
-            Some(w.linear(&format!("{p}pooler.dense"), c.hidden_size, c.hidden_size, true)?)
+            Some(w.linear(
+                &format!("{p}pooler.dense"),
+                c.hidden_size,
+                c.hidden_size,
+                true,
+            )?)
         } else {
             None
         };
-        Ok(Self { config, embeddings, blocks, pooler })
+        Ok(Self {
+            config,
+            embeddings,
+            blocks,
+            pooler,
+        })
     }
 
     /// Last hidden states.
@@ -264,7 +337,7 @@ impl Bert {
         let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
         let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
         let mut x = e.norm.forward(&x)?; // (B, T, C)
-        // Additive mask: 0 where attended, the most negative f32 where padded (as transformers does).
+                                         // Additive mask: 0 where attended, the most negative f32 where padded (as transformers does).
         let m = mask.to_dtype(DType::F32)?;
         let add = ((1.0 - m)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?; // (B, 1, 1, T)
         for blk in &self.blocks {
@@ -277,9 +350,18 @@ impl Bert {
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let e = &self.embeddings;
         let mut v = vec![
-            ("embeddings.word_embeddings.weight".to_string(), e.word.clone()),
-            ("embeddings.position_embeddings.weight".into(), e.position.clone()),
-            ("embeddings.token_type_embeddings.weight".into(), e.token_type.clone()),
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                e.word.clone(),
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                e.position.clone(),
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                e.token_type.clone(),
+            ),
             ("embeddings.LayerNorm.weight".into(), e.norm.weight.clone()),
             ("embeddings.LayerNorm.bias".into(), e.norm.bias.clone()),
         ];
@@ -287,7 +369,10 @@ impl Bert {
             for (n, l) in b.linears() {
                 push_linear(&mut v, &format!("encoder.layer.{i}.{n}"), l)?;
             }
-            for (n, ln) in [("attention.output.LayerNorm", &b.attn_norm), ("output.LayerNorm", &b.out_norm)] {
+            for (n, ln) in [
+                ("attention.output.LayerNorm", &b.attn_norm),
+                ("output.LayerNorm", &b.out_norm),
+            ] {
                 v.push((format!("encoder.layer.{i}.{n}.weight"), ln.weight.clone()));
                 v.push((format!("encoder.layer.{i}.{n}.bias"), ln.bias.clone()));
             }

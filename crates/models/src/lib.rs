@@ -77,12 +77,22 @@ impl Model {
             Model::Bert(m) => m
                 .blocks
                 .iter()
-                .map(|b| BlockDims { n_head: b.n_head, n_kv_head: b.n_head, head_dim: m.config.head_dim, ffn: b.intermediate.out_features() })
+                .map(|b| BlockDims {
+                    n_head: b.n_head,
+                    n_kv_head: b.n_head,
+                    head_dim: m.config.head_dim,
+                    ffn: b.intermediate.out_features(),
+                })
                 .collect(),
             Model::Llama(m) => m
                 .blocks
                 .iter()
-                .map(|b| BlockDims { n_head: b.n_head, n_kv_head: b.n_kv_head, head_dim: m.config.head_dim, ffn: b.gate.out_features() })
+                .map(|b| BlockDims {
+                    n_head: b.n_head,
+                    n_kv_head: b.n_kv_head,
+                    head_dim: m.config.head_dim,
+                    ffn: b.gate.out_features(),
+                })
                 .collect(),
         }
     }
@@ -93,7 +103,11 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                    v.extend(
+                        b.linears()
+                            .into_iter()
+                            .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)),
+                    );
                 }
                 if let Some(p) = &m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -101,7 +115,11 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                    v.extend(
+                        b.linears()
+                            .into_iter()
+                            .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
+                    );
                 }
                 v.push(("lm_head".into(), &m.lm_head));
             }
@@ -115,7 +133,11 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                    v.extend(
+                        b.linears_mut()
+                            .into_iter()
+                            .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)),
+                    );
                 }
                 if let Some(p) = &mut m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -123,7 +145,11 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                    v.extend(
+                        b.linears_mut()
+                            .into_iter()
+                            .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
+                    );
                 }
                 v.push(("lm_head".into(), &mut m.lm_head));
             }

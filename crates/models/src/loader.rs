@@ -74,13 +74,19 @@ impl Weights<'_> {
     }
 
     pub fn shape_err(&self, name: &str, expected: &[usize], got: &[usize]) -> Error {
-        Error::Shape { path: self.path.clone(), tensor: self.source_name(name), expected: expected.to_vec(), got: got.to_vec() }
+        Error::Shape {
+            path: self.path.clone(),
+            tensor: self.source_name(name),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        }
     }
 
     /// Loads `name` as f32 and checks its shape; `0` in `shape` accepts any size.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.src.load_f32(&self.source_name(name))?;
-        let ok = t.dims().len() == shape.len() && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
+        let ok = t.dims().len() == shape.len()
+            && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
         if !ok {
             return Err(self.shape_err(name, shape, t.dims()));
         }
@@ -93,11 +99,24 @@ impl Weights<'_> {
     }
 
     /// Like [`Weights::linear`], accepting any size where `None` is given (widths pruning may change).
-    pub fn linear_any(&self, name: &str, out: Option<usize>, inp: Option<usize>, bias: bool) -> Result<Linear> {
-        let w = self.get(&format!("{name}.weight"), &[out.unwrap_or(0), inp.unwrap_or(0)])?;
+    pub fn linear_any(
+        &self,
+        name: &str,
+        out: Option<usize>,
+        inp: Option<usize>,
+        bias: bool,
+    ) -> Result<Linear> {
+        let w = self.get(
+            &format!("{name}.weight"),
+            &[out.unwrap_or(0), inp.unwrap_or(0)],
+        )?;
         let rows = w.dim(0)?;
         let bname = format!("{name}.bias");
-        let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
+        let b = if bias || self.contains(&bname) {
+            Some(self.get(&bname, &[rows])?)
+        } else {
+            None
+        };
         Ok(Linear::dense(w, b)?)
     }
 }
@@ -108,7 +127,10 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p);
     }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\') && !spec.ends_with(".gguf");
+    let looks_like_hub_id = spec.split('/').count() == 2
+        && !spec.starts_with('.')
+        && !spec.contains('\\')
+        && !spec.ends_with(".gguf");
     if looks_like_hub_id {
         return Ok(hf::resolve_hub_id(spec)?);
     }
@@ -128,16 +150,30 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
 fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let src = HfDir::open(dir)?;
     let cfg_path = src.config_path();
-    let model_type = src.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity };
-    let parse_err = |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
+    let model_type = src
+        .config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let weights = Weights {
+        src: &src,
+        path: dir.to_path_buf(),
+        rename: identity,
+    };
+    let parse_err = |e: serde_json::Error| Error::Config {
+        path: cfg_path.clone(),
+        field: "(file)".into(),
+        msg: e.to_string(),
+    };
     let model = match model_type.as_str() {
         "bert" => {
             let hf: HfBertConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
             Model::Bert(Bert::load(BertConfig::from_hf(&hf, &cfg_path)?, &weights)?)
         }
         "llama" | "mistral" | "qwen2" => {
-            let hf: HfLlamaConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            let hf: HfLlamaConfig =
+                serde_json::from_value(src.config.clone()).map_err(parse_err)?;
             let cfg = LlamaConfig::from_hf(&hf, &model_type, &cfg_path)?;
             Model::Llama(Llama::load(cfg, &weights, false)?)
         }
@@ -149,16 +185,26 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             })
         }
     };
-    let tok_path = opts.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tok_path = opts
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer_json = hf::read_json(&tok_path)?;
     let tokenizer = tok::tokenizer_from_json(&tokenizer_json, &tok_path)?;
     let (bos_token_id, eos_token_ids, add_bos) = match &model {
         Model::Bert(_) => (None, vec![], false),
         Model::Llama(_) => {
             let c = &src.config;
-            let bos = c.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+            let bos = c
+                .get("bos_token_id")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32);
             let eos = match c.get("eos_token_id") {
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
                 Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
                 None => vec![],
             };
@@ -181,7 +227,11 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         bos_token_id,
         add_bos,
         eos_token_ids,
-        source: SourceInfo { path: dir.to_path_buf(), format: SourceFormat::HfDir, tensors: src.infos() },
+        source: SourceInfo {
+            path: dir.to_path_buf(),
+            format: SourceFormat::HfDir,
+            tensors: src.infos(),
+        },
         max_seq_length,
     };
     check_vocab(&loaded, &tok_path)?;
@@ -190,7 +240,11 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
 
 fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let g = Gguf::open(path)?;
-    let arch = g.require("general.architecture")?.as_str().unwrap_or("").to_string();
+    let arch = g
+        .require("general.architecture")?
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     if arch != "llama" {
         return Err(Error::UnsupportedModelType {
             path: path.to_path_buf(),
@@ -199,7 +253,11 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
-    let weights = Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf };
+    let weights = Weights {
+        src: &g,
+        path: path.to_path_buf(),
+        rename: crate::names::hf_to_gguf,
+    };
     let model = Model::Llama(Llama::load(cfg, &weights, true)?);
     let (tokenizer_json, tok_path) = match &opts.tokenizer {
         Some(p) => (hf::read_json(p)?, p.clone()),
@@ -212,9 +270,16 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         tokenizer,
         tokenizer_json,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
-        add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+        add_bos: g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        source: SourceInfo { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors: g.infos() },
+        source: SourceInfo {
+            path: path.to_path_buf(),
+            format: SourceFormat::Gguf,
+            tensors: g.infos(),
+        },
         max_seq_length: None,
     };
     check_vocab(&loaded, &tok_path)?;
@@ -225,7 +290,11 @@ fn check_vocab(l: &Loaded, tok_path: &Path) -> Result<()> {
     let n_tok = l.tokenizer.get_vocab_size(true);
     let n_model = l.model.vocab_size();
     if n_tok > n_model {
-        return Err(Error::VocabMismatch { path: tok_path.to_path_buf(), tokenizer: n_tok, model: n_model });
+        return Err(Error::VocabMismatch {
+            path: tok_path.to_path_buf(),
+            tokenizer: n_tok,
+            model: n_model,
+        });
     }
     Ok(())
 }

@@ -10,14 +10,24 @@ use crate::{Error, Loaded, Model, Result};
 
 /// Saves `l` to `out` with weights in `dtype` (f32, f16 or bf16).
 pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
-    if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(&l.source.path).ok() {
-        return Err(Error::Usage(format!("{}: output would overwrite the input model", out.display())));
+    if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(&l.source.path).ok()
+    {
+        return Err(Error::Usage(format!(
+            "{}: output would overwrite the input model",
+            out.display()
+        )));
     }
-    let tensors: Vec<(String, candle_core::Tensor)> =
-        l.model.named_tensors()?.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<_>>()?;
+    let tensors: Vec<(String, candle_core::Tensor)> = l
+        .model
+        .named_tensors()?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
     let config = match &l.model {
         Model::Bert(m) => m.config.to_hf_json(&m.blocks),
-        Model::Llama(m) => m.config.to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
+        Model::Llama(m) => m
+            .config
+            .to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
     };
     let mut config = config;
     config["torch_dtype"] = match dtype {
@@ -39,18 +49,35 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         tok_cfg["eos_token"] = e.clone().into();
         tok_cfg["pad_token"] = e.into();
     }
-    let src_dir = if l.source.path.is_dir() { Some(l.source.path.clone()) } else { None };
+    let src_dir = if l.source.path.is_dir() {
+        Some(l.source.path.clone())
+    } else {
+        None
+    };
     write_dir_atomic(out, |dir| {
         write_json(&dir.join("config.json"), &config)?;
-        write_safetensors(&dir.join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &tensors,
+            Some([("format".to_string(), "pt".to_string())].into()),
+        )?;
         write_json(&dir.join("tokenizer.json"), &l.tokenizer_json)?;
         // An HF source keeps its own tokenizer and sentence-transformers files; a GGUF gets a minimal config.
         let mut copied_tok_cfg = false;
         if let Some(src) = &src_dir {
-            for f in ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json"] {
+            for f in [
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "vocab.txt",
+                "sentence_bert_config.json",
+            ] {
                 if src.join(f).exists() {
-                    std::fs::copy(src.join(f), dir.join(f))
-                        .map_err(|e| whittle_formats::Error::Io { path: src.join(f), source: e })?;
+                    std::fs::copy(src.join(f), dir.join(f)).map_err(|e| {
+                        whittle_formats::Error::Io {
+                            path: src.join(f),
+                            source: e,
+                        }
+                    })?;
                     copied_tok_cfg |= f == "tokenizer_config.json";
                 }
             }

@@ -15,10 +15,14 @@ const MAX_PAD_ABS_ERR: f32 = 1e-5;
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic pseudo-random values in [-0.5, 0.5) (a small LCG; no RNG state shared between tests).
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect();
@@ -39,16 +43,37 @@ fn word_tokenizer(n: usize) -> serde_json::Value {
 /// A 2-block LLaMA with GQA where block 1 is narrower (fewer heads, smaller FFN), as after pruning.
 fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
     let (v, c, hd) = (50, 32, 8);
-    let mut t = vec![("model.embed_tokens.weight".to_string(), rand(&[v, c], 1)), ("model.norm.weight".into(), (rand(&[c], 2) + 1.0).unwrap())];
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_string(), rand(&[v, c], 1)),
+        ("model.norm.weight".into(), (rand(&[c], 2) + 1.0).unwrap()),
+    ];
     for (i, (h, kv, f)) in [(4, 2, 48), (2, 1, 24)].into_iter().enumerate() {
         let p = format!("model.layers.{i}.");
         let s = 10 * (i as u64 + 1);
-        t.push((format!("{p}input_layernorm.weight"), (rand(&[c], s) + 1.0).unwrap()));
-        t.push((format!("{p}post_attention_layernorm.weight"), (rand(&[c], s + 1) + 1.0).unwrap()));
-        t.push((format!("{p}self_attn.q_proj.weight"), rand(&[h * hd, c], s + 2)));
-        t.push((format!("{p}self_attn.k_proj.weight"), rand(&[kv * hd, c], s + 3)));
-        t.push((format!("{p}self_attn.v_proj.weight"), rand(&[kv * hd, c], s + 4)));
-        t.push((format!("{p}self_attn.o_proj.weight"), rand(&[c, h * hd], s + 5)));
+        t.push((
+            format!("{p}input_layernorm.weight"),
+            (rand(&[c], s) + 1.0).unwrap(),
+        ));
+        t.push((
+            format!("{p}post_attention_layernorm.weight"),
+            (rand(&[c], s + 1) + 1.0).unwrap(),
+        ));
+        t.push((
+            format!("{p}self_attn.q_proj.weight"),
+            rand(&[h * hd, c], s + 2),
+        ));
+        t.push((
+            format!("{p}self_attn.k_proj.weight"),
+            rand(&[kv * hd, c], s + 3),
+        ));
+        t.push((
+            format!("{p}self_attn.v_proj.weight"),
+            rand(&[kv * hd, c], s + 4),
+        ));
+        t.push((
+            format!("{p}self_attn.o_proj.weight"),
+            rand(&[c, h * hd], s + 5),
+        ));
         t.push((format!("{p}mlp.gate_proj.weight"), rand(&[f, c], s + 6)));
         t.push((format!("{p}mlp.up_proj.weight"), rand(&[f, c], s + 7)));
         t.push((format!("{p}mlp.down_proj.weight"), rand(&[c, f], s + 8)));
@@ -64,14 +89,36 @@ fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
 fn tiny_bert(dir: &Path) {
     let (v, c, f) = (40, 16, 24);
     let mut t = vec![
-        ("embeddings.word_embeddings.weight".to_string(), rand(&[v, c], 1)),
-        ("embeddings.position_embeddings.weight".into(), rand(&[32, c], 2)),
-        ("embeddings.token_type_embeddings.weight".into(), rand(&[2, c], 3)),
-        ("embeddings.LayerNorm.weight".into(), (rand(&[c], 4) + 1.0).unwrap()),
+        (
+            "embeddings.word_embeddings.weight".to_string(),
+            rand(&[v, c], 1),
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            rand(&[32, c], 2),
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            rand(&[2, c], 3),
+        ),
+        (
+            "embeddings.LayerNorm.weight".into(),
+            (rand(&[c], 4) + 1.0).unwrap(),
+        ),
         ("embeddings.LayerNorm.bias".into(), rand(&[c], 5)),
     ];
     let p = "encoder.layer.0.";
-    for (j, (n, o, i)) in [("attention.self.query", c, c), ("attention.self.key", c, c), ("attention.self.value", c, c), ("attention.output.dense", c, c), ("intermediate.dense", f, c), ("output.dense", c, f)].into_iter().enumerate() {
+    for (j, (n, o, i)) in [
+        ("attention.self.query", c, c),
+        ("attention.self.key", c, c),
+        ("attention.self.value", c, c),
+        ("attention.output.dense", c, c),
+        ("intermediate.dense", f, c),
+        ("output.dense", c, f),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         t.push((format!("{p}{n}.weight"), rand(&[o, i], 10 + j as u64)));
         t.push((format!("{p}{n}.bias"), rand(&[o], 20 + j as u64)));
     }
@@ -86,7 +133,12 @@ fn tiny_bert(dir: &Path) {
     write_model(dir, &cfg, &t, &tok);
 }
 
-fn write_model(dir: &Path, cfg: &serde_json::Value, t: &[(String, Tensor)], tok: &serde_json::Value) {
+fn write_model(
+    dir: &Path,
+    cfg: &serde_json::Value,
+    t: &[(String, Tensor)],
+    tok: &serde_json::Value,
+) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
@@ -107,14 +159,47 @@ fn kv_cache_decoding_equals_full_forward_with_uneven_blocks() {
     assert_eq!((dims[1].n_head, dims[1].n_kv_head, dims[1].ffn), (2, 1, 24));
     let Model::Llama(m) = &l.model else { panic!() };
     let ids: Vec<u32> = vec![1, 7, 3, 9, 22, 5, 11];
-    let full = m.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut KvCache::default()).unwrap(); // (1, T, V)
+    let full = m
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &mut KvCache::default(),
+        )
+        .unwrap(); // (1, T, V)
     let mut cache = KvCache::default();
-    m.forward(&Tensor::new(&ids[..3], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+    m.forward(
+        &Tensor::new(&ids[..3], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        &mut cache,
+    )
+    .unwrap();
     for (p, &tok) in ids.iter().enumerate().skip(3) {
-        let step = m.forward(&Tensor::new(&[tok], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+        let step = m
+            .forward(
+                &Tensor::new(&[tok], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                &mut cache,
+            )
+            .unwrap();
         let a: Vec<f32> = step.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = full.narrow(1, p, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let b: Vec<f32> = full
+            .narrow(1, p, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < MAX_CACHE_ABS_ERR, "position {p}: {d:e}");
     }
     assert_eq!(cache.len(), ids.len());
@@ -128,7 +213,11 @@ fn bert_padding_does_not_change_embeddings() {
     let l = load_dir(d.path()).unwrap();
     let both = text::embed_texts(&l, &["w5 w6", "w7 w8 w9 w10 w11 w12"], 32, 8).unwrap();
     let alone = text::embed_texts(&l, &["w5 w6"], 32, 8).unwrap();
-    let diff = both[0].iter().zip(&alone[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = both[0]
+        .iter()
+        .zip(&alone[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(diff < MAX_PAD_ABS_ERR, "{diff:e}");
     let norm: f32 = alone[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
@@ -138,40 +227,74 @@ fn bert_padding_does_not_change_embeddings() {
 fn unsupported_model_type_names_the_file() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
-    std::fs::write(d.path().join("config.json"), json!({"model_type": "gpt_neox"}).to_string()).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        json!({"model_type": "gpt_neox"}).to_string(),
+    )
+    .unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(matches!(e, Error::UnsupportedModelType { .. }), "{e}");
-    assert!(e.to_string().contains("gpt_neox") && e.to_string().contains("config.json"), "{e}");
+    assert!(
+        e.to_string().contains("gpt_neox") && e.to_string().contains("config.json"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_tensor_shape_names_the_tensor() {
     let d = tempfile::tempdir().unwrap();
     let mut t = tiny_llama(d.path());
-    let i = t.iter().position(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap();
+    let i = t
+        .iter()
+        .position(|(n, _)| n == "model.layers.1.mlp.up_proj.weight")
+        .unwrap();
     t[i].1 = rand(&[23, 32], 5);
     write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(matches!(e, Error::Shape { ref tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(
+        matches!(e, Error::Shape { ref tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_tensor_names_it() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny_llama(d.path());
-    let t: Vec<_> = t.into_iter().filter(|(n, _)| n != "model.layers.0.self_attn.v_proj.weight").collect();
+    let t: Vec<_> = t
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.0.self_attn.v_proj.weight")
+        .collect();
     write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(e.to_string().contains("model.layers.0.self_attn.v_proj.weight"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("model.layers.0.self_attn.v_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
 fn tokenizer_larger_than_vocab_is_refused() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
-    std::fs::write(d.path().join("tokenizer.json"), word_tokenizer(80).to_string()).unwrap();
+    std::fs::write(
+        d.path().join("tokenizer.json"),
+        word_tokenizer(80).to_string(),
+    )
+    .unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(matches!(e, Error::VocabMismatch { tokenizer: 80, model: 50, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::VocabMismatch {
+                tokenizer: 80,
+                model: 50,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -183,17 +306,29 @@ fn bad_config_values_are_errors() {
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(e.to_string().contains("num_key_value_heads"), "{e}");
-    std::fs::write(d.path().join("config.json"), json!({"model_type": "llama"}).to_string()).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        json!({"model_type": "llama"}).to_string(),
+    )
+    .unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(e.to_string().contains("config.json"), "{e}");
 }
 
 #[test]
 fn not_found_and_hub_id_errors() {
-    let e = load("/nonexistent/model.gguf", &LoadOptions::default()).err().unwrap();
+    let e = load("/nonexistent/model.gguf", &LoadOptions::default())
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
-    let e = load("nobody-org/no-such-model", &LoadOptions::default()).err().unwrap();
-    assert!(e.to_string().contains("models--nobody-org--no-such-model") && e.to_string().contains("never downloads"), "{e}");
+    let e = load("nobody-org/no-such-model", &LoadOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("models--nobody-org--no-such-model")
+            && e.to_string().contains("never downloads"),
+        "{e}"
+    );
 }
 
 #[test]
