@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
+use whittle_eval::{bench, classify, cloze, data, ppl, sts, Metrics};
 use whittle_models::generate::{generate, Sampling};
 use whittle_models::{load, stats, text, LoadOptions, Loaded, Model};
 
@@ -19,6 +20,9 @@ use whittle_models::{load, stats, text, LoadOptions, Loaded, Model};
     about = "Make Transformer models smaller and faster, and prove it with numbers."
 )]
 struct Cli {
+    /// Worker threads for the tensor engine (default: every core)
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,6 +79,70 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure quality: perplexity / KL divergence, cloze, STS-B or SST-2 probe accuracy
+    Eval {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Task (default: ppl for decoders, sts for encoders)
+        #[arg(long, value_enum)]
+        task: Option<Task>,
+        /// Data file (defaults: WikiText-2 test, the WikiText-2 cloze set, STS-B test, SST-2 dev)
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Reference model for KL divergence (ppl) or embedding cosine (sts)
+        #[arg(long)]
+        base: Option<String>,
+        /// Tokens per perplexity chunk
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Score only the first N chunks (ppl) or lines (cloze)
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Encoder token cap (sts, classify)
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        /// Also save the figures next to the model (read by `compare`)
+        #[arg(long)]
+        save: bool,
+    },
+    /// Measure speed, size and memory (sentences/s and latency, or llama-bench pp/tg)
+    Bench {
+        #[command(flatten)]
+        m: ModelArg,
+        #[command(flatten)]
+        b: BenchArgs,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        /// Also save the figures next to the model (read by `compare`)
+        #[arg(long)]
+        save: bool,
+    },
+    /// Evaluate and benchmark a base and its variants side by side: a markdown table and JSON
+    Compare {
+        /// The reference model
+        base: String,
+        /// Models to compare with it
+        #[arg(required = true)]
+        variants: Vec<String>,
+        /// Perplexity chunks (decoders)
+        #[arg(long, default_value_t = 16)]
+        chunks: usize,
+        #[command(flatten)]
+        b: BenchArgs,
+        /// Reuse figures saved next to a model by `eval --save` / `bench --save` / an earlier compare
+        #[arg(long)]
+        reuse: bool,
+        /// Write all results as JSON here
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print JSON instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate text with a decoder (greedy by default; sampling with --temperature)
     Generate {
         #[command(flatten)]
@@ -103,6 +171,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum Task {
+    /// Perplexity (decoders), llama.cpp protocol; with --base, KL divergence
+    Ppl,
+    /// Last-word accuracy on a JSONL of {"text": ...} (decoders)
+    Cloze,
+    /// STS-B Spearman x100 (encoders); with --base, cosine to the base's embeddings
+    Sts,
+    /// SST-2 accuracy of a logistic-regression probe on frozen embeddings (encoders)
+    Classify,
+}
+
+#[derive(clap::Args, Clone)]
+struct BenchArgs {
+    /// Encoder batch size
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Encoder token cap
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// Decoder prompt-processing length (llama-bench pp)
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Decoder generated tokens (llama-bench tg)
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    /// Timed repetitions (median reported)
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -352,8 +451,194 @@ fn cmd_generate(
     Ok(())
 }
 
+/// A progress bar on stderr when it is a terminal; silent otherwise.
+fn progress_bar(what: &str) -> impl FnMut(usize, usize) {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        b.set_message(what.to_string());
+        b
+    });
+    move |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            if done >= total {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.prec$}"))
+}
+
+fn print_metrics(m: &Metrics) -> Result<()> {
+    let v = serde_json::to_value(m)?;
+    let mut out = std::io::stdout().lock();
+    for (k, val) in v.as_object().expect("object") {
+        let s = match val {
+            serde_json::Value::Number(n) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap()),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        writeln!(out, "{k:<16}{s}")?;
+    }
+    Ok(())
+}
+
+fn save_results(model: &str, m: &Metrics) -> Result<()> {
+    let path = bench::results_path(std::path::Path::new(model));
+    let mut all = read_saved(model).unwrap_or_default();
+    all.merge(Metrics::default());
+    let mut fresh = m.clone();
+    fresh.merge(all);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&fresh)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("saved {}", path.display());
+    Ok(())
+}
+
+fn read_saved(model: &str) -> Option<Metrics> {
+    let s = std::fs::read_to_string(bench::results_path(std::path::Path::new(model))).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_model(l: &Loaded, name: &str, task: Option<Task>, data_path: Option<&std::path::Path>, base: Option<&Loaded>, ctx: usize, chunks: Option<usize>, max_len: usize) -> Result<Metrics> {
+    let task = task.unwrap_or(if l.model.is_decoder() { Task::Ppl } else { Task::Sts });
+    let t0 = std::time::Instant::now();
+    let mut pb = progress_bar(&format!("{task:?} {name}").to_lowercase());
+    let mut m = match task {
+        Task::Ppl => {
+            let (_, text) = data::read_text(data_path, data::WIKI_TEST)?;
+            ppl::perplexity(l, &text, &ppl::PplOptions { ctx, chunks }, base, &mut pb)?
+        }
+        Task::Cloze => {
+            if chunks == Some(0) {
+                bail!("--chunks must be at least 1");
+            }
+            let lines = data::parse_jsonl_texts(&data::read_text(data_path, data::CLOZE)?)?;
+            cloze::cloze(l, &lines, chunks, &mut pb)?
+        }
+        Task::Sts => {
+            let pairs = data::parse_sts(&data::read_text(data_path, data::STS_TEST)?)?;
+            sts::sts(l, &pairs, max_len, base, &mut pb)?
+        }
+        Task::Classify => {
+            let rows = data::parse_sst2(&data::read_text(data_path, data::SST2_DEV)?)?;
+            classify::classify(l, &rows, classify::N_TRAIN, max_len, &mut pb)?
+        }
+    };
+    m.model = Some(name.to_string());
+    m.seconds = Some(t0.elapsed().as_secs_f64());
+    Ok(m)
+}
+
+fn bench_model(l: &Loaded, name: &str, b: &BenchArgs) -> Result<Metrics> {
+    let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
+    let o = bench::BenchOptions { batch: b.batch, max_len: b.max_len, pp: b.pp, tg: b.tg, reps: b.reps, ..Default::default() };
+    let mut pb = progress_bar(&format!("bench {name}"));
+    let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
+    m.model = Some(name.to_string());
+    Ok(m)
+}
+
+fn cmd_compare(base: &str, variants: &[String], chunks: usize, b: &BenchArgs, reuse: bool, output: Option<&std::path::Path>, json: bool) -> Result<()> {
+    let base_l = open(&ModelArg { model: base.to_string(), tokenizer: None })?;
+    let decoder = base_l.model.is_decoder();
+    let mut rows: Vec<Metrics> = Vec::new();
+    for name in std::iter::once(base.to_string()).chain(variants.iter().cloned()) {
+        let saved = if reuse { read_saved(&name) } else { None };
+        let have = |m: &Metrics| if decoder { m.ppl.is_some() && m.pp_tok_s.is_some() } else { m.sts_spearman.is_some() && m.sent_per_s.is_some() };
+        if let Some(m) = saved.filter(|m| have(m) && (name == base || m.kld_mean.is_some() || m.cos_mean.is_some() || !decoder)) {
+            eprintln!("reusing saved figures for {name}");
+            rows.push(m);
+            continue;
+        }
+        let l = if name == base { None } else { Some(open(&ModelArg { model: name.clone(), tokenizer: None })?) };
+        let lm = l.as_ref().unwrap_or(&base_l);
+        if lm.model.is_decoder() != decoder {
+            bail!("{name} is a {} but the base is a {}: compare models of one kind", lm.model.family(), base_l.model.family());
+        }
+        let against = if name == base { None } else { Some(&base_l) };
+        let mut m = eval_model(lm, &name, None, None, against, 512, Some(chunks), 128)?;
+        m.merge(bench_model(lm, &name, b)?);
+        let _ = save_results(&name, &m);
+        rows.push(m);
+    }
+    let b0 = rows[0].clone();
+    if let Some(p) = output {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    let mb = |m: &Metrics| m.model_bytes.map_or(0.0, |b| b as f64 / 1e6);
+    if decoder {
+        writeln!(out, "| model | PPL | Δ PPL | KLD | top-1 % | size MB | bpw | pp tok/s | tg tok/s | speed-up tg | peak MB |")?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for m in &rows {
+            let d = match (m.ppl, b0.ppl) { (Some(a), Some(b)) => Some(100.0 * (a / b - 1.0)), _ => None };
+            let su = match (m.tg_tok_s, b0.tg_tok_s) { (Some(a), Some(b)) => Some(a / b), _ => None };
+            writeln!(out, "| {} | {} | {}% | {} | {} | {:.1} | {} | {} | {} | {}x | {} |", m.model.as_deref().unwrap_or("?"), fmt_opt(m.ppl, 3), fmt_opt(d, 2), fmt_opt(m.kld_mean, 5), fmt_opt(m.top1_agree, 2), mb(m), fmt_opt(m.bpw, 2), fmt_opt(m.pp_tok_s, 1), fmt_opt(m.tg_tok_s, 1), fmt_opt(su, 2), fmt_opt(m.peak_rss_mb, 0))?;
+        }
+    } else {
+        writeln!(out, "| model | STS-B | Δ | cos min | size MB | bpw | sent/s | speed-up | p50 ms | p99 ms | peak MB |")?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for m in &rows {
+            let d = match (m.sts_spearman, b0.sts_spearman) { (Some(a), Some(b)) => Some(a - b), _ => None };
+            let su = match (m.sent_per_s, b0.sent_per_s) { (Some(a), Some(b)) => Some(a / b), _ => None };
+            writeln!(out, "| {} | {} | {} | {} | {:.1} | {} | {} | {}x | {} | {} | {} |", m.model.as_deref().unwrap_or("?"), fmt_opt(m.sts_spearman, 2), fmt_opt(d, 2), fmt_opt(m.cos_min, 5), mb(m), fmt_opt(m.bpw, 2), fmt_opt(m.sent_per_s, 1), fmt_opt(su, 2), fmt_opt(m.p50_ms, 2), fmt_opt(m.p99_ms, 2), fmt_opt(m.peak_rss_mb, 0))?;
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
+            let l = open(&m)?;
+            let b = match &base {
+                Some(b) => Some(open(&ModelArg { model: b.clone(), tokenizer: m.tokenizer.clone() })?),
+                None => None,
+            };
+            let r = eval_model(&l, &m.model, task, data.as_deref(), b.as_ref(), ctx, chunks, max_len)?;
+            if save {
+                save_results(&m.model, &r)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            } else {
+                print_metrics(&r)
+            }
+        }
+        Cmd::Bench { m, b, json, save } => {
+            let l = open(&m)?;
+            let r = bench_model(&l, &m.model, &b)?;
+            if save {
+                save_results(&m.model, &r)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            } else {
+                print_metrics(&r)
+            }
+        }
+        Cmd::Compare { base, variants, chunks, b, reuse, output, json } => cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json),
         Cmd::Inspect { m, json, seq } => cmd_inspect(&m, json, seq),
         Cmd::Convert { m, output, dtype } => cmd_convert(&m, &output, dtype),
         Cmd::Embed {
@@ -399,6 +684,14 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        // candle sizes its thread pools from RAYON_NUM_THREADS; set it before any tensor work starts.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -14,6 +14,7 @@ pub mod names;
 pub mod nn;
 pub mod save;
 pub mod stats;
+pub mod testing;
 pub mod text;
 
 pub use error::{Error, Result};

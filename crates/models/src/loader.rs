@@ -43,6 +43,8 @@ pub struct Loaded {
     pub source: SourceInfo,
     /// sentence-transformers' `max_seq_length`, when the directory has one.
     pub max_seq_length: Option<usize>,
+    /// The tokenizer set to truncate at a length, kept because cloning a tokenizer costs milliseconds.
+    pub(crate) truncating: std::sync::Mutex<Option<(usize, Tokenizer)>>,
 }
 
 /// Options for [`load`].
@@ -233,6 +235,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             tensors: src.infos(),
         },
         max_seq_length,
+        truncating: Default::default(),
     };
     check_vocab(&loaded, &tok_path)?;
     Ok(loaded)
@@ -281,6 +284,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             tensors: g.infos(),
         },
         max_seq_length: None,
+        truncating: Default::default(),
     };
     check_vocab(&loaded, &tok_path)?;
     Ok(loaded)

@@ -64,10 +64,15 @@ pub fn embed_texts(
             l.model.family()
         )));
     };
-    let tok = truncating(&l.tokenizer, max_len.min(m.config.max_position_embeddings))?;
+    let max_len = max_len.min(m.config.max_position_embeddings);
+    let mut cached = l.truncating.lock().unwrap_or_else(|e| e.into_inner());
+    if cached.as_ref().is_none_or(|(n, _)| *n != max_len) {
+        *cached = Some((max_len, truncating(&l.tokenizer, max_len)?));
+    }
+    let tok = &cached.as_ref().expect("set above").1;
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(batch.max(1)) {
-        let b = encode_batch(&tok, chunk)?;
+        let b = encode_batch(tok, chunk)?;
         let h = m.forward(&b.ids, &b.type_ids, &b.mask)?; // (B, T, C)
         let e = mean_pool_normalize(&h, &b.mask)?; // (B, C)
         out.extend(e.to_vec2::<f32>()?);
