@@ -457,9 +457,11 @@ fn progress_bar(what: &str) -> impl FnMut(usize, usize) {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         b.set_message(what.to_string());
         b
@@ -500,7 +502,8 @@ fn save_results(model: &str, m: &Metrics) -> Result<()> {
     let mut fresh = m.clone();
     fresh.merge(all);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&fresh)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&fresh)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("saved {}", path.display());
     Ok(())
@@ -512,8 +515,21 @@ fn read_saved(model: &str) -> Option<Metrics> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn eval_model(l: &Loaded, name: &str, task: Option<Task>, data_path: Option<&std::path::Path>, base: Option<&Loaded>, ctx: usize, chunks: Option<usize>, max_len: usize) -> Result<Metrics> {
-    let task = task.unwrap_or(if l.model.is_decoder() { Task::Ppl } else { Task::Sts });
+fn eval_model(
+    l: &Loaded,
+    name: &str,
+    task: Option<Task>,
+    data_path: Option<&std::path::Path>,
+    base: Option<&Loaded>,
+    ctx: usize,
+    chunks: Option<usize>,
+    max_len: usize,
+) -> Result<Metrics> {
+    let task = task.unwrap_or(if l.model.is_decoder() {
+        Task::Ppl
+    } else {
+        Task::Sts
+    });
     let t0 = std::time::Instant::now();
     let mut pb = progress_bar(&format!("{task:?} {name}").to_lowercase());
     let mut m = match task {
@@ -544,29 +560,66 @@ fn eval_model(l: &Loaded, name: &str, task: Option<Task>, data_path: Option<&std
 
 fn bench_model(l: &Loaded, name: &str, b: &BenchArgs) -> Result<Metrics> {
     let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions { batch: b.batch, max_len: b.max_len, pp: b.pp, tg: b.tg, reps: b.reps, ..Default::default() };
+    let o = bench::BenchOptions {
+        batch: b.batch,
+        max_len: b.max_len,
+        pp: b.pp,
+        tg: b.tg,
+        reps: b.reps,
+        ..Default::default()
+    };
     let mut pb = progress_bar(&format!("bench {name}"));
     let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
     m.model = Some(name.to_string());
     Ok(m)
 }
 
-fn cmd_compare(base: &str, variants: &[String], chunks: usize, b: &BenchArgs, reuse: bool, output: Option<&std::path::Path>, json: bool) -> Result<()> {
-    let base_l = open(&ModelArg { model: base.to_string(), tokenizer: None })?;
+fn cmd_compare(
+    base: &str,
+    variants: &[String],
+    chunks: usize,
+    b: &BenchArgs,
+    reuse: bool,
+    output: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    let base_l = open(&ModelArg {
+        model: base.to_string(),
+        tokenizer: None,
+    })?;
     let decoder = base_l.model.is_decoder();
     let mut rows: Vec<Metrics> = Vec::new();
     for name in std::iter::once(base.to_string()).chain(variants.iter().cloned()) {
         let saved = if reuse { read_saved(&name) } else { None };
-        let have = |m: &Metrics| if decoder { m.ppl.is_some() && m.pp_tok_s.is_some() } else { m.sts_spearman.is_some() && m.sent_per_s.is_some() };
-        if let Some(m) = saved.filter(|m| have(m) && (name == base || m.kld_mean.is_some() || m.cos_mean.is_some() || !decoder)) {
+        let have = |m: &Metrics| {
+            if decoder {
+                m.ppl.is_some() && m.pp_tok_s.is_some()
+            } else {
+                m.sts_spearman.is_some() && m.sent_per_s.is_some()
+            }
+        };
+        if let Some(m) = saved.filter(|m| {
+            have(m) && (name == base || m.kld_mean.is_some() || m.cos_mean.is_some() || !decoder)
+        }) {
             eprintln!("reusing saved figures for {name}");
             rows.push(m);
             continue;
         }
-        let l = if name == base { None } else { Some(open(&ModelArg { model: name.clone(), tokenizer: None })?) };
+        let l = if name == base {
+            None
+        } else {
+            Some(open(&ModelArg {
+                model: name.clone(),
+                tokenizer: None,
+            })?)
+        };
         let lm = l.as_ref().unwrap_or(&base_l);
         if lm.model.is_decoder() != decoder {
-            bail!("{name} is a {} but the base is a {}: compare models of one kind", lm.model.family(), base_l.model.family());
+            bail!(
+                "{name} is a {} but the base is a {}: compare models of one kind",
+                lm.model.family(),
+                base_l.model.family()
+            );
         }
         let against = if name == base { None } else { Some(&base_l) };
         let mut m = eval_model(lm, &name, None, None, against, 512, Some(chunks), 128)?;
@@ -577,7 +630,8 @@ fn cmd_compare(base: &str, variants: &[String], chunks: usize, b: &BenchArgs, re
     let b0 = rows[0].clone();
     if let Some(p) = output {
         let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)? + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
     }
     let mut out = std::io::stdout().lock();
@@ -590,17 +644,57 @@ fn cmd_compare(base: &str, variants: &[String], chunks: usize, b: &BenchArgs, re
         writeln!(out, "| model | PPL | Δ PPL | KLD | top-1 % | size MB | bpw | pp tok/s | tg tok/s | speed-up tg | peak MB |")?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
-            let d = match (m.ppl, b0.ppl) { (Some(a), Some(b)) => Some(100.0 * (a / b - 1.0)), _ => None };
-            let su = match (m.tg_tok_s, b0.tg_tok_s) { (Some(a), Some(b)) => Some(a / b), _ => None };
-            writeln!(out, "| {} | {} | {}% | {} | {} | {:.1} | {} | {} | {} | {}x | {} |", m.model.as_deref().unwrap_or("?"), fmt_opt(m.ppl, 3), fmt_opt(d, 2), fmt_opt(m.kld_mean, 5), fmt_opt(m.top1_agree, 2), mb(m), fmt_opt(m.bpw, 2), fmt_opt(m.pp_tok_s, 1), fmt_opt(m.tg_tok_s, 1), fmt_opt(su, 2), fmt_opt(m.peak_rss_mb, 0))?;
+            let d = match (m.ppl, b0.ppl) {
+                (Some(a), Some(b)) => Some(100.0 * (a / b - 1.0)),
+                _ => None,
+            };
+            let su = match (m.tg_tok_s, b0.tg_tok_s) {
+                (Some(a), Some(b)) => Some(a / b),
+                _ => None,
+            };
+            writeln!(
+                out,
+                "| {} | {} | {}% | {} | {} | {:.1} | {} | {} | {} | {}x | {} |",
+                m.model.as_deref().unwrap_or("?"),
+                fmt_opt(m.ppl, 3),
+                fmt_opt(d, 2),
+                fmt_opt(m.kld_mean, 5),
+                fmt_opt(m.top1_agree, 2),
+                mb(m),
+                fmt_opt(m.bpw, 2),
+                fmt_opt(m.pp_tok_s, 1),
+                fmt_opt(m.tg_tok_s, 1),
+                fmt_opt(su, 2),
+                fmt_opt(m.peak_rss_mb, 0)
+            )?;
         }
     } else {
         writeln!(out, "| model | STS-B | Δ | cos min | size MB | bpw | sent/s | speed-up | p50 ms | p99 ms | peak MB |")?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
-            let d = match (m.sts_spearman, b0.sts_spearman) { (Some(a), Some(b)) => Some(a - b), _ => None };
-            let su = match (m.sent_per_s, b0.sent_per_s) { (Some(a), Some(b)) => Some(a / b), _ => None };
-            writeln!(out, "| {} | {} | {} | {} | {:.1} | {} | {} | {}x | {} | {} | {} |", m.model.as_deref().unwrap_or("?"), fmt_opt(m.sts_spearman, 2), fmt_opt(d, 2), fmt_opt(m.cos_min, 5), mb(m), fmt_opt(m.bpw, 2), fmt_opt(m.sent_per_s, 1), fmt_opt(su, 2), fmt_opt(m.p50_ms, 2), fmt_opt(m.p99_ms, 2), fmt_opt(m.peak_rss_mb, 0))?;
+            let d = match (m.sts_spearman, b0.sts_spearman) {
+                (Some(a), Some(b)) => Some(a - b),
+                _ => None,
+            };
+            let su = match (m.sent_per_s, b0.sent_per_s) {
+                (Some(a), Some(b)) => Some(a / b),
+                _ => None,
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.1} | {} | {} | {}x | {} | {} | {} |",
+                m.model.as_deref().unwrap_or("?"),
+                fmt_opt(m.sts_spearman, 2),
+                fmt_opt(d, 2),
+                fmt_opt(m.cos_min, 5),
+                mb(m),
+                fmt_opt(m.bpw, 2),
+                fmt_opt(m.sent_per_s, 1),
+                fmt_opt(su, 2),
+                fmt_opt(m.p50_ms, 2),
+                fmt_opt(m.p99_ms, 2),
+                fmt_opt(m.peak_rss_mb, 0)
+            )?;
         }
     }
     Ok(())
@@ -608,13 +702,35 @@ fn cmd_compare(base: &str, variants: &[String], chunks: usize, b: &BenchArgs, re
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
+        Cmd::Eval {
+            m,
+            task,
+            data,
+            base,
+            ctx,
+            chunks,
+            max_len,
+            json,
+            save,
+        } => {
             let l = open(&m)?;
             let b = match &base {
-                Some(b) => Some(open(&ModelArg { model: b.clone(), tokenizer: m.tokenizer.clone() })?),
+                Some(b) => Some(open(&ModelArg {
+                    model: b.clone(),
+                    tokenizer: m.tokenizer.clone(),
+                })?),
                 None => None,
             };
-            let r = eval_model(&l, &m.model, task, data.as_deref(), b.as_ref(), ctx, chunks, max_len)?;
+            let r = eval_model(
+                &l,
+                &m.model,
+                task,
+                data.as_deref(),
+                b.as_ref(),
+                ctx,
+                chunks,
+                max_len,
+            )?;
             if save {
                 save_results(&m.model, &r)?;
             }
@@ -638,7 +754,15 @@ fn run(cli: Cli) -> Result<()> {
                 print_metrics(&r)
             }
         }
-        Cmd::Compare { base, variants, chunks, b, reuse, output, json } => cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json),
+        Cmd::Compare {
+            base,
+            variants,
+            chunks,
+            b,
+            reuse,
+            output,
+            json,
+        } => cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json),
         Cmd::Inspect { m, json, seq } => cmd_inspect(&m, json, seq),
         Cmd::Convert { m, output, dtype } => cmd_convert(&m, &output, dtype),
         Cmd::Embed {

@@ -134,3 +134,91 @@ fn convert_does_not_leave_partial_output_on_error() {
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn eval_bad_input_is_a_clear_error() {
+    let smol = common::smollm2();
+    let minilm = common::minilm();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["eval", minilm.to_str().unwrap(), "--task", "ppl"],
+            "needs a decoder",
+        ),
+        (
+            vec!["eval", smol.to_str().unwrap(), "--task", "sts"],
+            "needs a sentence encoder",
+        ),
+        (
+            vec!["eval", smol.to_str().unwrap(), "--chunks", "0"],
+            "--chunks",
+        ),
+        (
+            vec!["eval", smol.to_str().unwrap(), "--ctx", "100000"],
+            "larger than the model's context",
+        ),
+        (
+            vec![
+                "eval",
+                smol.to_str().unwrap(),
+                "--data",
+                "/no/such/file.txt",
+            ],
+            "/no/such/file.txt",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = whittle(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bad.jsonl");
+    std::fs::write(&p, "{\"text\": \"a b c\"}\n{\"nope\": 1}\n").unwrap();
+    let o = whittle(&[
+        "eval",
+        smol.to_str().unwrap(),
+        "--task",
+        "cloze",
+        "--data",
+        p.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("bad.jsonl:2"),
+        "{}",
+        stderr(&o)
+    );
+    let p = d.path().join("bad.tsv");
+    std::fs::write(&p, "h\ta\nonly\ttwo\n").unwrap();
+    let o = whittle(&[
+        "eval",
+        minilm.to_str().unwrap(),
+        "--task",
+        "sts",
+        "--data",
+        p.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("bad.tsv:2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn eval_json_keys_are_stable() {
+    let o = whittle(&[
+        "eval",
+        common::smollm2().to_str().unwrap(),
+        "--chunks",
+        "1",
+        "--ctx",
+        "128",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["ppl", "ppl_stderr", "tokens"] {
+        assert!(v.get(k).is_some(), "missing {k}: {v}");
+    }
+    assert_eq!(v["tokens"], 64);
+}

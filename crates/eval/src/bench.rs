@@ -34,7 +34,15 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { batch: 32, max_len: 128, n_sent: 1000, n_latency: 200, pp: 512, tg: 128, reps: 5 }
+        Self {
+            batch: 32,
+            max_len: 128,
+            n_sent: 1000,
+            n_latency: 200,
+            pp: 512,
+            tg: 128,
+            reps: 5,
+        }
     }
 }
 
@@ -47,7 +55,11 @@ pub fn model_bytes(l: &Loaded) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
+                .filter(|e| {
+                    e.path()
+                        .extension()
+                        .is_some_and(|x| x == "safetensors" || x == "gguf")
+                })
                 .filter_map(|e| e.metadata().ok().map(|m| m.len()))
                 .sum()
         })
@@ -80,12 +92,25 @@ fn common(l: &Loaded, m: &mut Metrics) {
 }
 
 /// Encoder throughput and latency on `pairs` (the STS-B corpus).
-pub fn bench_encoder(l: &Loaded, pairs: &[StsPair], o: &BenchOptions, progress: Progress) -> Result<Metrics> {
-    let Model::Bert(_) = &l.model else { return Err(Error::Usage("bench_encoder needs an encoder".into())) };
+pub fn bench_encoder(
+    l: &Loaded,
+    pairs: &[StsPair],
+    o: &BenchOptions,
+    progress: Progress,
+) -> Result<Metrics> {
+    let Model::Bert(_) = &l.model else {
+        return Err(Error::Usage("bench_encoder needs an encoder".into()));
+    };
     if o.batch == 0 || o.max_len < 2 {
-        return Err(Error::Usage("--batch must be >= 1 and --max-len >= 2".into()));
+        return Err(Error::Usage(
+            "--batch must be >= 1 and --max-len >= 2".into(),
+        ));
     }
-    let corpus: Vec<&str> = pairs.iter().flat_map(|p| [p.0.as_str(), p.1.as_str()]).take(o.n_sent).collect();
+    let corpus: Vec<&str> = pairs
+        .iter()
+        .flat_map(|p| [p.0.as_str(), p.1.as_str()])
+        .take(o.n_sent)
+        .collect();
     if corpus.is_empty() {
         return Err(Error::Usage("no sentences to benchmark".into()));
     }
@@ -125,13 +150,20 @@ pub fn bench_encoder(l: &Loaded, pairs: &[StsPair], o: &BenchOptions, progress: 
 
 /// Decoder prefill (pp) and generation (tg) speed, llama-bench style.
 pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result<Metrics> {
-    let Model::Llama(m) = &l.model else { return Err(Error::Usage("bench_decoder needs a decoder".into())) };
+    let Model::Llama(m) = &l.model else {
+        return Err(Error::Usage("bench_decoder needs a decoder".into()));
+    };
     let vocab = m.config.vocab_size as u32;
     if o.pp + 16 + o.tg > m.config.max_position_embeddings || o.pp == 0 || o.tg == 0 {
-        return Err(Error::Usage(format!("--pp and --tg must be >= 1 and fit the context ({})", m.config.max_position_embeddings)));
+        return Err(Error::Usage(format!(
+            "--pp and --tg must be >= 1 and fit the context ({})",
+            m.config.max_position_embeddings
+        )));
     }
     // Token ids 1000.. as the peers' script uses (wrapped into the vocabulary).
-    let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32).map(|i| (1000 + i) % vocab).collect();
+    let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32)
+        .map(|i| (1000 + i) % vocab)
+        .collect();
     let run = |ids: &[u32], cache: &mut KvCache| -> Result<()> {
         let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         m.forward_last(&x, cache)?;
@@ -174,7 +206,12 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
 }
 
 /// Runs the benchmark that fits the model's family.
-pub fn bench(l: &Loaded, sts_corpus: &[StsPair], o: &BenchOptions, progress: Progress) -> Result<Metrics> {
+pub fn bench(
+    l: &Loaded,
+    sts_corpus: &[StsPair],
+    o: &BenchOptions,
+    progress: Progress,
+) -> Result<Metrics> {
     match &l.model {
         Model::Bert(_) => bench_encoder(l, sts_corpus, o, progress),
         Model::Llama(_) => bench_decoder(l, o, progress),

@@ -76,7 +76,9 @@ pub fn fit_logistic(x: &[Vec<f64>], y: &[u8]) -> Vec<f64> {
                 h[a * d + a] += 1e-9;
             }
         }
-        let Some(step) = cholesky_solve(&h, &g, d) else { break };
+        let Some(step) = cholesky_solve(&h, &g, d) else {
+            break;
+        };
         let norm: f64 = step.iter().map(|v| v * v).sum::<f64>().sqrt();
         for (wi, si) in w.iter_mut().zip(&step) {
             *wi -= si;
@@ -94,7 +96,9 @@ fn standardise(train: &mut [Vec<f64>], test: &mut [Vec<f64>]) {
     let n = train.len() as f64;
     for j in 0..d {
         let mean = train.iter().map(|r| r[j]).sum::<f64>() / n;
-        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
+        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / n)
+            .sqrt()
+            .max(1e-12);
         for r in train.iter_mut().chain(test.iter_mut()) {
             r[j] = (r[j] - mean) / sd;
         }
@@ -102,14 +106,27 @@ fn standardise(train: &mut [Vec<f64>], test: &mut [Vec<f64>]) {
 }
 
 /// Accuracy (%) of a probe trained on `rows[..n_train]` and scored on the rest.
-pub fn classify(l: &Loaded, rows: &[(String, u8)], n_train: usize, max_len: usize, progress: Progress) -> Result<Metrics> {
+pub fn classify(
+    l: &Loaded,
+    rows: &[(String, u8)],
+    n_train: usize,
+    max_len: usize,
+    progress: Progress,
+) -> Result<Metrics> {
     require_encoder(l)?;
     if rows.len() <= n_train || n_train < 2 {
-        return Err(Error::Usage(format!("classify needs more than {n_train} rows (the first {n_train} train the probe); got {}", rows.len())));
+        return Err(Error::Usage(format!(
+            "classify needs more than {n_train} rows (the first {n_train} train the probe); got {}",
+            rows.len()
+        )));
     }
     let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let e = embed_all(l, &texts, max_len, progress)?;
-    let to64 = |v: &[Vec<f32>]| -> Vec<Vec<f64>> { v.iter().map(|r| r.iter().map(|&x| x as f64).collect()).collect() };
+    let to64 = |v: &[Vec<f32>]| -> Vec<Vec<f64>> {
+        v.iter()
+            .map(|r| r.iter().map(|&x| x as f64).collect())
+            .collect()
+    };
     let (mut tr, mut te) = (to64(&e[..n_train]), to64(&e[n_train..]));
     standardise(&mut tr, &mut te);
     let y: Vec<u8> = rows.iter().map(|r| r.1).collect();
@@ -123,7 +140,12 @@ pub fn classify(l: &Loaded, rows: &[(String, u8)], n_train: usize, max_len: usiz
             (z > 0.0) == (yi == 1)
         })
         .count();
-    Ok(Metrics { task: Some("classify".into()), sst2_acc: Some(100.0 * correct as f64 / te.len() as f64), items: Some(te.len()), ..Default::default() })
+    Ok(Metrics {
+        task: Some("classify".into()),
+        sst2_acc: Some(100.0 * correct as f64 / te.len() as f64),
+        items: Some(te.len()),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
@@ -140,10 +162,15 @@ mod tests {
 
     #[test]
     fn probe_separates_separable_data() {
-        let x: Vec<Vec<f64>> = (0..40).map(|i| vec![i as f64 - 19.5, ((i * 7) % 5) as f64]).collect();
+        let x: Vec<Vec<f64>> = (0..40)
+            .map(|i| vec![i as f64 - 19.5, ((i * 7) % 5) as f64])
+            .collect();
         let y: Vec<u8> = (0..40).map(|i| (i >= 20) as u8).collect();
         let w = fit_logistic(&x, &y);
-        let ok = x.iter().zip(&y).all(|(xi, &yi)| ((xi[0] * w[0] + xi[1] * w[1] + w[2]) > 0.0) == (yi == 1));
+        let ok = x
+            .iter()
+            .zip(&y)
+            .all(|(xi, &yi)| ((xi[0] * w[0] + xi[1] * w[1] + w[2]) > 0.0) == (yi == 1));
         assert!(ok, "{w:?}");
     }
 }

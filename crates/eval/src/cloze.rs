@@ -25,24 +25,54 @@ pub fn matches(continuation: &str, target: &str) -> bool {
     }
 }
 
-pub fn cloze(l: &Loaded, lines: &[String], limit: Option<usize>, progress: Progress) -> Result<Metrics> {
+pub fn cloze(
+    l: &Loaded,
+    lines: &[String],
+    limit: Option<usize>,
+    progress: Progress,
+) -> Result<Metrics> {
     let Model::Llama(m) = &l.model else {
-        return Err(Error::Usage(format!("cloze needs a decoder; {} is a BERT encoder", l.source.path.display())));
+        return Err(Error::Usage(format!(
+            "cloze needs a decoder; {} is a BERT encoder",
+            l.source.path.display()
+        )));
     };
     let n = limit.map_or(lines.len(), |k| k.min(lines.len()));
     let mut correct = 0;
     for (i, line) in lines[..n].iter().enumerate() {
-        let (ctx, target) = split_target(line).ok_or_else(|| Error::Usage(format!("cloze line {} has no context before its last word", i + 1)))?;
+        let (ctx, target) = split_target(line).ok_or_else(|| {
+            Error::Usage(format!(
+                "cloze line {} has no context before its last word",
+                i + 1
+            ))
+        })?;
         let ids = text::encode_prompt(l, ctx, false)?;
         // Enough tokens for the word as its own tokens plus a following character.
-        let want = l.tokenizer.encode(format!(" {target}"), false).map_err(|e| Error::Usage(e.to_string()))?.len() + 1;
-        let out = generate(m, &ids, want, &l.eos_token_ids, &Sampling::default(), |_| {})?;
+        let want = l
+            .tokenizer
+            .encode(format!(" {target}"), false)
+            .map_err(|e| Error::Usage(e.to_string()))?
+            .len()
+            + 1;
+        let out = generate(
+            m,
+            &ids,
+            want,
+            &l.eos_token_ids,
+            &Sampling::default(),
+            |_| {},
+        )?;
         if matches(&text::decode(l, &out)?, target) {
             correct += 1;
         }
         progress(i + 1, n);
     }
-    Ok(Metrics { task: Some("cloze".into()), cloze_acc: Some(100.0 * correct as f64 / n as f64), items: Some(n), ..Default::default() })
+    Ok(Metrics {
+        task: Some("cloze".into()),
+        cloze_acc: Some(100.0 * correct as f64 / n as f64),
+        items: Some(n),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
@@ -51,7 +81,10 @@ mod tests {
 
     #[test]
     fn targets_and_matching() {
-        assert_eq!(split_target("the cat sat on the mat "), Some(("the cat sat on the", "mat")));
+        assert_eq!(
+            split_target("the cat sat on the mat "),
+            Some(("the cat sat on the", "mat"))
+        );
         assert_eq!(split_target("single"), None);
         assert!(matches(" mat.", "mat"));
         assert!(matches(" mat", "mat"));

@@ -143,4 +143,3 @@ pub fn write_model(
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
     write_safetensors(&dir.join("model.safetensors"), t, None).unwrap();
 }
-

@@ -6,8 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use whittle_formats::hf::write_safetensors;
-use whittle_models::testing::{rand, tiny_bert, tiny_llama, word_tokenizer};
 use whittle_models::llama::KvCache;
+use whittle_models::testing::{rand, tiny_bert, tiny_llama, word_tokenizer};
 use whittle_models::{load, text, Error, LoadOptions, Model};
 
 const MAX_CACHE_ABS_ERR: f32 = 1e-4;
