@@ -658,7 +658,7 @@ fn cmd_compare(
                 m.model.as_deref().unwrap_or("?"),
                 fmt_opt(m.ppl, 3),
                 fmt_opt(d, 2),
-                fmt_opt(m.kld_mean, 5),
+                fmt_opt(m.kld_mean, 6),
                 fmt_opt(m.top1_agree, 2),
                 mb(m),
                 fmt_opt(m.bpw, 2),
