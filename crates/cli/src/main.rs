@@ -14,15 +14,14 @@ use whittle_models::generate::{generate, Sampling};
 use whittle_models::{load, stats, text, LoadOptions, Loaded, Model};
 
 #[derive(Parser)]
-#[command(
-    name = "whittle",
-    version,
-    about = "Make Transformer models smaller and faster, and prove it with numbers."
-)]
+#[command(name = "whittle", version, about = "Make Transformer models smaller and faster, and prove it with numbers.")]
 struct Cli {
     /// Worker threads for the tensor engine (default: every core)
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Force the integer kernels to one implementation (default: the best this CPU has)
+    #[arg(long, global = true, value_enum)]
+    kernel: Option<KernelArg>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -76,6 +75,29 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Print JSON: {"model", "dim", "embeddings": [[...], ...]}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quantize a model's Linear layers (w8a8-dynamic today) and save it as an HF-style directory
+    Quantize {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Scheme for the block Linears (valid: w8a8-dynamic)
+        #[arg(long)]
+        scheme: String,
+        /// Output directory (written atomically)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Per-layer scheme by regex on the layer name, e.g. 're:.*lm_head=w8a8-dynamic' (repeatable; last wins)
+        #[arg(long = "override")]
+        overrides: Vec<String>,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Quantize layers that are already quantized (from their dequantized weights)
+        #[arg(long)]
+        allow_requantize: bool,
+        /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
@@ -205,6 +227,13 @@ struct BenchArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum KernelArg {
+    Ref,
+    Avx2,
+    Avx512,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum OutDtype {
     F32,
     F16,
@@ -212,13 +241,8 @@ enum OutDtype {
 }
 
 fn open(m: &ModelArg) -> Result<Loaded> {
-    load(
-        &m.model,
-        &LoadOptions {
-            tokenizer: m.tokenizer.clone(),
-        },
-    )
-    .with_context(|| format!("loading model `{}`", m.model))
+    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone() })
+        .with_context(|| format!("loading model `{}`", m.model))
 }
 
 fn human(n: usize) -> String {
@@ -264,10 +288,7 @@ fn cmd_inspect(m: &ModelArg, json: bool, seq: usize) -> Result<()> {
         "rope_theta",
         "tie_word_embeddings",
     ];
-    let cfg: Vec<String> = keys
-        .iter()
-        .filter_map(|k| c.get(*k).map(|v| format!("{k}={v}")))
-        .collect();
+    let cfg: Vec<String> = keys.iter().filter_map(|k| c.get(*k).map(|v| format!("{k}={v}"))).collect();
     writeln!(out, "config     {}", cfg.join(" "))?;
     writeln!(out, "\nparameters")?;
     let p = &r.params;
@@ -281,17 +302,9 @@ fn cmd_inspect(m: &ModelArg, json: bool, seq: usize) -> Result<()> {
     ] {
         writeln!(out, "  {name:<11}{:>14}  {:>8}", with_commas(v), human(v))?;
     }
-    writeln!(
-        out,
-        "\nstorage in file ({} bytes)",
-        with_commas(r.file_bytes)
-    )?;
+    writeln!(out, "\nstorage in file ({} bytes)", with_commas(r.file_bytes))?;
     for (dt, (bytes, count)) in &r.storage {
-        writeln!(
-            out,
-            "  {dt:<11}{:>14} bytes  {count:>4} tensors",
-            with_commas(*bytes)
-        )?;
+        writeln!(out, "  {dt:<11}{:>14} bytes  {count:>4} tensors", with_commas(*bytes))?;
     }
     writeln!(
         out,
@@ -330,14 +343,8 @@ fn cmd_convert(m: &ModelArg, output: &std::path::Path, dtype: OutDtype) -> Resul
         OutDtype::F16 => DType::F16,
         OutDtype::Bf16 => DType::BF16,
     };
-    whittle_models::save::save_hf_dir(&l, output, dt)
-        .with_context(|| format!("writing {}", output.display()))?;
-    eprintln!(
-        "wrote {} ({} model, {:?})",
-        output.display(),
-        l.model.family(),
-        dt
-    );
+    whittle_models::save::save_hf_dir(&l, output, dt).with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("wrote {} ({} model, {:?})", output.display(), l.model.family(), dt);
     Ok(())
 }
 
@@ -389,11 +396,7 @@ fn cmd_generate(
 ) -> Result<()> {
     let l = open(m)?;
     let Model::Llama(dec) = &l.model else {
-        bail!(
-            "`generate` needs a decoder; {} is a {} encoder",
-            m.model,
-            l.model.family()
-        );
+        bail!("`generate` needs a decoder; {} is a {} encoder", m.model, l.model.family());
     };
     let text_in = if chat {
         format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
@@ -404,11 +407,7 @@ fn cmd_generate(
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    let eos: Vec<u32> = if ignore_eos {
-        vec![]
-    } else {
-        l.eos_token_ids.clone()
-    };
+    let eos: Vec<u32> = if ignore_eos { vec![] } else { l.eos_token_ids.clone() };
     let mut stdout = std::io::stdout().lock();
     if !json {
         write!(stdout, "{text_in}")?;
@@ -457,11 +456,9 @@ fn progress_bar(what: &str) -> impl FnMut(usize, usize) {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         b.set_message(what.to_string());
         b
@@ -525,11 +522,7 @@ fn eval_model(
     chunks: Option<usize>,
     max_len: usize,
 ) -> Result<Metrics> {
-    let task = task.unwrap_or(if l.model.is_decoder() {
-        Task::Ppl
-    } else {
-        Task::Sts
-    });
+    let task = task.unwrap_or(if l.model.is_decoder() { Task::Ppl } else { Task::Sts });
     let t0 = std::time::Instant::now();
     let mut pb = progress_bar(&format!("{task:?} {name}").to_lowercase());
     let mut m = match task {
@@ -583,10 +576,7 @@ fn cmd_compare(
     output: Option<&std::path::Path>,
     json: bool,
 ) -> Result<()> {
-    let base_l = open(&ModelArg {
-        model: base.to_string(),
-        tokenizer: None,
-    })?;
+    let base_l = open(&ModelArg { model: base.to_string(), tokenizer: None })?;
     let decoder = base_l.model.is_decoder();
     let mut rows: Vec<Metrics> = Vec::new();
     for name in std::iter::once(base.to_string()).chain(variants.iter().cloned()) {
@@ -598,21 +588,14 @@ fn cmd_compare(
                 m.sts_spearman.is_some() && m.sent_per_s.is_some()
             }
         };
-        if let Some(m) = saved.filter(|m| {
-            have(m) && (name == base || m.kld_mean.is_some() || m.cos_mean.is_some() || !decoder)
-        }) {
+        if let Some(m) =
+            saved.filter(|m| have(m) && (name == base || m.kld_mean.is_some() || m.cos_mean.is_some() || !decoder))
+        {
             eprintln!("reusing saved figures for {name}");
             rows.push(m);
             continue;
         }
-        let l = if name == base {
-            None
-        } else {
-            Some(open(&ModelArg {
-                model: name.clone(),
-                tokenizer: None,
-            })?)
-        };
+        let l = if name == base { None } else { Some(open(&ModelArg { model: name.clone(), tokenizer: None })?) };
         let lm = l.as_ref().unwrap_or(&base_l);
         if lm.model.is_decoder() != decoder {
             bail!(
@@ -641,7 +624,10 @@ fn cmd_compare(
     }
     let mb = |m: &Metrics| m.model_bytes.map_or(0.0, |b| b as f64 / 1e6);
     if decoder {
-        writeln!(out, "| model | PPL | Δ PPL | KLD | top-1 % | size MB | bpw | pp tok/s | tg tok/s | speed-up tg | peak MB |")?;
+        writeln!(
+            out,
+            "| model | PPL | Δ PPL | KLD | top-1 % | size MB | bpw | pp tok/s | tg tok/s | speed-up tg | peak MB |"
+        )?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
             let d = match (m.ppl, b0.ppl) {
@@ -669,7 +655,10 @@ fn cmd_compare(
             )?;
         }
     } else {
-        writeln!(out, "| model | STS-B | Δ | cos min | size MB | bpw | sent/s | speed-up | p50 ms | p99 ms | peak MB |")?;
+        writeln!(
+            out,
+            "| model | STS-B | Δ | cos min | size MB | bpw | sent/s | speed-up | p50 ms | p99 ms | peak MB |"
+        )?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
             let d = match (m.sts_spearman, b0.sts_spearman) {
@@ -700,37 +689,84 @@ fn cmd_compare(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn cmd_quantize(
+    m: &ModelArg,
+    scheme: &str,
+    output: &std::path::Path,
+    overrides: &[String],
+    force: bool,
+    allow_requantize: bool,
+    json: bool,
+) -> Result<()> {
+    let plan = whittle_quant::Plan::new(scheme, overrides)?;
+    if output.extension().is_some_and(|e| e == "gguf") {
+        bail!("{}: GGUF output needs a GGUF block type (Q8_0, Q4_K_M, ...), which whittle does not write yet; use a directory", output.display());
+    }
+    if output.exists() && !force {
+        bail!("{} exists; pass --force to replace it", output.display());
+    }
+    let mut l = open(m)?;
+    let mut pb = progress_bar("quantize");
+    let report = whittle_quant::quantize(&mut l.model, &plan, allow_requantize, &mut pb)?;
+    whittle_models::save::save_hf_dir(&l, output, DType::F32)
+        .with_context(|| format!("writing {}", output.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<44} {:>14} {:>6} {:>11} {:>8}", "layer", "scheme", "bpw", "weight RMSE", "ms")?;
+    for r in &report.layers {
+        writeln!(
+            out,
+            "{:<44} {:>14} {:>6.2} {:>11.3e} {:>8.1}",
+            r.name,
+            r.scheme,
+            r.bpw,
+            r.weight_rmse,
+            r.seconds * 1e3
+        )?;
+    }
+    let total = bench_bytes(output);
+    writeln!(
+        out,
+        "\n{} layers quantized; Linear weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
+        report.layers.len(),
+        report.linear_bytes_before as f64 / 1e6,
+        report.linear_bytes_after as f64 / 1e6,
+        whittle_eval::bench::model_bytes(&l) as f64 / 1e6,
+        total as f64 / 1e6,
+        report.seconds
+    )?;
+    writeln!(out, "wrote {}", output.display())?;
+    Ok(())
+}
+
+fn bench_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Eval {
-            m,
-            task,
-            data,
-            base,
-            ctx,
-            chunks,
-            max_len,
-            json,
-            save,
-        } => {
+        Cmd::Quantize { m, scheme, output, overrides, force, allow_requantize, json } => {
+            cmd_quantize(&m, &scheme, &output, &overrides, force, allow_requantize, json)
+        }
+        Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
             let l = open(&m)?;
             let b = match &base {
-                Some(b) => Some(open(&ModelArg {
-                    model: b.clone(),
-                    tokenizer: m.tokenizer.clone(),
-                })?),
+                Some(b) => Some(open(&ModelArg { model: b.clone(), tokenizer: m.tokenizer.clone() })?),
                 None => None,
             };
-            let r = eval_model(
-                &l,
-                &m.model,
-                task,
-                data.as_deref(),
-                b.as_ref(),
-                ctx,
-                chunks,
-                max_len,
-            )?;
+            let r = eval_model(&l, &m.model, task, data.as_deref(), b.as_ref(), ctx, chunks, max_len)?;
             if save {
                 save_results(&m.model, &r)?;
             }
@@ -754,54 +790,17 @@ fn run(cli: Cli) -> Result<()> {
                 print_metrics(&r)
             }
         }
-        Cmd::Compare {
-            base,
-            variants,
-            chunks,
-            b,
-            reuse,
-            output,
-            json,
-        } => cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json),
+        Cmd::Compare { base, variants, chunks, b, reuse, output, json } => {
+            cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json)
+        }
         Cmd::Inspect { m, json, seq } => cmd_inspect(&m, json, seq),
         Cmd::Convert { m, output, dtype } => cmd_convert(&m, &output, dtype),
-        Cmd::Embed {
-            m,
-            texts,
-            file,
-            max_len,
-            batch,
-            json,
-        } => cmd_embed(&m, &texts, &file, max_len, batch, json),
-        Cmd::Generate {
-            m,
-            prompt,
-            n,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            chat,
-            ignore_eos,
-            json,
-        } => {
+        Cmd::Embed { m, texts, file, max_len, batch, json } => cmd_embed(&m, &texts, &file, max_len, batch, json),
+        Cmd::Generate { m, prompt, n, temperature, top_k, top_p, seed, chat, ignore_eos, json } => {
             if temperature < 0.0 || !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
-            cmd_generate(
-                &m,
-                &prompt,
-                n,
-                Sampling {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed,
-                },
-                chat,
-                ignore_eos,
-                json,
-            )
+            cmd_generate(&m, &prompt, n, Sampling { temperature, top_k, top_p, seed }, chat, ignore_eos, json)
         }
     }
 }
@@ -816,13 +815,24 @@ fn main() -> ExitCode {
         // candle sizes its thread pools from RAYON_NUM_THREADS; set it before any tensor work starts.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    if let Some(k) = cli.kernel {
+        let isa = match k {
+            KernelArg::Ref => whittle_kernels::Isa::Ref,
+            KernelArg::Avx2 => whittle_kernels::Isa::Avx2,
+            KernelArg::Avx512 => whittle_kernels::Isa::Avx512Vnni,
+        };
+        if !isa.supported() {
+            eprintln!("error: --kernel {}: this CPU does not support it", isa.name());
+            return ExitCode::FAILURE;
+        }
+        whittle_core::set_kernel(Some(isa));
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed pipe (`whittle ... | head`) is not a failure.
             if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) {
                 return ExitCode::SUCCESS;
             }

@@ -6,10 +6,7 @@ mod common;
 use std::process::{Command, Output};
 
 fn whittle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whittle"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_whittle")).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -65,21 +62,12 @@ fn inspect_smollm2_shows_q4_1_storage() {
     let o = whittle(&["inspect", m.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        s.contains("q4_1") && s.contains("llama") && s.contains("FLOPs/token"),
-        "{s}"
-    );
+    assert!(s.contains("q4_1") && s.contains("llama") && s.contains("FLOPs/token"), "{s}");
 }
 
 #[test]
 fn embed_and_generate_json() {
-    let o = whittle(&[
-        "embed",
-        common::minilm().to_str().unwrap(),
-        "--json",
-        "hello world",
-        "a second text",
-    ]);
+    let o = whittle(&["embed", common::minilm().to_str().unwrap(), "--json", "hello world", "a second text"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["dim"], 384);
@@ -97,27 +85,15 @@ fn embed_and_generate_json() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let fx = common::fixture("smollm2.json");
-    let want: Vec<u64> = fx["prompts"][0]["greedy32"].as_array().unwrap()[..4]
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    let got: Vec<u64> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let want: Vec<u64> =
+        fx["prompts"][0]["greedy32"].as_array().unwrap()[..4].iter().map(|x| x.as_u64().unwrap()).collect();
+    let got: Vec<u64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     assert_eq!(got, want);
 }
 
 #[test]
 fn wrong_family_for_command_is_an_error() {
-    let o = whittle(&[
-        "generate",
-        common::minilm().to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let o = whittle(&["generate", common::minilm().to_str().unwrap(), "--prompt", "hi"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("needs a decoder"), "{}", stderr(&o));
     let o = whittle(&["embed", common::smollm2().to_str().unwrap(), "hi"]);
@@ -140,31 +116,11 @@ fn eval_bad_input_is_a_clear_error() {
     let smol = common::smollm2();
     let minilm = common::minilm();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["eval", minilm.to_str().unwrap(), "--task", "ppl"],
-            "needs a decoder",
-        ),
-        (
-            vec!["eval", smol.to_str().unwrap(), "--task", "sts"],
-            "needs a sentence encoder",
-        ),
-        (
-            vec!["eval", smol.to_str().unwrap(), "--chunks", "0"],
-            "--chunks",
-        ),
-        (
-            vec!["eval", smol.to_str().unwrap(), "--ctx", "100000"],
-            "larger than the model's context",
-        ),
-        (
-            vec![
-                "eval",
-                smol.to_str().unwrap(),
-                "--data",
-                "/no/such/file.txt",
-            ],
-            "/no/such/file.txt",
-        ),
+        (vec!["eval", minilm.to_str().unwrap(), "--task", "ppl"], "needs a decoder"),
+        (vec!["eval", smol.to_str().unwrap(), "--task", "sts"], "needs a sentence encoder"),
+        (vec!["eval", smol.to_str().unwrap(), "--chunks", "0"], "--chunks"),
+        (vec!["eval", smol.to_str().unwrap(), "--ctx", "100000"], "larger than the model's context"),
+        (vec!["eval", smol.to_str().unwrap(), "--data", "/no/such/file.txt"], "/no/such/file.txt"),
     ];
     for (args, want) in cases {
         let o = whittle(&args);
@@ -174,47 +130,17 @@ fn eval_bad_input_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("bad.jsonl");
     std::fs::write(&p, "{\"text\": \"a b c\"}\n{\"nope\": 1}\n").unwrap();
-    let o = whittle(&[
-        "eval",
-        smol.to_str().unwrap(),
-        "--task",
-        "cloze",
-        "--data",
-        p.to_str().unwrap(),
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("bad.jsonl:2"),
-        "{}",
-        stderr(&o)
-    );
+    let o = whittle(&["eval", smol.to_str().unwrap(), "--task", "cloze", "--data", p.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("bad.jsonl:2"), "{}", stderr(&o));
     let p = d.path().join("bad.tsv");
     std::fs::write(&p, "h\ta\nonly\ttwo\n").unwrap();
-    let o = whittle(&[
-        "eval",
-        minilm.to_str().unwrap(),
-        "--task",
-        "sts",
-        "--data",
-        p.to_str().unwrap(),
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("bad.tsv:2"),
-        "{}",
-        stderr(&o)
-    );
+    let o = whittle(&["eval", minilm.to_str().unwrap(), "--task", "sts", "--data", p.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("bad.tsv:2"), "{}", stderr(&o));
 }
 
 #[test]
 fn eval_json_keys_are_stable() {
-    let o = whittle(&[
-        "eval",
-        common::smollm2().to_str().unwrap(),
-        "--chunks",
-        "1",
-        "--ctx",
-        "128",
-        "--json",
-    ]);
+    let o = whittle(&["eval", common::smollm2().to_str().unwrap(), "--chunks", "1", "--ctx", "128", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for k in ["ppl", "ppl_stderr", "tokens"] {

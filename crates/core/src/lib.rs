@@ -10,7 +10,8 @@ pub mod linear;
 pub use candle_core;
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
-pub use linear::{Linear, LinearWeight};
+pub use linear::{kernel, set_kernel, Linear, LinearWeight, Stored};
+pub use whittle_kernels::Isa;
 
 /// Number of bytes one element of `dtype` occupies in memory.
 pub fn dtype_bytes(dtype: DType) -> usize {

@@ -1,15 +1,22 @@
 //! The Linear seam: `y = x · Wᵀ + b` behind one type whatever the weight's representation.
 
-use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use whittle_kernels::int8::{linear_w8a8, PackedI8, Parallel};
+use whittle_kernels::Isa;
 
 use crate::Result;
 
-/// How a Linear's weight is stored. Today: dense (f32, f16 or bf16). Quantized, low-rank and sparse
-/// representations join as new variants; each knows how to `forward` and how to `dequantize`.
+/// How a Linear's weight is stored. Each representation knows how to `forward` and how to `dequantize`.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// Dense weight of shape (out_features, in_features), in any float dtype.
     Dense(Tensor),
+    /// int8 weights, symmetric per output channel; activations quantized per token at run time
+    /// (`w8a8-dynamic`). Packed once for the int8 GEMM.
+    Int8Dynamic(Arc<PackedI8>),
 }
 
 /// A projection `y = x · Wᵀ + b`.
@@ -22,25 +29,90 @@ pub struct Linear {
     in_features: usize,
 }
 
+/// A tensor as it is written to disk: a candle tensor, or int8 data candle has no dtype for.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    Tensor(Tensor),
+    I8 { shape: Vec<usize>, data: Vec<i8> },
+}
+
+static KERNEL: AtomicU8 = AtomicU8::new(0);
+
+/// Runs kernel work on candle's own thread pool, so whittle's kernels and candle's ops share the same
+/// threads instead of two pools fighting over the cores.
+struct CandlePool;
+
+impl Parallel for CandlePool {
+    fn for_each(&self, n_items: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        candle_core::utils::barrier_pool().execute_chunked(n_items, f);
+    }
+}
+
+/// Forces the integer kernels to one implementation (`None` = the best this CPU has). For `--kernel`.
+pub fn set_kernel(isa: Option<Isa>) {
+    let v = match isa {
+        None => 0,
+        Some(Isa::Ref) => 1,
+        Some(Isa::Avx2) => 2,
+        Some(Isa::Avx512Vnni) => 3,
+    };
+    KERNEL.store(v, Ordering::Relaxed);
+}
+
+/// The integer kernel in use.
+pub fn kernel() -> Isa {
+    match KERNEL.load(Ordering::Relaxed) {
+        1 => Isa::Ref,
+        2 => Isa::Avx2,
+        3 => Isa::Avx512Vnni,
+        _ => Isa::detect(),
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor, without copying when possible.
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, layout) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(cpu) => {
+            let s = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            Ok(f(&s[start..start + t.elem_count()]))
+        }
+        _ => {
+            drop(st);
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            Ok(f(&v))
+        }
+    }
+}
+
 impl Linear {
     /// A dense Linear from a weight (out, in) and an optional bias (out,).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        if let Some(b) = &bias {
+        Self::check_bias(&bias, out_features)?;
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features, in_features })
+    }
+
+    /// A w8a8-dynamic Linear from packed int8 weights.
+    pub fn int8_dynamic(p: PackedI8, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = (p.m, p.k);
+        Self::check_bias(&bias, out_features)?;
+        Ok(Self { weight: LinearWeight::Int8Dynamic(Arc::new(p)), bias, out_features, in_features })
+    }
+
+    fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
+        if let Some(b) = bias {
             let n = b.dims1()?;
-            if n != out_features {
+            if n != out {
                 return Err(crate::Error::Linear {
                     name: String::new(),
-                    msg: format!("bias has {n} elements, weight has {out_features} rows"),
+                    msg: format!("bias has {n} elements, weight has {out} rows"),
                 });
             }
         }
-        Ok(Self {
-            weight: LinearWeight::Dense(weight),
-            bias,
-            out_features,
-            in_features,
-        })
+        Ok(())
     }
 
     pub fn in_features(&self) -> usize {
@@ -56,29 +128,57 @@ impl Linear {
         self.out_features * self.in_features + self.bias.as_ref().map_or(0, |_| self.out_features)
     }
 
-    /// Bytes the weight and bias occupy in memory in their current representation.
+    /// Bytes the weight (with its scales) and bias occupy in their current representation.
     pub fn storage_bytes(&self) -> usize {
         let w = match &self.weight {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Int8Dynamic(p) => p.stored_bytes(),
         };
-        w + self
-            .bias
-            .as_ref()
-            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+        w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
-    /// Short name of the weight's representation, e.g. `f32`.
+    /// Bits per weight of the weight as stored (scales included, bias not).
+    pub fn bits_per_weight(&self) -> f64 {
+        let b = self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        8.0 * (self.storage_bytes() - b) as f64 / (self.out_features * self.in_features) as f64
+    }
+
+    /// Short name of the weight's representation, e.g. `f32`, `w8a8-dynamic`.
     pub fn storage_name(&self) -> String {
         match &self.weight {
             LinearWeight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            LinearWeight::Int8Dynamic(_) => "w8a8-dynamic".into(),
         }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self.weight, LinearWeight::Dense(_))
     }
 
     /// The weight as a dense f32 tensor (out, in): the reference every representation must match.
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
+            LinearWeight::Int8Dynamic(p) => {
+                let v: Vec<f32> = p.q.iter().enumerate().map(|(i, &q)| q as f32 * p.scale[i / p.k]).collect();
+                Ok(Tensor::from_vec(v, (p.m, p.k), &Device::Cpu)?)
+            }
         }
+    }
+
+    /// The tensors this layer writes, as `(suffix, tensor)`: `weight`, `weight_scale`, `bias`.
+    pub fn stored(&self) -> Result<Vec<(&'static str, Stored)>> {
+        let mut v = match &self.weight {
+            LinearWeight::Dense(t) => vec![("weight", Stored::Tensor(t.clone()))],
+            LinearWeight::Int8Dynamic(p) => vec![
+                ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
+                ("weight_scale", Stored::Tensor(Tensor::from_vec(p.scale.clone(), p.m, &Device::Cpu)?)),
+            ],
+        };
+        if let Some(b) = &self.bias {
+            v.push(("bias", Stored::Tensor(b.clone())));
+        }
+        Ok(v)
     }
 
     /// `y = x · Wᵀ + b`.
@@ -92,30 +192,32 @@ impl Linear {
         if in_f != self.in_features {
             return Err(crate::Error::Linear {
                 name: String::new(),
-                msg: format!(
-                    "input has {in_f} features, layer expects {}",
-                    self.in_features
-                ),
+                msg: format!("input has {in_f} features, layer expects {}", self.in_features),
             });
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_features;
         let x2 = x.reshape((rows, in_f))?; // (N, in)
         let y = match &self.weight {
             LinearWeight::Dense(w) => {
-                let w = if w.dtype() == DType::F32 {
-                    w.clone()
-                } else {
-                    w.to_dtype(DType::F32)?
+                let w = if w.dtype() == DType::F32 { w.clone() } else { w.to_dtype(DType::F32)? };
+                let y = x2.matmul(&w.t()?)?; // (N, out)
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            LinearWeight::Int8Dynamic(p) => {
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
                 };
-                x2.matmul(&w.t()?)? // (N, out)
+                let mut y = vec![0f32; rows * self.out_features];
+                with_f32_slice(&x2, |xs| linear_w8a8(p, xs, rows, bias.as_deref(), &mut y, kernel(), &CandlePool))?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
         };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_features;
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -126,14 +228,13 @@ mod tests {
     use candle_core::Device;
 
     const MAX_LINEAR_ABS_ERR: f32 = 1e-5;
+    /// int8 weights and activations: error relative to the output scale.
+    const MAX_W8A8_REL_ERR: f32 = 0.02;
 
     #[test]
     fn dense_forward_matches_naive() {
         let dev = Device::Cpu;
-        let w = Tensor::arange(0f32, 12., &dev)
-            .unwrap()
-            .reshape((3, 4))
-            .unwrap(); // (out=3, in=4)
+        let w = Tensor::arange(0f32, 12., &dev).unwrap().reshape((3, 4)).unwrap(); // (out=3, in=4)
         let b = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
         let l = Linear::dense(w.clone(), Some(b)).unwrap();
         let x = Tensor::new(&[[[1f32, 0., -1., 2.]]], &dev).unwrap(); // (1,1,4)
@@ -144,13 +245,32 @@ mod tests {
         let xv = [1f32, 0., -1., 2.];
         for o in 0..3 {
             let want: f32 = wv[o].iter().zip(xv).map(|(a, b)| a * b).sum::<f32>() + (o + 1) as f32;
-            assert!(
-                (y[o] - want).abs() < MAX_LINEAR_ABS_ERR,
-                "row {o}: {} vs {want}",
-                y[o]
-            );
+            assert!((y[o] - want).abs() < MAX_LINEAR_ABS_ERR, "row {o}: {} vs {want}", y[o]);
         }
         assert_eq!(l.num_params(), 15);
+    }
+
+    #[test]
+    fn int8_forward_is_close_to_dense() {
+        let dev = Device::Cpu;
+        let w = Tensor::arange(0f32, 64. * 48., &dev).unwrap().reshape((64, 48)).unwrap().sin().unwrap();
+        let b = Tensor::arange(0f32, 64., &dev).unwrap();
+        let dense = Linear::dense(w.clone(), Some(b.clone())).unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let q = Linear::int8_dynamic(PackedI8::from_f32(&wv, 64, 48), Some(b)).unwrap();
+        let x = (Tensor::arange(0f32, 3. * 5. * 48., &dev).unwrap().reshape((3, 5, 48)).unwrap() * 0.01)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let (a, c) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
+        assert_eq!(c.dims(), &[3, 5, 64]);
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err <= MAX_W8A8_REL_ERR * scale, "{err} vs scale {scale}");
+        assert_eq!(q.bits_per_weight(), 8.0 + 32.0 / 48.0);
+        let d = q.dequantize().unwrap();
+        let werr = (d - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(werr <= 1.0 / 127.0 / 2.0 + 1e-6);
     }
 
     #[test]

@@ -34,15 +34,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self {
-            batch: 32,
-            max_len: 128,
-            n_sent: 1000,
-            n_latency: 200,
-            pp: 512,
-            tg: 128,
-            reps: 5,
-        }
+        Self { batch: 32, max_len: 128, n_sent: 1000, n_latency: 200, pp: 512, tg: 128, reps: 5 }
     }
 }
 
@@ -55,11 +47,7 @@ pub fn model_bytes(l: &Loaded) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| {
-                    e.path()
-                        .extension()
-                        .is_some_and(|x| x == "safetensors" || x == "gguf")
-                })
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
                 .filter_map(|e| e.metadata().ok().map(|m| m.len()))
                 .sum()
         })
@@ -88,29 +76,19 @@ fn common(l: &Loaded, m: &mut Metrics) {
     m.model_bytes = Some(model_bytes(l));
     m.bpw = linear_bpw(l);
     m.threads = Some(threads());
-    m.kernel = Some(kernel());
+    let int8 = l.model.linears().iter().any(|(_, lin)| lin.is_quantized());
+    m.kernel = Some(if int8 { format!("int8 {} + {}", whittle_core::kernel().name(), kernel()) } else { kernel() });
 }
 
 /// Encoder throughput and latency on `pairs` (the STS-B corpus).
-pub fn bench_encoder(
-    l: &Loaded,
-    pairs: &[StsPair],
-    o: &BenchOptions,
-    progress: Progress,
-) -> Result<Metrics> {
+pub fn bench_encoder(l: &Loaded, pairs: &[StsPair], o: &BenchOptions, progress: Progress) -> Result<Metrics> {
     let Model::Bert(_) = &l.model else {
         return Err(Error::Usage("bench_encoder needs an encoder".into()));
     };
     if o.batch == 0 || o.max_len < 2 {
-        return Err(Error::Usage(
-            "--batch must be >= 1 and --max-len >= 2".into(),
-        ));
+        return Err(Error::Usage("--batch must be >= 1 and --max-len >= 2".into()));
     }
-    let corpus: Vec<&str> = pairs
-        .iter()
-        .flat_map(|p| [p.0.as_str(), p.1.as_str()])
-        .take(o.n_sent)
-        .collect();
+    let corpus: Vec<&str> = pairs.iter().flat_map(|p| [p.0.as_str(), p.1.as_str()]).take(o.n_sent).collect();
     if corpus.is_empty() {
         return Err(Error::Usage("no sentences to benchmark".into()));
     }
@@ -161,9 +139,7 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
         )));
     }
     // Token ids 1000.. as the peers' script uses (wrapped into the vocabulary).
-    let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32)
-        .map(|i| (1000 + i) % vocab)
-        .collect();
+    let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32).map(|i| (1000 + i) % vocab).collect();
     let run = |ids: &[u32], cache: &mut KvCache| -> Result<()> {
         let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         m.forward_last(&x, cache)?;
@@ -206,12 +182,7 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
 }
 
 /// Runs the benchmark that fits the model's family.
-pub fn bench(
-    l: &Loaded,
-    sts_corpus: &[StsPair],
-    o: &BenchOptions,
-    progress: Progress,
-) -> Result<Metrics> {
+pub fn bench(l: &Loaded, sts_corpus: &[StsPair], o: &BenchOptions, progress: Progress) -> Result<Metrics> {
     match &l.model {
         Model::Bert(_) => bench_encoder(l, sts_corpus, o, progress),
         Model::Llama(_) => bench_decoder(l, o, progress),

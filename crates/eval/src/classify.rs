@@ -96,9 +96,7 @@ fn standardise(train: &mut [Vec<f64>], test: &mut [Vec<f64>]) {
     let n = train.len() as f64;
     for j in 0..d {
         let mean = train.iter().map(|r| r[j]).sum::<f64>() / n;
-        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / n)
-            .sqrt()
-            .max(1e-12);
+        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
         for r in train.iter_mut().chain(test.iter_mut()) {
             r[j] = (r[j] - mean) / sd;
         }
@@ -122,11 +120,7 @@ pub fn classify(
     }
     let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let e = embed_all(l, &texts, max_len, progress)?;
-    let to64 = |v: &[Vec<f32>]| -> Vec<Vec<f64>> {
-        v.iter()
-            .map(|r| r.iter().map(|&x| x as f64).collect())
-            .collect()
-    };
+    let to64 = |v: &[Vec<f32>]| -> Vec<Vec<f64>> { v.iter().map(|r| r.iter().map(|&x| x as f64).collect()).collect() };
     let (mut tr, mut te) = (to64(&e[..n_train]), to64(&e[n_train..]));
     standardise(&mut tr, &mut te);
     let y: Vec<u8> = rows.iter().map(|r| r.1).collect();
@@ -162,15 +156,10 @@ mod tests {
 
     #[test]
     fn probe_separates_separable_data() {
-        let x: Vec<Vec<f64>> = (0..40)
-            .map(|i| vec![i as f64 - 19.5, ((i * 7) % 5) as f64])
-            .collect();
+        let x: Vec<Vec<f64>> = (0..40).map(|i| vec![i as f64 - 19.5, ((i * 7) % 5) as f64]).collect();
         let y: Vec<u8> = (0..40).map(|i| (i >= 20) as u8).collect();
         let w = fit_logistic(&x, &y);
-        let ok = x
-            .iter()
-            .zip(&y)
-            .all(|(xi, &yi)| ((xi[0] * w[0] + xi[1] * w[1] + w[2]) > 0.0) == (yi == 1));
+        let ok = x.iter().zip(&y).all(|(xi, &yi)| ((xi[0] * w[0] + xi[1] * w[1] + w[2]) > 0.0) == (yi == 1));
         assert!(ok, "{w:?}");
     }
 }

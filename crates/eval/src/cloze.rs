@@ -25,43 +25,19 @@ pub fn matches(continuation: &str, target: &str) -> bool {
     }
 }
 
-pub fn cloze(
-    l: &Loaded,
-    lines: &[String],
-    limit: Option<usize>,
-    progress: Progress,
-) -> Result<Metrics> {
+pub fn cloze(l: &Loaded, lines: &[String], limit: Option<usize>, progress: Progress) -> Result<Metrics> {
     let Model::Llama(m) = &l.model else {
-        return Err(Error::Usage(format!(
-            "cloze needs a decoder; {} is a BERT encoder",
-            l.source.path.display()
-        )));
+        return Err(Error::Usage(format!("cloze needs a decoder; {} is a BERT encoder", l.source.path.display())));
     };
     let n = limit.map_or(lines.len(), |k| k.min(lines.len()));
     let mut correct = 0;
     for (i, line) in lines[..n].iter().enumerate() {
-        let (ctx, target) = split_target(line).ok_or_else(|| {
-            Error::Usage(format!(
-                "cloze line {} has no context before its last word",
-                i + 1
-            ))
-        })?;
+        let (ctx, target) = split_target(line)
+            .ok_or_else(|| Error::Usage(format!("cloze line {} has no context before its last word", i + 1)))?;
         let ids = text::encode_prompt(l, ctx, false)?;
         // Enough tokens for the word as its own tokens plus a following character.
-        let want = l
-            .tokenizer
-            .encode(format!(" {target}"), false)
-            .map_err(|e| Error::Usage(e.to_string()))?
-            .len()
-            + 1;
-        let out = generate(
-            m,
-            &ids,
-            want,
-            &l.eos_token_ids,
-            &Sampling::default(),
-            |_| {},
-        )?;
+        let want = l.tokenizer.encode(format!(" {target}"), false).map_err(|e| Error::Usage(e.to_string()))?.len() + 1;
+        let out = generate(m, &ids, want, &l.eos_token_ids, &Sampling::default(), |_| {})?;
         if matches(&text::decode(l, &out)?, target) {
             correct += 1;
         }
@@ -81,10 +57,7 @@ mod tests {
 
     #[test]
     fn targets_and_matching() {
-        assert_eq!(
-            split_target("the cat sat on the mat "),
-            Some(("the cat sat on the", "mat"))
-        );
+        assert_eq!(split_target("the cat sat on the mat "), Some(("the cat sat on the", "mat")));
         assert_eq!(split_target("single"), None);
         assert!(matches(" mat.", "mat"));
         assert!(matches(" mat", "mat"));

@@ -10,18 +10,11 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {msg}")]
     Data { path: String, msg: String },
     #[error("{path}:{line}: {msg}")]
-    Line {
-        path: String,
-        line: usize,
-        msg: String,
-    },
+    Line { path: String, line: usize, msg: String },
     #[error("{0}")]
     Usage(String),
 }

@@ -111,9 +111,7 @@ impl Metrics {
     pub fn merge(&mut self, other: Metrics) {
         let a = serde_json::to_value(&*self).expect("serialisable");
         let b = serde_json::to_value(other).expect("serialisable");
-        let (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) = (a, b) else {
-            unreachable!()
-        };
+        let (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) = (a, b) else { unreachable!() };
         for (k, v) in b {
             a.entry(k).or_insert(v);
         }

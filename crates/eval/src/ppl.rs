@@ -25,10 +25,7 @@ pub struct PplOptions {
 
 impl Default for PplOptions {
     fn default() -> Self {
-        Self {
-            ctx: 512,
-            chunks: None,
-        }
+        Self { ctx: 512, chunks: None }
     }
 }
 
@@ -62,9 +59,7 @@ fn argmax(row: &[f64]) -> usize {
 /// Logits of positions `from..ctx-1` of one chunk: (n, V) as rows.
 fn chunk_logits(m: &Llama, chunk: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
     let ids = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?; // (1, ctx)
-    let h = m
-        .forward_hidden(&ids, &mut KvCache::default())
-        .map_err(Error::Model)?; // (1, ctx, C)
+    let h = m.forward_hidden(&ids, &mut KvCache::default()).map_err(Error::Model)?; // (1, ctx, C)
     let n = chunk.len() - 1 - from;
     let h = h.narrow(1, from, n)?.squeeze(0)?; // (n, C)
     let logits = m.lm_head.forward(&h).map_err(|e| Error::Model(e.into()))?; // (n, V)
@@ -86,10 +81,7 @@ pub fn perplexity(
         None => None,
     };
     if o.ctx < 4 {
-        return Err(Error::Usage(format!(
-            "--ctx {} is too small (at least 4)",
-            o.ctx
-        )));
+        return Err(Error::Usage(format!("--ctx {} is too small (at least 4)", o.ctx)));
     }
     if o.ctx > m.config.max_position_embeddings {
         return Err(Error::Usage(format!(
@@ -102,22 +94,15 @@ pub fn perplexity(
     }
     let ids = text::encode_prompt(l, text_in, false)?;
     if let Some(bl) = base {
-        if bl.model.vocab_size() != l.model.vocab_size()
-            || text::encode_prompt(bl, text_in, false)? != ids
-        {
+        if bl.model.vocab_size() != l.model.vocab_size() || text::encode_prompt(bl, text_in, false)? != ids {
             return Err(Error::Usage(
-                "--base tokenizes the text differently: KL divergence needs the same tokenizer"
-                    .into(),
+                "--base tokenizes the text differently: KL divergence needs the same tokenizer".into(),
             ));
         }
     }
     let available = ids.len() / o.ctx;
     if available == 0 {
-        return Err(Error::Usage(format!(
-            "the text has {} tokens, fewer than --ctx {}",
-            ids.len(),
-            o.ctx
-        )));
+        return Err(Error::Usage(format!("the text has {} tokens, fewer than --ctx {}", ids.len(), o.ctx)));
     }
     let n_chunks = o.chunks.map_or(available, |c| c.min(available));
     let first = o.ctx / 2;
@@ -145,11 +130,7 @@ pub fn perplexity(
                 let lq = log_softmax(&br[i]);
                 nll_base -= lq[target];
                 // KL(base ‖ model) = Σ p_base (log p_base − log p_model)
-                let kl: f64 = lq
-                    .iter()
-                    .zip(&lp)
-                    .map(|(&q, &p)| if q > -700.0 { q.exp() * (q - p) } else { 0.0 })
-                    .sum();
+                let kl: f64 = lq.iter().zip(&lp).map(|(&q, &p)| if q > -700.0 { q.exp() * (q - p) } else { 0.0 }).sum();
                 klds.push(kl.max(0.0));
                 agree += (argmax(&lq) == argmax(&lp)) as usize;
             }
@@ -159,11 +140,7 @@ pub fn perplexity(
     let mean = nll / count as f64;
     let ppl = mean.exp();
     let var = nll2 / count as f64 - mean * mean;
-    let stderr = if var > 0.0 && count > 1 {
-        ppl * (var / (count - 1) as f64).sqrt()
-    } else {
-        0.0
-    };
+    let stderr = if var > 0.0 && count > 1 { ppl * (var / (count - 1) as f64).sqrt() } else { 0.0 };
     let mut out = Metrics {
         task: Some("ppl".into()),
         ppl: Some(ppl),

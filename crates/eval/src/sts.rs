@@ -23,12 +23,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Embeds `texts` in batches of 32, reporting progress.
-pub fn embed_all(
-    l: &Loaded,
-    texts: &[&str],
-    max_len: usize,
-    progress: Progress,
-) -> Result<Vec<Vec<f32>>> {
+pub fn embed_all(l: &Loaded, texts: &[&str], max_len: usize, progress: Progress) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {
         out.extend(text::embed_texts(l, chunk, max_len, 32)?);
@@ -48,10 +43,7 @@ pub fn sts(
     if let Some(b) = base {
         encoder_check(b, "--base")?;
     }
-    let sents: Vec<&str> = pairs
-        .iter()
-        .flat_map(|(a, b, _)| [a.as_str(), b.as_str()])
-        .collect();
+    let sents: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
     let e = embed_all(l, &sents, max_len, progress)?;
     let cos: Vec<f64> = e.chunks(2).map(|p| dot(&p[0], &p[1])).collect();
     let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
@@ -63,11 +55,7 @@ pub fn sts(
     };
     if let Some(b) = base {
         let eb = embed_all(b, &sents, max_len, &mut |_, _| {})?;
-        let c: Vec<f64> = e
-            .iter()
-            .zip(&eb)
-            .map(|(x, y)| dot(x, y) / (dot(x, x) * dot(y, y)).sqrt())
-            .collect();
+        let c: Vec<f64> = e.iter().zip(&eb).map(|(x, y)| dot(x, y) / (dot(x, x) * dot(y, y)).sqrt()).collect();
         m.cos_mean = Some(c.iter().sum::<f64>() / c.len() as f64);
         m.cos_min = Some(c.iter().copied().fold(f64::INFINITY, f64::min));
     }

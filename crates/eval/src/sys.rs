@@ -29,9 +29,7 @@ pub fn kernel() -> String {
     {
         let isa = if std::arch::is_x86_feature_detected!("avx512f") {
             "avx512f"
-        } else if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             "avx2+fma"
         } else {
             "sse2"

@@ -7,55 +7,27 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a GGUF file (magic {magic:?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (whittle reads v2 and v3)")]
     UnsupportedVersion { path: PathBuf, version: u32 },
     #[error("{path}: truncated or corrupt at byte {offset}: {what}")]
-    Corrupt {
-        path: PathBuf,
-        offset: usize,
-        what: String,
-    },
+    Corrupt { path: PathBuf, offset: usize, what: String },
     #[error("{path}: tensor `{tensor}`: data [{start}, {end}) lies outside the file's data section ({len} bytes)")]
-    TensorOutOfBounds {
-        path: PathBuf,
-        tensor: String,
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    TensorOutOfBounds { path: PathBuf, tensor: String, start: usize, end: usize, len: usize },
     #[error("{path}: tensor `{tensor}` has unknown or unsupported type {dtype}")]
-    UnknownDtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    UnknownDtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{path}: tensor `{tensor}`: {msg}")]
-    BadTensor {
-        path: PathBuf,
-        tensor: String,
-        msg: String,
-    },
+    BadTensor { path: PathBuf, tensor: String, msg: String },
     #[error("{path}: no tensor named `{tensor}`")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: metadata `{key}`: {msg}")]
-    Metadata {
-        path: PathBuf,
-        key: String,
-        msg: String,
-    },
+    Metadata { path: PathBuf, key: String, msg: String },
     #[error("{path}: invalid safetensors: {msg}")]
     Safetensors { path: PathBuf, msg: String },
     #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("model `{id}` not found in the local Hugging Face cache (looked in {looked}); whittle never downloads: fetch it with `huggingface-cli download {id}` on a connected machine, or pass a local directory or .gguf file")]

@@ -155,11 +155,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn corrupt(&self, what: impl Into<String>) -> Error {
-        Error::Corrupt {
-            path: self.path.to_path_buf(),
-            offset: self.pos,
-            what: what.into(),
-        }
+        Error::Corrupt { path: self.path.to_path_buf(), offset: self.pos, what: what.into() }
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
@@ -169,10 +165,7 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(self.corrupt(format!(
-                "{what} needs {n} bytes but only {} remain",
-                self.buf.len() - self.pos
-            ))),
+            None => Err(self.corrupt(format!("{what} needs {n} bytes but only {} remain", self.buf.len() - self.pos))),
         }
     }
     fn remaining(&self) -> usize {
@@ -194,16 +187,11 @@ impl<'a> Cursor<'a> {
     fn len(&mut self, what: &str, min_item: usize) -> Result<usize> {
         let at = self.pos;
         let n = self.u64()?;
-        let fits = usize::try_from(n)
-            .ok()
-            .filter(|&n| n.saturating_mul(min_item.max(1)) <= self.remaining());
+        let fits = usize::try_from(n).ok().filter(|&n| n.saturating_mul(min_item.max(1)) <= self.remaining());
         fits.ok_or_else(|| Error::Corrupt {
             path: self.path.to_path_buf(),
             offset: at,
-            what: format!(
-                "{what} length {n} runs past the end of the file ({} bytes remain)",
-                self.remaining()
-            ),
+            what: format!("{what} length {n} runs past the end of the file ({} bytes remain)", self.remaining()),
         })
     }
     fn string(&mut self, what: &str) -> Result<String> {
@@ -262,11 +250,7 @@ impl Gguf {
         // SAFETY: the file is opened read-only and whittle never writes to a file it reads; a file
         // truncated by another process while mapped is outside what any reader can guard against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-        let mut c = Cursor {
-            buf: &mmap,
-            pos: 0,
-            path: &path,
-        };
+        let mut c = Cursor { buf: &mmap, pos: 0, path: &path };
         let magic: [u8; 4] = match c.take(4, "magic") {
             Ok(m) => m.try_into().unwrap(),
             Err(_) => {
@@ -290,11 +274,9 @@ impl Gguf {
             let key = c.string("metadata key")?;
             let ty = c.u32()?;
             let v = c.value(ty, 0).map_err(|e| match e {
-                Error::Corrupt { path, offset, what } => Error::Corrupt {
-                    path,
-                    offset,
-                    what: format!("{what} (in metadata `{key}`)"),
-                },
+                Error::Corrupt { path, offset, what } => {
+                    Error::Corrupt { path, offset, what: format!("{what} (in metadata `{key}`)") }
+                }
                 e => e,
             })?;
             metadata.insert(key, v);
@@ -317,11 +299,7 @@ impl Gguf {
             let type_id = c.u32()?;
             let offset = c.u64()? as usize;
             let Some((type_name, dt)) = ggml_type(type_id) else {
-                return Err(Error::UnknownDtype {
-                    path,
-                    tensor: name,
-                    dtype: format!("ggml type id {type_id}"),
-                });
+                return Err(Error::UnknownDtype { path, tensor: name, dtype: format!("ggml type id {type_id}") });
             };
             let elems = ne.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let bs = dt.block_size();
@@ -336,14 +314,7 @@ impl Gguf {
                     msg: format!("dims {ne:?} are invalid for {type_name} (row length must be a multiple of {bs})"),
                 });
             };
-            tensors.push(GgufTensor {
-                name,
-                ne,
-                type_id,
-                type_name,
-                offset,
-                bytes,
-            });
+            tensors.push(GgufTensor { name, ne, type_id, type_name, offset, bytes });
         }
         let align = match metadata.get("general.alignment") {
             None => 32,
@@ -372,14 +343,7 @@ impl Gguf {
                 });
             }
         }
-        Ok(Self {
-            path,
-            version,
-            metadata,
-            tensors,
-            data_start,
-            mmap,
-        })
+        Ok(Self { path, version, metadata, tensors, data_start, mmap })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -397,29 +361,21 @@ impl Gguf {
 
     pub fn require_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| {
-            self.meta_err(
-                key,
-                format!("expected an unsigned integer, found {}", v.summary()),
-            )
-        })
+        v.as_u64().ok_or_else(|| self.meta_err(key, format!("expected an unsigned integer, found {}", v.summary())))
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                self.meta_err(key, format!("expected a number, found {}", v.summary()))
-            }),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.meta_err(key, format!("expected a number, found {}", v.summary()))),
         }
     }
 
     pub fn meta_err(&self, key: &str, msg: String) -> Error {
-        Error::Metadata {
-            path: self.path.clone(),
-            key: key.into(),
-            msg,
-        }
+        Error::Metadata { path: self.path.clone(), key: key.into(), msg }
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
@@ -440,12 +396,8 @@ impl Gguf {
         let dev = Device::Cpu;
         let out = match dt {
             GgmlDType::F32 => Tensor::from_raw_buffer(raw, DType::F32, &shape, &dev)?,
-            GgmlDType::F16 => {
-                Tensor::from_raw_buffer(raw, DType::F16, &shape, &dev)?.to_dtype(DType::F32)?
-            }
-            GgmlDType::BF16 => {
-                Tensor::from_raw_buffer(raw, DType::BF16, &shape, &dev)?.to_dtype(DType::F32)?
-            }
+            GgmlDType::F16 => Tensor::from_raw_buffer(raw, DType::F16, &shape, &dev)?.to_dtype(DType::F32)?,
+            GgmlDType::BF16 => Tensor::from_raw_buffer(raw, DType::BF16, &shape, &dev)?.to_dtype(DType::F32)?,
             _ => {
                 // Block types: candle copies the blocks out of the mapping (the data section is
                 // `general.alignment`-aligned and the map page-aligned, so the blocks' f16 fields are
@@ -462,19 +414,12 @@ impl TensorSource for Gguf {
     fn infos(&self) -> Vec<TensorInfo> {
         self.tensors
             .iter()
-            .map(|t| TensorInfo {
-                name: t.name.clone(),
-                dtype: t.type_name.into(),
-                shape: t.shape(),
-                bytes: t.bytes,
-            })
+            .map(|t| TensorInfo { name: t.name.clone(), dtype: t.type_name.into(), shape: t.shape(), bytes: t.bytes })
             .collect()
     }
     fn load_f32(&self, name: &str) -> Result<Tensor> {
-        let t = self.tensor(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.into(),
-        })?;
+        let t =
+            self.tensor(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         self.dequantize(t)
     }
     fn describe(&self) -> String {
@@ -537,10 +482,7 @@ pub mod write {
     }
 
     /// `tensors`: (name, ggml dims fastest-first, ggml type id, raw bytes).
-    pub fn to_bytes(
-        metadata: &[(&str, Value)],
-        tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
-    ) -> Vec<u8> {
+    pub fn to_bytes(metadata: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(3u32.to_le_bytes());
         out.extend((tensors.len() as u64).to_le_bytes());
@@ -584,10 +526,7 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         write::to_bytes(
-            &[
-                ("general.architecture", Value::String("llama".into())),
-                ("x.n", Value::U32(7)),
-            ],
+            &[("general.architecture", Value::String("llama".into())), ("x.n", Value::U32(7))],
             &[("a", vec![2, 3], 0, f32_bytes(&[0., 1., 2., 3., 4., 5.]))],
         )
     }
@@ -633,10 +572,7 @@ mod tests {
     fn truncated_data_is_out_of_bounds() {
         let b = sample();
         let e = open_bytes(&b[..b.len() - 12]).unwrap_err(); // 8 bytes of padding + 4 of data
-        assert!(
-            matches!(e, Error::TensorOutOfBounds { ref tensor, .. } if tensor == "a"),
-            "{e}"
-        );
+        assert!(matches!(e, Error::TensorOutOfBounds { ref tensor, .. } if tensor == "a"), "{e}");
         let e = open_bytes(&b[..40]).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     }
@@ -645,10 +581,7 @@ mod tests {
     fn unknown_dtype() {
         let b = write::to_bytes(&[], &[("w", vec![32], 99, vec![0; 32])]);
         let e = open_bytes(&b).unwrap_err();
-        assert!(
-            matches!(e, Error::UnknownDtype { ref tensor, .. } if tensor == "w"),
-            "{e}"
-        );
+        assert!(matches!(e, Error::UnknownDtype { ref tensor, .. } if tensor == "w"), "{e}");
     }
 
     #[test]
@@ -668,9 +601,6 @@ mod tests {
     fn unsupported_version() {
         let mut b = sample();
         b[4..8].copy_from_slice(&1u32.to_le_bytes());
-        assert!(matches!(
-            open_bytes(&b),
-            Err(Error::UnsupportedVersion { version: 1, .. })
-        ));
+        assert!(matches!(open_bytes(&b), Err(Error::UnsupportedVersion { version: 1, .. })));
     }
 }

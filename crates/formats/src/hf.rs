@@ -10,6 +10,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
+use whittle_core::Stored;
+
 use crate::error::io_err;
 use crate::{Error, Result, TensorInfo, TensorSource};
 
@@ -34,10 +36,7 @@ pub struct HfDir {
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -48,16 +47,9 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     // SAFETY: read-only mapping of a file whittle never writes while reading.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: format!("{e}"),
-    })?;
-    Ok(Shard {
-        path: path.to_path_buf(),
-        mmap,
-        data_start: 8 + n,
-        meta,
-    })
+    let (n, meta) = SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })?;
+    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + n, meta })
 }
 
 impl HfDir {
@@ -74,14 +66,8 @@ impl HfDir {
             let map = idx
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Other {
-                    path: index_path.clone(),
-                    msg: "no `weight_map` object".into(),
-                })?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
+                .ok_or_else(|| Error::Other { path: index_path.clone(), msg: "no `weight_map` object".into() })?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
             for f in &files {
@@ -96,8 +82,7 @@ impl HfDir {
         } else {
             return Err(Error::Other {
                 path: dir.clone(),
-                msg: "no model.safetensors or model.safetensors.index.json in this directory"
-                    .into(),
+                msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
             });
         };
         let mut shards = Vec::new();
@@ -132,13 +117,7 @@ impl HfDir {
             }
             shards.push(shard);
         }
-        Ok(Self {
-            dir,
-            config,
-            shards,
-            index,
-            infos,
-        })
+        Ok(Self { dir, config, shards, index, infos })
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -147,10 +126,10 @@ impl HfDir {
 
     /// Loads a tensor keeping its stored float dtype (f32, f16 or bf16).
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        let si = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.dir.clone(),
-            tensor: name.into(),
-        })?;
+        let si = *self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
         let sh = &self.shards[si];
         let ti = sh.meta.info(name).expect("indexed");
         let (a, b) = ti.data_offsets;
@@ -175,7 +154,32 @@ impl HfDir {
     }
 }
 
+impl HfDir {
+    /// Loads an int8 tensor (candle has no i8 dtype): its shape and values.
+    pub fn load_i8(&self, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
+        let si = *self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
+        let sh = &self.shards[si];
+        let ti = sh.meta.info(name).expect("indexed");
+        if ti.dtype != Dtype::I8 {
+            return Err(Error::BadTensor {
+                path: sh.path.clone(),
+                tensor: name.into(),
+                msg: format!("expected i8, found {}", dtype_name(ti.dtype)),
+            });
+        }
+        let (a, b) = ti.data_offsets;
+        let raw = &sh.mmap[sh.data_start + a..sh.data_start + b];
+        Ok((ti.shape.clone(), raw.iter().map(|&v| v as i8).collect()))
+    }
+}
+
 impl TensorSource for HfDir {
+    fn load_i8(&self, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
+        HfDir::load_i8(self, name)
+    }
     fn infos(&self) -> Vec<TensorInfo> {
         self.infos.clone()
     }
@@ -207,9 +211,7 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -220,10 +222,7 @@ pub fn resolve_hub_id(id: &str) -> Result<PathBuf> {
 
 pub fn resolve_hub_id_in(id: &str, cache: &Path) -> Result<PathBuf> {
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let not_found = || Error::NotInCache {
-        id: id.into(),
-        looked: repo.display().to_string(),
-    };
+    let not_found = || Error::NotInCache { id: id.into(), looked: repo.display().to_string() };
     let snapshots = repo.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
         let p = snapshots.join(rev.trim());
@@ -248,10 +247,7 @@ pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
@@ -276,11 +272,49 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    safetensors::serialize_to_file(data, metadata, path).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: format!("{e}"),
-    })
+    let stored: Vec<(String, Stored)> = tensors.iter().map(|(n, t)| (n.clone(), Stored::Tensor(t.clone()))).collect();
+    write_stored(path, &stored, metadata)
+}
+
+struct StoredView<'a>(&'a Stored);
+
+impl safetensors::View for StoredView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.0 {
+            Stored::Tensor(t) => safetensors::View::dtype(t),
+            Stored::I8 { .. } => Dtype::I8,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self.0 {
+            Stored::Tensor(t) => t.dims(),
+            Stored::I8 { shape, .. } => shape,
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.0 {
+            Stored::Tensor(t) => safetensors::View::data(t),
+            // i8 and u8 share a representation.
+            Stored::I8 { data, .. } => std::borrow::Cow::Owned(data.iter().map(|&v| v as u8).collect()),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self.0 {
+            Stored::Tensor(t) => safetensors::View::data_len(t),
+            Stored::I8 { data, .. } => data.len(),
+        }
+    }
+}
+
+/// Writes stored tensors (candle tensors or int8 data) to one safetensors file.
+pub fn write_stored(
+    path: &Path,
+    tensors: &[(String, Stored)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let data: Vec<(&str, StoredView)> = tensors.iter().map(|(n, t)| (n.as_str(), StoredView(t))).collect();
+    safetensors::serialize_to_file(data, metadata, path)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })
 }
 
 /// Writes a JSON value pretty-printed.
@@ -301,18 +335,12 @@ mod tests {
     #[test]
     fn roundtrip_and_dtypes() {
         let d = tempfile::tempdir().unwrap();
-        let a = Tensor::arange(0f32, 6., &Device::Cpu)
-            .unwrap()
-            .reshape((2, 3))
-            .unwrap();
+        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
         let b = a.to_dtype(DType::BF16).unwrap();
         write_model(d.path(), &[("a".into(), a.clone()), ("b".into(), b)]);
         let m = HfDir::open(d.path()).unwrap();
         assert_eq!(m.infos().len(), 2);
-        assert_eq!(
-            m.load_f32("b").unwrap().to_vec2::<f32>().unwrap(),
-            a.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(m.load_f32("b").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         assert!(matches!(m.load_f32("zz"), Err(Error::MissingTensor { .. })));
     }
 
@@ -331,10 +359,7 @@ mod tests {
         let mut bad = bytes.clone();
         bad[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         std::fs::write(&p, &bad).unwrap();
-        assert!(matches!(
-            HfDir::open(d.path()),
-            Err(Error::Safetensors { .. })
-        ));
+        assert!(matches!(HfDir::open(d.path()), Err(Error::Safetensors { .. })));
     }
 
     #[test]
@@ -362,10 +387,7 @@ mod tests {
         let out = d.path().join("out");
         let r = write_dir_atomic(&out, |tmp| {
             std::fs::write(tmp.join("x"), "1").unwrap();
-            Err(Error::Other {
-                path: tmp.into(),
-                msg: "boom".into(),
-            })
+            Err(Error::Other { path: tmp.into(), msg: "boom".into() })
         });
         assert!(r.is_err());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);

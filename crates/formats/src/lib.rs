@@ -39,4 +39,16 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool {
         self.infos().iter().any(|i| i.name == name)
     }
+    /// Loads an int8 tensor: (shape, values). Formats without int8 tensors refuse.
+    fn load_i8(&self, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
+        Err(Error::UnknownDtype {
+            path: self.describe().into(),
+            tensor: name.into(),
+            dtype: "i8 (not in this format)".into(),
+        })
+    }
+    /// The stored dtype of a tensor, if present.
+    fn dtype_of(&self, name: &str) -> Option<String> {
+        self.infos().into_iter().find(|i| i.name == name).map(|i| i.dtype)
+    }
 }

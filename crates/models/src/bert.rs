@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
-use whittle_core::Linear;
+use whittle_core::{Linear, Stored};
 
 use crate::loader::Weights;
 use crate::nn::{attention, embed, LayerNorm};
@@ -65,35 +65,19 @@ pub struct BertConfig {
 
 impl BertConfig {
     pub fn from_hf(c: &HfBertConfig, path: &Path) -> Result<Self> {
-        let field = |f: &str, msg: String| Error::Config {
-            path: path.into(),
-            field: f.into(),
-            msg,
-        };
+        let field = |f: &str, msg: String| Error::Config { path: path.into(), field: f.into(), msg };
         if c.hidden_act != "gelu" {
-            return Err(field(
-                "hidden_act",
-                format!(
-                    "`{}` is not supported (only the exact `gelu`)",
-                    c.hidden_act
-                ),
-            ));
+            return Err(field("hidden_act", format!("`{}` is not supported (only the exact `gelu`)", c.hidden_act)));
         }
         if let Some(p) = &c.position_embedding_type {
             if p != "absolute" {
-                return Err(field(
-                    "position_embedding_type",
-                    format!("`{p}` is not supported (only `absolute`)"),
-                ));
+                return Err(field("position_embedding_type", format!("`{p}` is not supported (only `absolute`)")));
             }
         }
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",
-                format!(
-                    "{} does not divide hidden_size {}",
-                    c.num_attention_heads, c.hidden_size
-                ),
+                format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),
             ));
         }
         Ok(Self {
@@ -112,9 +96,7 @@ impl BertConfig {
     /// The `config.json` that reproduces this model in transformers.
     pub fn to_hf_json(&self, blocks: &[BertBlock]) -> serde_json::Value {
         let heads = blocks.first().map_or(self.num_heads, |b| b.n_head);
-        let inter = blocks
-            .first()
-            .map_or(self.intermediate_size, |b| b.intermediate.out_features());
+        let inter = blocks.first().map_or(self.intermediate_size, |b| b.intermediate.out_features());
         serde_json::json!({
             "architectures": ["BertModel"],
             "model_type": "bert",
@@ -167,9 +149,7 @@ impl BertBlock {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
         let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, h, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?) // (B, H, T, D)
+            Ok(y.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
         };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
@@ -217,11 +197,7 @@ impl Bert {
     /// Builds the model from HF-named tensors (an optional `bert.` prefix is accepted).
     pub fn load(config: BertConfig, w: &Weights) -> Result<Self> {
         let c = &config;
-        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
+        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: w.get(&format!("{p}{name}.weight"), &[c.hidden_size])?,
@@ -230,29 +206,19 @@ impl Bert {
             })
         };
         let embeddings = BertEmbeddings {
-            word: w.get(
-                &format!("{p}embeddings.word_embeddings.weight"),
-                &[c.vocab_size, c.hidden_size],
-            )?,
+            word: w.get(&format!("{p}embeddings.word_embeddings.weight"), &[c.vocab_size, c.hidden_size])?,
             position: w.get(
                 &format!("{p}embeddings.position_embeddings.weight"),
                 &[c.max_position_embeddings, c.hidden_size],
             )?,
-            token_type: w.get(
-                &format!("{p}embeddings.token_type_embeddings.weight"),
-                &[c.type_vocab_size, c.hidden_size],
-            )?,
+            token_type: w
+                .get(&format!("{p}embeddings.token_type_embeddings.weight"), &[c.type_vocab_size, c.hidden_size])?,
             norm: ln("embeddings.LayerNorm")?,
         };
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let pre = format!("{p}encoder.layer.{i}.");
-            let q = w.linear_any(
-                &format!("{pre}attention.self.query"),
-                None,
-                Some(c.hidden_size),
-                true,
-            )?;
+            let q = w.linear_any(&format!("{pre}attention.self.query"), None, Some(c.hidden_size), true)?;
             let attn_width = q.out_features();
             if attn_width % c.head_dim != 0 {
                 return Err(w.shape_err(
@@ -261,36 +227,11 @@ impl Bert {
                     &[attn_width, c.hidden_size],
                 ));
             }
-            let k = w.linear(
-                &format!("{pre}attention.self.key"),
-                attn_width,
-                c.hidden_size,
-                true,
-            )?;
-            let v = w.linear(
-                &format!("{pre}attention.self.value"),
-                attn_width,
-                c.hidden_size,
-                true,
-            )?;
-            let o = w.linear(
-                &format!("{pre}attention.output.dense"),
-                c.hidden_size,
-                attn_width,
-                true,
-            )?;
-            let inter = w.linear_any(
-                &format!("{pre}intermediate.dense"),
-                None,
-                Some(c.hidden_size),
-                true,
-            )?;
-            let out = w.linear(
-                &format!("{pre}output.dense"),
-                c.hidden_size,
-                inter.out_features(),
-                true,
-            )?;
+            let k = w.linear(&format!("{pre}attention.self.key"), attn_width, c.hidden_size, true)?;
+            let v = w.linear(&format!("{pre}attention.self.value"), attn_width, c.hidden_size, true)?;
+            let o = w.linear(&format!("{pre}attention.output.dense"), c.hidden_size, attn_width, true)?;
+            let inter = w.linear_any(&format!("{pre}intermediate.dense"), None, Some(c.hidden_size), true)?;
+            let out = w.linear(&format!("{pre}output.dense"), c.hidden_size, inter.out_features(), true)?;
             blocks.push(BertBlock {
                 n_head: attn_width / c.head_dim,
                 query: q,
@@ -304,21 +245,11 @@ impl Bert {
             });
         }
         let pooler = if w.src.contains(&format!("{p}pooler.dense.weight")) {
-            Some(w.linear(
-                &format!("{p}pooler.dense"),
-                c.hidden_size,
-                c.hidden_size,
-                true,
-            )?)
+            Some(w.linear(&format!("{p}pooler.dense"), c.hidden_size, c.hidden_size, true)?)
         } else {
             None
         };
-        Ok(Self {
-            config,
-            embeddings,
-            blocks,
-            pooler,
-        })
+        Ok(Self { config, embeddings, blocks, pooler })
     }
 
     /// Last hidden states.
@@ -347,34 +278,22 @@ impl Bert {
     }
 
     /// Every parameter with its HF name, in HF order (for saving).
-    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+    pub fn named_tensors(&self) -> Result<Vec<(String, Stored)>> {
         let e = &self.embeddings;
         let mut v = vec![
-            (
-                "embeddings.word_embeddings.weight".to_string(),
-                e.word.clone(),
-            ),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                e.position.clone(),
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                e.token_type.clone(),
-            ),
-            ("embeddings.LayerNorm.weight".into(), e.norm.weight.clone()),
-            ("embeddings.LayerNorm.bias".into(), e.norm.bias.clone()),
+            ("embeddings.word_embeddings.weight".to_string(), Stored::Tensor(e.word.clone())),
+            ("embeddings.position_embeddings.weight".into(), Stored::Tensor(e.position.clone())),
+            ("embeddings.token_type_embeddings.weight".into(), Stored::Tensor(e.token_type.clone())),
+            ("embeddings.LayerNorm.weight".into(), Stored::Tensor(e.norm.weight.clone())),
+            ("embeddings.LayerNorm.bias".into(), Stored::Tensor(e.norm.bias.clone())),
         ];
         for (i, b) in self.blocks.iter().enumerate() {
             for (n, l) in b.linears() {
                 push_linear(&mut v, &format!("encoder.layer.{i}.{n}"), l)?;
             }
-            for (n, ln) in [
-                ("attention.output.LayerNorm", &b.attn_norm),
-                ("output.LayerNorm", &b.out_norm),
-            ] {
-                v.push((format!("encoder.layer.{i}.{n}.weight"), ln.weight.clone()));
-                v.push((format!("encoder.layer.{i}.{n}.bias"), ln.bias.clone()));
+            for (n, ln) in [("attention.output.LayerNorm", &b.attn_norm), ("output.LayerNorm", &b.out_norm)] {
+                v.push((format!("encoder.layer.{i}.{n}.weight"), Stored::Tensor(ln.weight.clone())));
+                v.push((format!("encoder.layer.{i}.{n}.bias"), Stored::Tensor(ln.bias.clone())));
             }
         }
         if let Some(p) = &self.pooler {
@@ -384,10 +303,10 @@ impl Bert {
     }
 }
 
-pub(crate) fn push_linear(v: &mut Vec<(String, Tensor)>, name: &str, l: &Linear) -> Result<()> {
-    v.push((format!("{name}.weight"), l.dequantize()?));
-    if let Some(b) = &l.bias {
-        v.push((format!("{name}.bias"), b.clone()));
+/// The stored tensors of a Linear under `name` (`name.weight`, `name.weight_scale`, `name.bias`).
+pub(crate) fn push_linear(v: &mut Vec<(String, Stored)>, name: &str, l: &Linear) -> Result<()> {
+    for (suffix, t) in l.stored()? {
+        v.push((format!("{name}.{suffix}"), t));
     }
     Ok(())
 }

@@ -12,32 +12,13 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("{path}: unsupported model_type `{model_type}` (whittle runs: {supported})")]
-    UnsupportedModelType {
-        path: PathBuf,
-        model_type: String,
-        supported: &'static str,
-    },
+    UnsupportedModelType { path: PathBuf, model_type: String, supported: &'static str },
     #[error("{path}: config field `{field}`: {msg}")]
-    Config {
-        path: PathBuf,
-        field: String,
-        msg: String,
-    },
+    Config { path: PathBuf, field: String, msg: String },
     #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
-    #[error(
-        "{path}: tokenizer has {tokenizer} tokens but the model's embedding table has {model} rows"
-    )]
-    VocabMismatch {
-        path: PathBuf,
-        tokenizer: usize,
-        model: usize,
-    },
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("{path}: tokenizer has {tokenizer} tokens but the model's embedding table has {model} rows")]
+    VocabMismatch { path: PathBuf, tokenizer: usize, model: usize },
     #[error("model `{spec}` not found: not a file, a directory, or an `org/name` hub id")]
     NotFound { spec: String },
     #[error("{0}")]

@@ -21,12 +21,7 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 42,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 42 }
     }
 }
 
@@ -53,10 +48,7 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     }
     let t = s.temperature as f32;
     let maxl = logits[idx[0]];
-    let mut p: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i] - maxl) / t) as f64).exp())
-        .collect();
+    let mut p: Vec<f64> = idx.iter().map(|&i| (((logits[i] - maxl) / t) as f64).exp()).collect();
     let z: f64 = p.iter().sum();
     p.iter_mut().for_each(|x| *x /= z);
     if s.top_p < 1.0 {
@@ -123,34 +115,16 @@ mod tests {
         let logits = [0.1f32, 2.0, 1.9, -1.0];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         assert_eq!(sample(&logits, &Sampling::default(), &mut rng), 1);
-        let s = Sampling {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-            seed: 7,
-        };
+        let s = Sampling { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 7 };
         let draw = |seed| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..50)
-                .map(|_| sample(&logits, &s, &mut rng))
-                .collect::<Vec<_>>()
+            (0..50).map(|_| sample(&logits, &s, &mut rng)).collect::<Vec<_>>()
         };
         let a = draw(7);
         assert_eq!(a, draw(7), "same seed, same tokens");
-        assert!(
-            a.iter().all(|&t| t == 1 || t == 2),
-            "top-k = 2 keeps tokens 1 and 2 only"
-        );
-        let s = Sampling {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.3,
-            seed: 7,
-        };
+        assert!(a.iter().all(|&t| t == 1 || t == 2), "top-k = 2 keeps tokens 1 and 2 only");
+        let s = Sampling { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 7 };
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        assert!(
-            (0..50).all(|_| sample(&logits, &s, &mut rng) == 1),
-            "top-p 0.3 keeps the argmax only"
-        );
+        assert!((0..50).all(|_| sample(&logits, &s, &mut rng) == 1), "top-p 0.3 keeps the argmax only");
     }
 }

@@ -104,11 +104,7 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(
-                        b.linears()
-                            .into_iter()
-                            .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)),
-                    );
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
                 }
                 if let Some(p) = &m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -116,11 +112,7 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(
-                        b.linears()
-                            .into_iter()
-                            .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
-                    );
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
                 }
                 v.push(("lm_head".into(), &m.lm_head));
             }
@@ -134,11 +126,7 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(
-                        b.linears_mut()
-                            .into_iter()
-                            .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)),
-                    );
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
                 }
                 if let Some(p) = &mut m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -146,11 +134,7 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(
-                        b.linears_mut()
-                            .into_iter()
-                            .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
-                    );
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
                 }
                 v.push(("lm_head".into(), &mut m.lm_head));
             }
@@ -158,8 +142,8 @@ impl Model {
         v
     }
 
-    /// Every parameter tensor with its HF name (dense f32), as saved by `convert`.
-    pub fn named_tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+    /// Every parameter tensor with its HF name, in its stored form, as `save` writes them.
+    pub fn named_tensors(&self) -> Result<Vec<(String, whittle_core::Stored)>> {
         match self {
             Model::Bert(m) => m.named_tensors(),
             Model::Llama(m) => m.named_tensors(),

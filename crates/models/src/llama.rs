@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use whittle_core::Linear;
+use whittle_core::{Linear, Stored};
 use whittle_formats::gguf::Gguf;
 
 use crate::bert::push_linear;
@@ -102,16 +102,9 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     pub fn from_hf(c: &HfLlamaConfig, model_type: &str, path: &Path) -> Result<Self> {
-        let field = |f: &str, msg: String| Error::Config {
-            path: path.into(),
-            field: f.into(),
-            msg,
-        };
+        let field = |f: &str, msg: String| Error::Config { path: path.into(), field: f.into(), msg };
         if c.hidden_act != "silu" {
-            return Err(field(
-                "hidden_act",
-                format!("`{}` is not supported (only `silu`)", c.hidden_act),
-            ));
+            return Err(field("hidden_act", format!("`{}` is not supported (only `silu`)", c.hidden_act)));
         }
         if c.mlp_bias == Some(true) {
             return Err(field("mlp_bias", "MLP biases are not supported".into()));
@@ -123,20 +116,13 @@ impl LlamaConfig {
         if kv == 0 || !c.num_attention_heads.is_multiple_of(kv) {
             return Err(field(
                 "num_key_value_heads",
-                format!(
-                    "{kv} does not divide num_attention_heads {}",
-                    c.num_attention_heads
-                ),
+                format!("{kv} does not divide num_attention_heads {}", c.num_attention_heads),
             ));
         }
         let rope_scaling = match &c.rope_scaling {
             None | Some(serde_json::Value::Null) => RopeScaling::None,
             Some(v) => {
-                let ty = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
+                let ty = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
                 let num = |k: &str| -> Result<f64> {
                     v.get(k)
                         .and_then(|x| x.as_f64())
@@ -144,9 +130,7 @@ impl LlamaConfig {
                 };
                 match ty {
                     "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: num("factor")?,
-                    },
+                    "linear" => RopeScaling::Linear { factor: num("factor")? },
                     "llama3" => RopeScaling::Llama3 {
                         factor: num("factor")?,
                         low_freq_factor: num("low_freq_factor")?,
@@ -188,15 +172,11 @@ impl LlamaConfig {
         let hidden = u("embedding_length")?;
         let heads_key = format!("{a}.attention.head_count");
         let heads = match g.require(&heads_key)? {
-            whittle_formats::gguf::Value::Array(v) => {
-                v.first().and_then(|x| x.as_u64()).unwrap_or(0) as usize
-            }
+            whittle_formats::gguf::Value::Array(v) => v.first().and_then(|x| x.as_u64()).unwrap_or(0) as usize,
             v => v.as_u64().unwrap_or(0) as usize,
         };
         if heads == 0 {
-            return Err(Error::Format(
-                g.meta_err(&heads_key, "must be a positive integer".into()),
-            ));
+            return Err(Error::Format(g.meta_err(&heads_key, "must be a positive integer".into())));
         }
         let kv = match g.get(&format!("{a}.attention.head_count_kv")) {
             Some(whittle_formats::gguf::Value::Array(v)) => {
@@ -209,42 +189,28 @@ impl LlamaConfig {
             Some(v) => v.as_u64().unwrap_or(0) as usize,
             None => hidden / heads,
         };
-        if let Some(rd) = g
-            .get(&format!("{a}.rope.dimension_count"))
-            .and_then(|v| v.as_u64())
-        {
+        if let Some(rd) = g.get(&format!("{a}.rope.dimension_count")).and_then(|v| v.as_u64()) {
             if rd as usize != head_dim {
                 return Err(Error::Format(g.meta_err(
                     &format!("{a}.rope.dimension_count"),
-                    format!(
-                        "partial rotary embeddings ({rd} of {head_dim} dims) are not supported"
-                    ),
+                    format!("partial rotary embeddings ({rd} of {head_dim} dims) are not supported"),
                 )));
             }
         }
         let vocab = match g.get(&format!("{a}.vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
-            None => g
-                .tensor("token_embd.weight")
-                .map(|t| t.shape()[0])
-                .unwrap_or(0),
+            None => g.tensor("token_embd.weight").map(|t| t.shape()[0]).unwrap_or(0),
         };
         let mut rope_scaling = RopeScaling::None;
-        if let Some(ty) = g
-            .get(&format!("{a}.rope.scaling.type"))
-            .and_then(|v| v.as_str())
-        {
-            let factor = g
-                .get_f64(&format!("{a}.rope.scaling.factor"))?
-                .unwrap_or(1.0);
+        if let Some(ty) = g.get(&format!("{a}.rope.scaling.type")).and_then(|v| v.as_str()) {
+            let factor = g.get_f64(&format!("{a}.rope.scaling.factor"))?.unwrap_or(1.0);
             rope_scaling = match ty {
                 "none" => RopeScaling::None,
                 "linear" => RopeScaling::Linear { factor },
                 other => {
-                    return Err(Error::Format(g.meta_err(
-                        &format!("{a}.rope.scaling.type"),
-                        format!("`{other}` is not supported"),
-                    )))
+                    return Err(Error::Format(
+                        g.meta_err(&format!("{a}.rope.scaling.type"), format!("`{other}` is not supported")),
+                    ))
                 }
             };
         }
@@ -261,17 +227,11 @@ impl LlamaConfig {
             num_kv_heads: kv,
             intermediate_size: u("feed_forward_length")?,
             head_dim,
-            rms_norm_eps: g
-                .get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
-            rope_theta: g
-                .get_f64(&format!("{a}.rope.freq_base"))?
-                .unwrap_or(10_000.0),
+            rms_norm_eps: g.get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: g.get_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
-            max_position_embeddings: g
-                .get(&format!("{a}.context_length"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(2048) as usize,
+            max_position_embeddings: g.get(&format!("{a}.context_length")).and_then(|v| v.as_u64()).unwrap_or(2048)
+                as usize,
             tie_word_embeddings: g.tensor("output.weight").is_none(),
             attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
         })
@@ -281,9 +241,8 @@ impl LlamaConfig {
     /// and `_compute_llama3_parameters`), in f32 as transformers computes them.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| (1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)) as f32)
-            .collect();
+        let base: Vec<f32> =
+            (0..d / 2).map(|i| (1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
@@ -303,8 +262,7 @@ impl LlamaConfig {
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
                         let medium = wavelen >= high_wavelen && wavelen <= low_wavelen; // neither high nor low frequency (no NaNs here)
                         if medium {
-                            let s = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let s = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             ((1.0 - s) * scaled / factor + s * scaled) as f32
                         } else {
                             scaled as f32
@@ -316,12 +274,7 @@ impl LlamaConfig {
     }
 
     /// The `config.json` transformers needs to load this model (uniform widths only).
-    pub fn to_hf_json(
-        &self,
-        blocks: &[LlamaBlock],
-        bos: Option<u32>,
-        eos: &[u32],
-    ) -> serde_json::Value {
+    pub fn to_hf_json(&self, blocks: &[LlamaBlock], bos: Option<u32>, eos: &[u32]) -> serde_json::Value {
         let b0 = blocks.first();
         let mut v = serde_json::json!({
             "architectures": [match self.model_type.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
@@ -356,12 +309,7 @@ impl LlamaConfig {
             RopeScaling::Linear { factor } => {
                 v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
             }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
                     "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
                     "original_max_position_embeddings": original_max_position_embeddings})
@@ -395,16 +343,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_blocks: usize) -> Self {
-        Self {
-            kv: vec![None; n_blocks],
-        }
+        Self { kv: vec![None; n_blocks] }
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.kv
-            .first()
-            .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.kv.first().and_then(|e| e.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -426,23 +369,9 @@ impl LlamaBlock {
         let (b, t, _c) = x.dims3()?;
         let (h, kvh) = (self.n_head, self.n_kv_head);
         let hx = self.attn_norm.forward(x)?;
-        let q = self
-            .q
-            .forward(&hx)?
-            .reshape((b, t, h, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?; // (B, H, T, D)
-        let k = self
-            .k
-            .forward(&hx)?
-            .reshape((b, t, kvh, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?; // (B, KV, T, D)
-        let v = self
-            .v
-            .forward(&hx)?
-            .reshape((b, t, kvh, head_dim))?
-            .transpose(1, 2)?; // (B, KV, T, D)
+        let q = self.q.forward(&hx)?.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let k = self.k.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
+        let v = self.v.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
@@ -456,9 +385,8 @@ impl LlamaBlock {
                 return Ok(t.clone());
             }
             let (b, kvh, s, d) = t.dims4()?;
-            Ok(t.unsqueeze(2)?
-                .expand((b, kvh, rep, s, d))?
-                .reshape((b, kvh * rep, s, d))?) // (B, H, S, D)
+            Ok(t.unsqueeze(2)?.expand((b, kvh, rep, s, d))?.reshape((b, kvh * rep, s, d))?)
+            // (B, H, S, D)
         };
         let a = attention(&q, &repeat(&k)?, &repeat(&v)?, mask)?; // (B, H, T, D)
         let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?;
@@ -512,10 +440,7 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product();
     let half = rows / n_head / 2;
-    Ok(w.reshape((n_head, half, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    Ok(w.reshape((n_head, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 /// The opposite of [`unpermute_rows`], for writing GGUF.
@@ -524,10 +449,7 @@ pub fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product();
     let half = rows / n_head / 2;
-    Ok(w.reshape((n_head, 2, half, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    Ok(w.reshape((n_head, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 impl Llama {
@@ -540,30 +462,13 @@ impl Llama {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}.");
             let rms = |n: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm {
-                    weight: w.get(&format!("{p}{n}.weight"), &[hs])?,
-                    eps: c.rms_norm_eps,
-                })
+                Ok(RmsNorm { weight: w.get(&format!("{p}{n}.weight"), &[hs])?, eps: c.rms_norm_eps })
             };
-            let mut q = w.linear_any(
-                &format!("{p}self_attn.q_proj"),
-                None,
-                Some(hs),
-                c.attention_bias,
-            )?;
-            let mut k = w.linear_any(
-                &format!("{p}self_attn.k_proj"),
-                None,
-                Some(hs),
-                c.attention_bias,
-            )?;
+            let mut q = w.linear_any(&format!("{p}self_attn.q_proj"), None, Some(hs), c.attention_bias)?;
+            let mut k = w.linear_any(&format!("{p}self_attn.k_proj"), None, Some(hs), c.attention_bias)?;
             let (qw, kw) = (q.out_features(), k.out_features());
             if qw % hd != 0 || kw % hd != 0 || kw == 0 || (qw / hd) % (kw / hd) != 0 {
-                return Err(w.shape_err(
-                    &format!("{p}self_attn.k_proj.weight"),
-                    &[c.num_kv_heads * hd, hs],
-                    &[kw, hs],
-                ));
+                return Err(w.shape_err(&format!("{p}self_attn.k_proj.weight"), &[c.num_kv_heads * hd, hs], &[kw, hs]));
             }
             let (n_head, n_kv_head) = (qw / hd, kw / hd);
             if from_gguf {
@@ -590,10 +495,7 @@ impl Llama {
                 down,
             });
         }
-        let norm = RmsNorm {
-            weight: w.get("model.norm.weight", &[hs])?,
-            eps: c.rms_norm_eps,
-        };
+        let norm = RmsNorm { weight: w.get("model.norm.weight", &[hs])?, eps: c.rms_norm_eps };
         let tied = c.tie_word_embeddings || !w.contains("lm_head.weight");
         let lm_head = if tied {
             Linear::dense(embed_tokens.clone(), None)?
@@ -603,14 +505,7 @@ impl Llama {
         let mut config = config;
         config.tie_word_embeddings = tied;
         let inv_freq = config.inv_freq();
-        Ok(Self {
-            config,
-            embed_tokens,
-            blocks,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq })
     }
 
     /// cos and sin of the rotary angles for positions `start..start+t`, (T, D/2) each, f32.
@@ -638,17 +533,8 @@ impl Llama {
         // Causal mask over (T, past + T): query i sees keys 0..=past+i.
         let mask = if t > 1 {
             let s = past + t;
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| {
-                        if j <= past + i {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
+            let m: Vec<f32> =
+                (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
             Some(Tensor::from_vec(m, (t, s), &Device::Cpu)?)
         } else {
             None
@@ -675,25 +561,19 @@ impl Llama {
     }
 
     /// Every parameter with its HF name (the tied head is not repeated).
-    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut v = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
+    pub fn named_tensors(&self) -> Result<Vec<(String, Stored)>> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), Stored::Tensor(self.embed_tokens.clone()))];
         for (i, b) in self.blocks.iter().enumerate() {
-            v.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                b.attn_norm.weight.clone(),
-            ));
+            v.push((format!("model.layers.{i}.input_layernorm.weight"), Stored::Tensor(b.attn_norm.weight.clone())));
             for (n, l) in b.linears() {
                 push_linear(&mut v, &format!("model.layers.{i}.{n}"), l)?;
             }
             v.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
-                b.mlp_norm.weight.clone(),
+                Stored::Tensor(b.mlp_norm.weight.clone()),
             ));
         }
-        v.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        v.push(("model.norm.weight".into(), Stored::Tensor(self.norm.weight.clone())));
         if !self.config.tie_word_embeddings {
             push_linear(&mut v, "lm_head", &self.lm_head)?;
         }
@@ -712,9 +592,7 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
 
 /// Converts f32 weights to `dtype` for saving (norms stay as they are asked too).
 pub fn cast_all(v: Vec<(String, Tensor)>, dtype: DType) -> Result<Vec<(String, Tensor)>> {
-    v.into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
-        .collect()
+    v.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
 }
 
 #[cfg(test)]
@@ -723,10 +601,7 @@ mod tests {
 
     #[test]
     fn permute_roundtrip() {
-        let w = Tensor::arange(0f32, 48., &Device::Cpu)
-            .unwrap()
-            .reshape((8, 6))
-            .unwrap();
+        let w = Tensor::arange(0f32, 48., &Device::Cpu).unwrap().reshape((8, 6)).unwrap();
         let back = unpermute_rows(&permute_rows(&w, 2).unwrap(), 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         let p = permute_rows(&w, 2).unwrap().to_vec2::<f32>().unwrap();

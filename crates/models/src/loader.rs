@@ -87,8 +87,7 @@ impl Weights<'_> {
     /// Loads `name` as f32 and checks its shape; `0` in `shape` accepts any size.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.src.load_f32(&self.source_name(name))?;
-        let ok = t.dims().len() == shape.len()
-            && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
+        let ok = t.dims().len() == shape.len() && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
         if !ok {
             return Err(self.shape_err(name, shape, t.dims()));
         }
@@ -101,24 +100,33 @@ impl Weights<'_> {
     }
 
     /// Like [`Weights::linear`], accepting any size where `None` is given (widths pruning may change).
-    pub fn linear_any(
-        &self,
-        name: &str,
-        out: Option<usize>,
-        inp: Option<usize>,
-        bias: bool,
-    ) -> Result<Linear> {
-        let w = self.get(
-            &format!("{name}.weight"),
-            &[out.unwrap_or(0), inp.unwrap_or(0)],
-        )?;
-        let rows = w.dim(0)?;
+    pub fn linear_any(&self, name: &str, out: Option<usize>, inp: Option<usize>, bias: bool) -> Result<Linear> {
+        let wname = format!("{name}.weight");
+        let expect = [out.unwrap_or(0), inp.unwrap_or(0)];
         let bname = format!("{name}.bias");
-        let b = if bias || self.contains(&bname) {
-            Some(self.get(&bname, &[rows])?)
-        } else {
-            None
-        };
+        // An int8 `.weight` with a `.weight_scale` is a w8a8-dynamic layer (whittle's saved format).
+        if self.src.dtype_of(&self.source_name(&wname)).as_deref() == Some("i8") {
+            let (shape, q) = self.src.load_i8(&self.source_name(&wname))?;
+            let ok = shape.len() == 2 && shape.iter().zip(&expect).all(|(a, b)| *b == 0 || a == b);
+            if !ok {
+                return Err(self.shape_err(&wname, &expect, &shape));
+            }
+            let sname = format!("{name}.weight_scale");
+            let scale: Vec<f32> = self.get(&sname, &[shape[0]])?.to_vec1()?;
+            if scale.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    field: self.source_name(&sname),
+                    msg: "holds NaN or Inf".into(),
+                });
+            }
+            let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[shape[0]])?) } else { None };
+            let p = whittle_kernels::int8::PackedI8::new(q, scale, shape[0], shape[1]);
+            return Ok(Linear::int8_dynamic(p, b)?);
+        }
+        let w = self.get(&wname, &expect)?;
+        let rows = w.dim(0)?;
+        let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
         Ok(Linear::dense(w, b)?)
     }
 }
@@ -129,10 +137,8 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p);
     }
-    let looks_like_hub_id = spec.split('/').count() == 2
-        && !spec.starts_with('.')
-        && !spec.contains('\\')
-        && !spec.ends_with(".gguf");
+    let looks_like_hub_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\') && !spec.ends_with(".gguf");
     if looks_like_hub_id {
         return Ok(hf::resolve_hub_id(spec)?);
     }
@@ -152,30 +158,17 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
 fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let src = HfDir::open(dir)?;
     let cfg_path = src.config_path();
-    let model_type = src
-        .config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    let weights = Weights {
-        src: &src,
-        path: dir.to_path_buf(),
-        rename: identity,
-    };
-    let parse_err = |e: serde_json::Error| Error::Config {
-        path: cfg_path.clone(),
-        field: "(file)".into(),
-        msg: e.to_string(),
-    };
+    let model_type = src.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity };
+    let parse_err =
+        |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
     let model = match model_type.as_str() {
         "bert" => {
             let hf: HfBertConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
             Model::Bert(Bert::load(BertConfig::from_hf(&hf, &cfg_path)?, &weights)?)
         }
         "llama" | "mistral" | "qwen2" => {
-            let hf: HfLlamaConfig =
-                serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            let hf: HfLlamaConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
             let cfg = LlamaConfig::from_hf(&hf, &model_type, &cfg_path)?;
             Model::Llama(Llama::load(cfg, &weights, false)?)
         }
@@ -187,26 +180,16 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
             })
         }
     };
-    let tok_path = opts
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tok_path = opts.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer_json = hf::read_json(&tok_path)?;
     let tokenizer = tok::tokenizer_from_json(&tokenizer_json, &tok_path)?;
     let (bos_token_id, eos_token_ids, add_bos) = match &model {
         Model::Bert(_) => (None, vec![], false),
         Model::Llama(_) => {
             let c = &src.config;
-            let bos = c
-                .get("bos_token_id")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as u32);
+            let bos = c.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
             let eos = match c.get("eos_token_id") {
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as u32)
-                    .collect(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
                 Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
                 None => vec![],
             };
@@ -229,11 +212,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         bos_token_id,
         add_bos,
         eos_token_ids,
-        source: SourceInfo {
-            path: dir.to_path_buf(),
-            format: SourceFormat::HfDir,
-            tensors: src.infos(),
-        },
+        source: SourceInfo { path: dir.to_path_buf(), format: SourceFormat::HfDir, tensors: src.infos() },
         max_seq_length,
         truncating: Default::default(),
     };
@@ -243,11 +222,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
 
 fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let g = Gguf::open(path)?;
-    let arch = g
-        .require("general.architecture")?
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let arch = g.require("general.architecture")?.as_str().unwrap_or("").to_string();
     if arch != "llama" {
         return Err(Error::UnsupportedModelType {
             path: path.to_path_buf(),
@@ -256,11 +231,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
-    let weights = Weights {
-        src: &g,
-        path: path.to_path_buf(),
-        rename: crate::names::hf_to_gguf,
-    };
+    let weights = Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf };
     let model = Model::Llama(Llama::load(cfg, &weights, true)?);
     let (tokenizer_json, tok_path) = match &opts.tokenizer {
         Some(p) => (hf::read_json(p)?, p.clone()),
@@ -273,16 +244,9 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         tokenizer,
         tokenizer_json,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
-        add_bos: g
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
+        add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        source: SourceInfo {
-            path: path.to_path_buf(),
-            format: SourceFormat::Gguf,
-            tensors: g.infos(),
-        },
+        source: SourceInfo { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors: g.infos() },
         max_seq_length: None,
         truncating: Default::default(),
     };
@@ -294,11 +258,7 @@ fn check_vocab(l: &Loaded, tok_path: &Path) -> Result<()> {
     let n_tok = l.tokenizer.get_vocab_size(true);
     let n_model = l.model.vocab_size();
     if n_tok > n_model {
-        return Err(Error::VocabMismatch {
-            path: tok_path.to_path_buf(),
-            tokenizer: n_tok,
-            model: n_model,
-        });
+        return Err(Error::VocabMismatch { path: tok_path.to_path_buf(), tokenizer: n_tok, model: n_model });
     }
     Ok(())
 }

@@ -11,10 +11,7 @@ pub const LLAMA_HF_GGUF: &[(&str, &str)] = &[
     ("model.layers.{i}.self_attn.k_proj", "blk.{i}.attn_k"),
     ("model.layers.{i}.self_attn.v_proj", "blk.{i}.attn_v"),
     ("model.layers.{i}.self_attn.o_proj", "blk.{i}.attn_output"),
-    (
-        "model.layers.{i}.post_attention_layernorm",
-        "blk.{i}.ffn_norm",
-    ),
+    ("model.layers.{i}.post_attention_layernorm", "blk.{i}.ffn_norm"),
     ("model.layers.{i}.mlp.gate_proj", "blk.{i}.ffn_gate"),
     ("model.layers.{i}.mlp.up_proj", "blk.{i}.ffn_up"),
     ("model.layers.{i}.mlp.down_proj", "blk.{i}.ffn_down"),
@@ -63,18 +60,11 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for n in [
-            "model.layers.12.self_attn.q_proj.weight",
-            "lm_head.weight",
-            "model.layers.3.mlp.down_proj.bias",
-        ] {
+        for n in ["model.layers.12.self_attn.q_proj.weight", "lm_head.weight", "model.layers.3.mlp.down_proj.bias"] {
             let g = hf_to_gguf(n).unwrap();
             assert_eq!(gguf_to_hf(&g).as_deref(), Some(n));
         }
-        assert_eq!(
-            hf_to_gguf("model.layers.1.self_attn.k_proj.weight").unwrap(),
-            "blk.1.attn_k.weight"
-        );
+        assert_eq!(hf_to_gguf("model.layers.1.self_attn.k_proj.weight").unwrap(), "blk.1.attn_k.weight");
         assert_eq!(gguf_to_hf("blk.x.attn_k.weight"), None);
         assert_eq!(gguf_to_hf("rope_freqs.weight"), None);
     }

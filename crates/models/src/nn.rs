@@ -14,12 +14,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?)
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
     }
     pub fn num_params(&self) -> usize {
         self.weight.elem_count() + self.bias.elem_count()
@@ -35,11 +30,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps as f32,
-        )?)
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
     }
     pub fn num_params(&self) -> usize {
         self.weight.elem_count()
@@ -53,9 +44,7 @@ impl RmsNorm {
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let c = table.dim(1)?;
-    Ok(table
-        .index_select(&ids.flatten_all()?, 0)?
-        .reshape((b, t, c))?)
+    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?)
 }
 
 /// Scaled dot-product attention with an additive mask.

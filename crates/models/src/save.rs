@@ -4,32 +4,61 @@
 use std::path::Path;
 
 use candle_core::DType;
-use whittle_formats::hf::{write_dir_atomic, write_json, write_safetensors};
+use whittle_core::Stored;
+use whittle_formats::hf::{write_dir_atomic, write_json, write_stored};
 
 use crate::{Error, Loaded, Model, Result};
 
 /// Saves `l` to `out` with weights in `dtype` (f32, f16 or bf16).
 pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
-    if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(&l.source.path).ok()
-    {
-        return Err(Error::Usage(format!(
-            "{}: output would overwrite the input model",
-            out.display()
-        )));
+    if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(&l.source.path).ok() {
+        return Err(Error::Usage(format!("{}: output would overwrite the input model", out.display())));
     }
-    let tensors: Vec<(String, candle_core::Tensor)> = l
+    // Float tensors take `dtype`; quantized ones (int8 and their f32 scales) keep their own.
+    let quantized: Vec<String> =
+        l.model.linears().into_iter().filter(|(_, l)| l.is_quantized()).map(|(n, _)| n).collect();
+    let tensors: Vec<(String, Stored)> = l
         .model
         .named_tensors()?
         .into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .map(|(n, t)| match t {
+            Stored::Tensor(t) if !n.ends_with(".weight_scale") => Ok((n, Stored::Tensor(t.to_dtype(dtype)?))),
+            other => Ok((n, other)),
+        })
         .collect::<Result<_>>()?;
     let config = match &l.model {
         Model::Bert(m) => m.config.to_hf_json(&m.blocks),
-        Model::Llama(m) => m
-            .config
-            .to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
+        Model::Llama(m) => m.config.to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
     };
     let mut config = config;
+    if !quantized.is_empty() {
+        let layers: serde_json::Map<String, serde_json::Value> = l
+            .model
+            .linears()
+            .into_iter()
+            .filter(|(_, l)| l.is_quantized())
+            .map(|(n, l)| (n, l.storage_name().into()))
+            .collect();
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": "whittle",
+            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token at run time",
+            "layers": layers,
+        });
+    }
+    if !quantized.is_empty() {
+        let layers: serde_json::Map<String, serde_json::Value> = l
+            .model
+            .linears()
+            .into_iter()
+            .filter(|(_, l)| l.is_quantized())
+            .map(|(n, l)| (n, l.storage_name().into()))
+            .collect();
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": "whittle",
+            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token at run time",
+            "layers": layers,
+        });
+    }
     config["torch_dtype"] = match dtype {
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
@@ -49,14 +78,10 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         tok_cfg["eos_token"] = e.clone().into();
         tok_cfg["pad_token"] = e.into();
     }
-    let src_dir = if l.source.path.is_dir() {
-        Some(l.source.path.clone())
-    } else {
-        None
-    };
+    let src_dir = if l.source.path.is_dir() { Some(l.source.path.clone()) } else { None };
     write_dir_atomic(out, |dir| {
         write_json(&dir.join("config.json"), &config)?;
-        write_safetensors(
+        write_stored(
             &dir.join("model.safetensors"),
             &tensors,
             Some([("format".to_string(), "pt".to_string())].into()),
@@ -65,19 +90,10 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         // An HF source keeps its own tokenizer and sentence-transformers files; a GGUF gets a minimal config.
         let mut copied_tok_cfg = false;
         if let Some(src) = &src_dir {
-            for f in [
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "vocab.txt",
-                "sentence_bert_config.json",
-            ] {
+            for f in ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json"] {
                 if src.join(f).exists() {
-                    std::fs::copy(src.join(f), dir.join(f)).map_err(|e| {
-                        whittle_formats::Error::Io {
-                            path: src.join(f),
-                            source: e,
-                        }
-                    })?;
+                    std::fs::copy(src.join(f), dir.join(f))
+                        .map_err(|e| whittle_formats::Error::Io { path: src.join(f), source: e })?;
                     copied_tok_cfg |= f == "tokenizer_config.json";
                 }
             }

@@ -60,10 +60,7 @@ pub fn param_counts(model: &Model) -> (ParamCounts, Vec<LayerRow>) {
             p.embeddings = n(&e.word) + n(&e.position) + n(&e.token_type);
             p.norms += e.norm.num_params();
             for (i, b) in m.blocks.iter().enumerate() {
-                let attn: usize = [&b.query, &b.key, &b.value, &b.attn_out]
-                    .iter()
-                    .map(|l| l.num_params())
-                    .sum();
+                let attn: usize = [&b.query, &b.key, &b.value, &b.attn_out].iter().map(|l| l.num_params()).sum();
                 let mlp = b.intermediate.num_params() + b.output.num_params();
                 let norms = b.attn_norm.num_params() + b.out_norm.num_params();
                 rows.push(LayerRow {
@@ -83,10 +80,7 @@ pub fn param_counts(model: &Model) -> (ParamCounts, Vec<LayerRow>) {
             p.embeddings = n(&m.embed_tokens);
             p.norms += m.norm.num_params();
             for (i, b) in m.blocks.iter().enumerate() {
-                let attn: usize = [&b.q, &b.k, &b.v, &b.o]
-                    .iter()
-                    .map(|l| l.num_params())
-                    .sum();
+                let attn: usize = [&b.q, &b.k, &b.v, &b.o].iter().map(|l| l.num_params()).sum();
                 let mlp = b.gate.num_params() + b.up.num_params() + b.down.num_params();
                 let norms = b.attn_norm.num_params() + b.mlp_norm.num_params();
                 rows.push(LayerRow {
@@ -100,11 +94,7 @@ pub fn param_counts(model: &Model) -> (ParamCounts, Vec<LayerRow>) {
                 p.mlp += mlp;
                 p.norms += norms;
             }
-            p.head = if m.config.tie_word_embeddings {
-                0
-            } else {
-                m.lm_head.num_params()
-            };
+            p.head = if m.config.tie_word_embeddings { 0 } else { m.lm_head.num_params() };
         }
     }
     p.total = p.embeddings + p.attention + p.mlp + p.norms + p.head;
@@ -138,9 +128,7 @@ pub fn report(l: &Loaded, seq: usize) -> Report {
     }
     let config = match &l.model {
         Model::Bert(m) => m.config.to_hf_json(&m.blocks),
-        Model::Llama(m) => m
-            .config
-            .to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
+        Model::Llama(m) => m.config.to_hf_json(&m.blocks, l.bos_token_id, &l.eos_token_ids),
     };
     Report {
         source: l.source.path.display().to_string(),

@@ -11,14 +11,10 @@ use whittle_formats::hf::write_safetensors;
 pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     // A small LCG: no RNG state shared between tests.
     let n: usize = shape.iter().product();
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect();
@@ -47,30 +43,12 @@ pub fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
     for (i, (h, kv, f)) in [(4, 2, 48), (2, 1, 24)].into_iter().enumerate() {
         let p = format!("model.layers.{i}.");
         let s = 10 * (i as u64 + 1);
-        t.push((
-            format!("{p}input_layernorm.weight"),
-            (rand(&[c], s) + 1.0).unwrap(),
-        ));
-        t.push((
-            format!("{p}post_attention_layernorm.weight"),
-            (rand(&[c], s + 1) + 1.0).unwrap(),
-        ));
-        t.push((
-            format!("{p}self_attn.q_proj.weight"),
-            rand(&[h * hd, c], s + 2),
-        ));
-        t.push((
-            format!("{p}self_attn.k_proj.weight"),
-            rand(&[kv * hd, c], s + 3),
-        ));
-        t.push((
-            format!("{p}self_attn.v_proj.weight"),
-            rand(&[kv * hd, c], s + 4),
-        ));
-        t.push((
-            format!("{p}self_attn.o_proj.weight"),
-            rand(&[c, h * hd], s + 5),
-        ));
+        t.push((format!("{p}input_layernorm.weight"), (rand(&[c], s) + 1.0).unwrap()));
+        t.push((format!("{p}post_attention_layernorm.weight"), (rand(&[c], s + 1) + 1.0).unwrap()));
+        t.push((format!("{p}self_attn.q_proj.weight"), rand(&[h * hd, c], s + 2)));
+        t.push((format!("{p}self_attn.k_proj.weight"), rand(&[kv * hd, c], s + 3)));
+        t.push((format!("{p}self_attn.v_proj.weight"), rand(&[kv * hd, c], s + 4)));
+        t.push((format!("{p}self_attn.o_proj.weight"), rand(&[c, h * hd], s + 5)));
         t.push((format!("{p}mlp.gate_proj.weight"), rand(&[f, c], s + 6)));
         t.push((format!("{p}mlp.up_proj.weight"), rand(&[f, c], s + 7)));
         t.push((format!("{p}mlp.down_proj.weight"), rand(&[c, f], s + 8)));
@@ -87,22 +65,10 @@ pub fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
 pub fn tiny_bert(dir: &Path) {
     let (v, c, f) = (40, 16, 24);
     let mut t = vec![
-        (
-            "embeddings.word_embeddings.weight".to_string(),
-            rand(&[v, c], 1),
-        ),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            rand(&[32, c], 2),
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".into(),
-            rand(&[2, c], 3),
-        ),
-        (
-            "embeddings.LayerNorm.weight".into(),
-            (rand(&[c], 4) + 1.0).unwrap(),
-        ),
+        ("embeddings.word_embeddings.weight".to_string(), rand(&[v, c], 1)),
+        ("embeddings.position_embeddings.weight".into(), rand(&[32, c], 2)),
+        ("embeddings.token_type_embeddings.weight".into(), rand(&[2, c], 3)),
+        ("embeddings.LayerNorm.weight".into(), (rand(&[c], 4) + 1.0).unwrap()),
         ("embeddings.LayerNorm.bias".into(), rand(&[c], 5)),
     ];
     let p = "encoder.layer.0.";
@@ -132,12 +98,7 @@ pub fn tiny_bert(dir: &Path) {
 }
 
 /// Writes config.json, tokenizer.json and model.safetensors into `dir`.
-pub fn write_model(
-    dir: &Path,
-    cfg: &serde_json::Value,
-    t: &[(String, Tensor)],
-    tok: &serde_json::Value,
-) {
+pub fn write_model(dir: &Path, cfg: &serde_json::Value, t: &[(String, Tensor)], tok: &serde_json::Value) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();

@@ -18,19 +18,14 @@ pub struct Batch {
 pub fn truncating(tok: &Tokenizer, max_len: usize) -> Result<Tokenizer> {
     let mut t = tok.clone();
     t.with_padding(None);
-    t.with_truncation(Some(TruncationParams {
-        max_length: max_len,
-        ..Default::default()
-    }))
-    .map_err(|e| Error::Tokenize(e.to_string()))?;
+    t.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| Error::Tokenize(e.to_string()))?;
     Ok(t)
 }
 
 /// Tokenizes `texts` with special tokens ([CLS] ... [SEP]) and pads to the longest.
 pub fn encode_batch(tok: &Tokenizer, texts: &[&str]) -> Result<Batch> {
-    let enc = tok
-        .encode_batch(texts.to_vec(), true)
-        .map_err(|e| Error::Tokenize(e.to_string()))?;
+    let enc = tok.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenize(e.to_string()))?;
     let t = enc.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
     let b = enc.len();
     let (mut ids, mut types, mut mask) = (vec![0u32; b * t], vec![0u32; b * t], vec![0u32; b * t]);
@@ -52,17 +47,9 @@ pub fn encode_batch(tok: &Tokenizer, texts: &[&str]) -> Result<Batch> {
 }
 
 /// Sentence embeddings (mean pooling + L2 normalisation) of an encoder, `batch` texts at a time.
-pub fn embed_texts(
-    l: &Loaded,
-    texts: &[&str],
-    max_len: usize,
-    batch: usize,
-) -> Result<Vec<Vec<f32>>> {
+pub fn embed_texts(l: &Loaded, texts: &[&str], max_len: usize, batch: usize) -> Result<Vec<Vec<f32>>> {
     let Model::Bert(m) = &l.model else {
-        return Err(Error::Usage(format!(
-            "`embed` needs an encoder; this model is a {} decoder",
-            l.model.family()
-        )));
+        return Err(Error::Usage(format!("`embed` needs an encoder; this model is a {} decoder", l.model.family())));
     };
     let max_len = max_len.min(m.config.max_position_embeddings);
     let mut cached = l.truncating.lock().unwrap_or_else(|e| e.into_inner());
@@ -82,10 +69,7 @@ pub fn embed_texts(
 
 /// Token ids of a decoder prompt: BOS first when the model's tokenizer adds it (or `force_bos`).
 pub fn encode_prompt(l: &Loaded, text: &str, force_bos: bool) -> Result<Vec<u32>> {
-    let enc = l
-        .tokenizer
-        .encode(text, false)
-        .map_err(|e| Error::Tokenize(e.to_string()))?;
+    let enc = l.tokenizer.encode(text, false).map_err(|e| Error::Tokenize(e.to_string()))?;
     let mut ids = Vec::with_capacity(enc.len() + 1);
     if l.add_bos || force_bos {
         if let Some(b) = l.bos_token_id {
@@ -98,7 +82,5 @@ pub fn encode_prompt(l: &Loaded, text: &str, force_bos: bool) -> Result<Vec<u32>
 
 /// Text of token ids (special tokens kept out).
 pub fn decode(l: &Loaded, ids: &[u32]) -> Result<String> {
-    l.tokenizer
-        .decode(ids, true)
-        .map_err(|e| Error::Tokenize(e.to_string()))
+    l.tokenizer.decode(ids, true).map_err(|e| Error::Tokenize(e.to_string()))
 }

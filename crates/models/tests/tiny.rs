@@ -28,46 +28,15 @@ fn kv_cache_decoding_equals_full_forward_with_uneven_blocks() {
     let Model::Llama(m) = &l.model else { panic!() };
     let ids: Vec<u32> = vec![1, 7, 3, 9, 22, 5, 11];
     let full = m
-        .forward(
-            &Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            &mut KvCache::default(),
-        )
+        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut KvCache::default())
         .unwrap(); // (1, T, V)
     let mut cache = KvCache::default();
-    m.forward(
-        &Tensor::new(&ids[..3], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
-        &mut cache,
-    )
-    .unwrap();
+    m.forward(&Tensor::new(&ids[..3], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
     for (p, &tok) in ids.iter().enumerate().skip(3) {
-        let step = m
-            .forward(
-                &Tensor::new(&[tok], &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                &mut cache,
-            )
-            .unwrap();
+        let step = m.forward(&Tensor::new(&[tok], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
         let a: Vec<f32> = step.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = full
-            .narrow(1, p, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let b: Vec<f32> = full.narrow(1, p, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(d < MAX_CACHE_ABS_ERR, "position {p}: {d:e}");
     }
     assert_eq!(cache.len(), ids.len());
@@ -81,11 +50,7 @@ fn bert_padding_does_not_change_embeddings() {
     let l = load_dir(d.path()).unwrap();
     let both = text::embed_texts(&l, &["w5 w6", "w7 w8 w9 w10 w11 w12"], 32, 8).unwrap();
     let alone = text::embed_texts(&l, &["w5 w6"], 32, 8).unwrap();
-    let diff = both[0]
-        .iter()
-        .zip(&alone[0])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = both[0].iter().zip(&alone[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff < MAX_PAD_ABS_ERR, "{diff:e}");
     let norm: f32 = alone[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
@@ -95,74 +60,40 @@ fn bert_padding_does_not_change_embeddings() {
 fn unsupported_model_type_names_the_file() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
-    std::fs::write(
-        d.path().join("config.json"),
-        json!({"model_type": "gpt_neox"}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("config.json"), json!({"model_type": "gpt_neox"}).to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(matches!(e, Error::UnsupportedModelType { .. }), "{e}");
-    assert!(
-        e.to_string().contains("gpt_neox") && e.to_string().contains("config.json"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("gpt_neox") && e.to_string().contains("config.json"), "{e}");
 }
 
 #[test]
 fn wrong_tensor_shape_names_the_tensor() {
     let d = tempfile::tempdir().unwrap();
     let mut t = tiny_llama(d.path());
-    let i = t
-        .iter()
-        .position(|(n, _)| n == "model.layers.1.mlp.up_proj.weight")
-        .unwrap();
+    let i = t.iter().position(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap();
     t[i].1 = rand(&[23, 32], 5);
     write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(
-        matches!(e, Error::Shape { ref tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Shape { ref tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"), "{e}");
 }
 
 #[test]
 fn missing_tensor_names_it() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny_llama(d.path());
-    let t: Vec<_> = t
-        .into_iter()
-        .filter(|(n, _)| n != "model.layers.0.self_attn.v_proj.weight")
-        .collect();
+    let t: Vec<_> = t.into_iter().filter(|(n, _)| n != "model.layers.0.self_attn.v_proj.weight").collect();
     write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(
-        e.to_string()
-            .contains("model.layers.0.self_attn.v_proj.weight"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("model.layers.0.self_attn.v_proj.weight"), "{e}");
 }
 
 #[test]
 fn tokenizer_larger_than_vocab_is_refused() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
-    std::fs::write(
-        d.path().join("tokenizer.json"),
-        word_tokenizer(80).to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("tokenizer.json"), word_tokenizer(80).to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(
-        matches!(
-            e,
-            Error::VocabMismatch {
-                tokenizer: 80,
-                model: 50,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::VocabMismatch { tokenizer: 80, model: 50, .. }), "{e}");
 }
 
 #[test]
@@ -174,27 +105,18 @@ fn bad_config_values_are_errors() {
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(e.to_string().contains("num_key_value_heads"), "{e}");
-    std::fs::write(
-        d.path().join("config.json"),
-        json!({"model_type": "llama"}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("config.json"), json!({"model_type": "llama"}).to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
     assert!(e.to_string().contains("config.json"), "{e}");
 }
 
 #[test]
 fn not_found_and_hub_id_errors() {
-    let e = load("/nonexistent/model.gguf", &LoadOptions::default())
-        .err()
-        .unwrap();
+    let e = load("/nonexistent/model.gguf", &LoadOptions::default()).err().unwrap();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
-    let e = load("nobody-org/no-such-model", &LoadOptions::default())
-        .err()
-        .unwrap();
+    let e = load("nobody-org/no-such-model", &LoadOptions::default()).err().unwrap();
     assert!(
-        e.to_string().contains("models--nobody-org--no-such-model")
-            && e.to_string().contains("never downloads"),
+        e.to_string().contains("models--nobody-org--no-such-model") && e.to_string().contains("never downloads"),
         "{e}"
     );
 }

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 /// The model cache (`$WHITTLE_MODELS` or `~/.cache/whittle/models`), fetched by
@@ -19,9 +16,7 @@ pub fn models_dir() -> PathBuf {
     DIR.get_or_init(|| {
         let dir = std::env::var_os("WHITTLE_MODELS")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/whittle/models")
-            });
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/whittle/models"));
         if !dir.join("all-MiniLM-L6-v2/model.safetensors").exists() || !dir.join(SMOLLM2).exists() {
             // Test binaries run in parallel: serialise the fetch with flock.
             std::fs::create_dir_all(&dir).unwrap();

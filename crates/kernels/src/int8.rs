@@ -1,0 +1,402 @@
+//! int8 × int8 → int32 GEMM for the w8a8 Linear: `y = x · Wᵀ + b` with per-row (per-token) activation
+//! scales and per-output-channel weight scales.
+//!
+//! ```text
+//! s_x[n]   = max_k |x[n,k]| / 127          x_q[n,k] = round(x[n,k] / s_x[n])  ∈ [-127, 127]
+//! s_w[m]   = max_k |W[m,k]| / 127          w_q[m,k] = round(W[m,k] / s_w[m])  ∈ [-127, 127]
+//! y[n,m]   = s_x[n] · s_w[m] · Σ_k x_q[n,k] · w_q[m,k]  +  b[m]        (Σ in i32: exact)
+//! ```
+//!
+//! Packed weight layout (shared by both SIMD paths): output channels in blocks of 16, K padded to a
+//! multiple of 4; block `b`, k-group `g` holds 64 bytes: channel `c` (0..16) at `4c..4c+4` = `w_q[16b+c, 4g..4g+4]`.
+//! A 32-bit lane thus holds 4 consecutive k of one channel, the unit `vpdpbusd` and `pmaddubsw+pmaddwd` reduce.
+//!
+//! - AVX-512 VNNI: `vpdpbusd` multiplies unsigned × signed bytes, so activations are offset to `x_q + 128`
+//!   and `128 · Σ_k w_q[m,k]` (precomputed) is subtracted afterwards.
+//! - AVX2: `pmaddubsw` on `|x_q|` and `w_q · sign(x_q)` (llama.cpp's trick): each i16 pair sum is at most
+//!   2·127·127 < 2¹⁵, so it never saturates; `pmaddwd` with ones widens to i32.
+
+use std::ops::Range;
+
+use crate::Isa;
+
+/// Runs `f` over `0..n_items`, split into ranges, possibly on several threads. The caller chooses the pool
+/// (whittle passes candle's, so its threads and the tensor engine's are the same two).
+pub trait Parallel: Sync {
+    fn for_each(&self, n_items: usize, f: &(dyn Fn(Range<usize>) + Sync));
+}
+
+/// rayon's global pool.
+pub struct Rayon;
+
+impl Parallel for Rayon {
+    fn for_each(&self, n_items: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        use rayon::prelude::*;
+        (0..n_items).into_par_iter().for_each(|i| f(i..i + 1));
+    }
+}
+
+/// One thread.
+pub struct Serial;
+
+impl Parallel for Serial {
+    fn for_each(&self, n_items: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        f(0..n_items)
+    }
+}
+
+/// Channels per packed block.
+pub const MB: usize = 16;
+/// k values per 32-bit lane.
+pub const KG: usize = 4;
+/// Rows per micro-tile.
+const MR: usize = 4;
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// Rounds half away from zero, as `f32::round`, without a libm call (`as` truncates inline), so the loop
+/// vectorizes.
+#[inline(always)]
+fn round_i8(v: f32) -> i8 {
+    (v + 0.5f32.copysign(v)) as i32 as i8
+}
+
+/// Symmetric per-row int8 quantization of `w` (rows × cols): returns (q, scales).
+pub fn quantize_rows_sym(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; rows * cols];
+    let mut s = vec![0f32; rows];
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        s[r] = scale;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (d, &v) in q[r * cols..(r + 1) * cols].iter_mut().zip(row) {
+            *d = round_i8((v * inv).clamp(-127.0, 127.0));
+        }
+    }
+    (q, s)
+}
+
+/// Weights ready for the int8 GEMM.
+#[derive(Debug, Clone)]
+pub struct PackedI8 {
+    /// Output channels.
+    pub m: usize,
+    /// Input features.
+    pub k: usize,
+    /// K rounded up to a multiple of 4.
+    pub kp: usize,
+    /// Channel blocks of 16 (the last one zero-padded).
+    pub nblocks: usize,
+    data: Vec<i8>,
+    /// Σ_k w_q[m,k], per padded channel.
+    wsum: Vec<i32>,
+    /// Per-channel weight scales `s_w` (m).
+    pub scale: Vec<f32>,
+    /// The quantized weights, row-major (m, k): the stored form and the reference's input.
+    pub q: Vec<i8>,
+}
+
+impl PackedI8 {
+    /// Packs quantized weights `q` (m × k, row-major) with per-channel `scale`.
+    pub fn new(q: Vec<i8>, scale: Vec<f32>, m: usize, k: usize) -> Self {
+        assert_eq!(q.len(), m * k, "weights are not m × k");
+        assert_eq!(scale.len(), m, "one scale per output channel");
+        let kp = k.div_ceil(KG) * KG;
+        let nblocks = m.div_ceil(MB);
+        let mut data = vec![0i8; nblocks * kp * MB];
+        let mut wsum = vec![0i32; nblocks * MB];
+        for ch in 0..m {
+            let (b, c) = (ch / MB, ch % MB);
+            let row = &q[ch * k..(ch + 1) * k];
+            wsum[ch] = row.iter().map(|&v| v as i32).sum();
+            for (kk, &v) in row.iter().enumerate() {
+                let g = kk / KG;
+                data[(b * (kp / KG) + g) * (MB * KG) + c * KG + kk % KG] = v;
+            }
+        }
+        Self { m, k, kp, nblocks, data, wsum, scale, q }
+    }
+
+    /// Quantizes f32 weights (m × k) symmetrically per channel and packs them.
+    pub fn from_f32(w: &[f32], m: usize, k: usize) -> Self {
+        let (q, s) = quantize_rows_sym(w, m, k);
+        Self::new(q, s, m, k)
+    }
+
+    /// Bytes of the stored form (int8 weights + f32 scales).
+    pub fn stored_bytes(&self) -> usize {
+        self.q.len() + 4 * self.scale.len()
+    }
+
+    fn block(&self, b: usize) -> &[i8] {
+        let len = self.kp * MB;
+        &self.data[b * len..(b + 1) * len]
+    }
+}
+
+/// Per-row quantization of activations `x` (n × k) into `xq` (n × kp, zero-padded); returns the scales.
+pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>) -> Vec<f32> {
+    xq.clear();
+    xq.resize(n * kp, 0);
+    let mut s = vec![0f32; n];
+    for r in 0..n {
+        let row = &x[r * k..(r + 1) * k];
+        let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        s[r] = scale;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (d, &v) in xq[r * kp..r * kp + k].iter_mut().zip(row) {
+            *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
+        }
+    }
+    s
+}
+
+/// The specification: `y[n,m] = s_x[n]·s_w[m]·Σ_k x_q[n,k]·w_q[m,k] + b[m]` on unpacked data.
+pub fn gemm_ref(w: &PackedI8, xq: &[i8], sx: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (m, k, kp) = (w.m, w.k, w.kp);
+    for r in 0..n {
+        for c in 0..m {
+            let acc: i32 = (0..k).map(|kk| xq[r * kp + kk] as i32 * w.q[c * k + kk] as i32).sum();
+            y[r * m + c] = sx[r] * w.scale[c] * acc as f32 + bias.map_or(0.0, |b| b[c]);
+        }
+    }
+}
+
+/// `y (n × m) = x (n × k) · Wᵀ + b`, quantizing `x` per row on the fly.
+pub fn linear_w8a8(
+    w: &PackedI8,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    isa: Isa,
+    par: &dyn Parallel,
+) {
+    assert_eq!(x.len(), n * w.k);
+    assert_eq!(y.len(), n * w.m);
+    let mut xq = Vec::new();
+    let sx = quantize_activations(x, n, w.k, w.kp, &mut xq);
+    gemm(w, &xq, &sx, n, bias, y, isa, par);
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of `y` elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks of `gemm` write disjoint (row range × channel block) rectangles of `y`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// int8 GEMM on pre-quantized activations `xq` (n × kp) with scales `sx`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    w: &PackedI8,
+    xq: &[i8],
+    sx: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    isa: Isa,
+    par: &dyn Parallel,
+) {
+    assert!(isa.supported(), "kernel {} is not supported on this CPU", isa.name());
+    assert_eq!(xq.len(), n * w.kp);
+    if isa == Isa::Ref || n == 0 {
+        return gemm_ref(w, xq, sx, n, bias, y);
+    }
+    // VNNI takes unsigned activations: offset by 128 once per call.
+    let xu: Vec<u8> = if isa == Isa::Avx512Vnni { xq.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { Vec::new() };
+    // Per-channel epilogue constants, padded to whole blocks: s_w, bias, and the VNNI offset 128·Σw.
+    let mp = w.nblocks * MB;
+    let mut scale = w.scale.clone();
+    scale.resize(mp, 0.0);
+    let mut bvec = bias.map_or_else(|| vec![0.0; w.m], |b| b.to_vec());
+    bvec.resize(mp, 0.0);
+    let off: Vec<i32> = if isa == Isa::Avx512Vnni { w.wsum.iter().map(|s| 128 * s).collect() } else { vec![0; mp] };
+    let row_tasks = n.div_ceil(ROWS_PER_TASK);
+    let yp = SendPtr(y.as_mut_ptr());
+    let m = w.m;
+    let task = |t: usize| {
+        // Capture the whole wrapper: edition-2021 closures would otherwise capture the raw pointer field alone.
+        #[allow(clippy::redundant_locals)]
+        let yp = yp;
+        let (rt, b) = (t / w.nblocks, t % w.nblocks);
+        let r1 = ((rt + 1) * ROWS_PER_TASK).min(n);
+        let valid = (m - b * MB).min(MB);
+        let ep = Epilogue { scale: &scale[b * MB..], bias: &bvec[b * MB..], off: &off[b * MB..], valid, m };
+        let mut r = rt * ROWS_PER_TASK;
+        while r < r1 {
+            let rows = (r1 - r).min(MR);
+            // SAFETY: the ISA was checked above; xq/xu hold n × kp bytes and each block kp × 16; the tile
+            // writes rows r..r+rows, channels b·16 .. b·16+valid of y, which no other task writes.
+            unsafe {
+                let yrow = yp.0.add(r * m + b * MB);
+                #[cfg(target_arch = "x86_64")]
+                match isa {
+                    Isa::Avx512Vnni => {
+                        tile_vnni(&xu[r * w.kp..(r + rows) * w.kp], rows, w.kp, w.block(b), &sx[r..r + rows], &ep, yrow)
+                    }
+                    Isa::Avx2 => {
+                        tile_avx2(&xq[r * w.kp..(r + rows) * w.kp], rows, w.kp, w.block(b), &sx[r..r + rows], &ep, yrow)
+                    }
+                    Isa::Ref => unreachable!(),
+                }
+            }
+            r += rows;
+        }
+    };
+    par.for_each(row_tasks * w.nblocks, &|range: Range<usize>| range.for_each(task));
+}
+
+/// Turns one block's i32 sums into outputs: `y = (acc − off) · s_x · s_w + b` for the `valid` channels.
+struct Epilogue<'a> {
+    scale: &'a [f32],
+    bias: &'a [f32],
+    off: &'a [i32],
+    valid: usize,
+    /// Row stride of y.
+    m: usize,
+}
+
+impl Epilogue<'_> {
+    /// Scalar epilogue of one row.
+    ///
+    /// # Safety
+    /// `y` must be valid for `self.valid` writes.
+    unsafe fn row(&self, acc: &[i32; MB], sx: f32, y: *mut f32) {
+        for (c, &a) in acc.iter().enumerate().take(self.valid) {
+            *y.add(c) = (a - self.off[c]) as f32 * sx * self.scale[c] + self.bias[c];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_vnni(xu: &[u8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep: &Epilogue, y: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_setzero_si512(); MR];
+    let groups = kp / KG;
+    let xp = xu.as_ptr();
+    let wp = wb.as_ptr();
+    // Two k-groups per iteration keep more independent dpbusd chains in flight.
+    let mut g = 0;
+    while g + 2 <= groups {
+        // SAFETY (caller): wb holds `groups` × 64 bytes; xu holds rows × kp bytes.
+        let w0 = _mm512_loadu_si512(wp.add(g * 64) as *const _);
+        let w1 = _mm512_loadu_si512(wp.add(g * 64 + 64) as *const _);
+        for (i, ai) in a.iter_mut().enumerate().take(rows) {
+            let x0 = _mm512_set1_epi32((xp.add(i * kp + g * KG) as *const i32).read_unaligned());
+            let x1 = _mm512_set1_epi32((xp.add(i * kp + g * KG + KG) as *const i32).read_unaligned());
+            *ai = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*ai, x0, w0), x1, w1);
+        }
+        g += 2;
+    }
+    if g < groups {
+        let w0 = _mm512_loadu_si512(wp.add(g * 64) as *const _);
+        for (i, ai) in a.iter_mut().enumerate().take(rows) {
+            let x0 = _mm512_set1_epi32((xp.add(i * kp + g * KG) as *const i32).read_unaligned());
+            *ai = _mm512_dpbusd_epi32(*ai, x0, w0);
+        }
+    }
+    let scale = _mm512_loadu_ps(ep.scale.as_ptr());
+    let bias = _mm512_loadu_ps(ep.bias.as_ptr());
+    let off = _mm512_loadu_si512(ep.off.as_ptr() as *const _);
+    let mask: __mmask16 = if ep.valid == MB { 0xffff } else { (1u16 << ep.valid) - 1 };
+    for (i, ai) in a.iter().enumerate().take(rows) {
+        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*ai, off));
+        let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[i]), scale), bias);
+        _mm512_mask_storeu_ps(y.add(i * ep.m), mask, v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx2(xq: &[i8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep: &Epilogue, y: *mut f32) {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut lo = [_mm256_setzero_si256(); MR];
+    let mut hi = [_mm256_setzero_si256(); MR];
+    let groups = kp / KG;
+    for g in 0..groups {
+        // SAFETY (caller): wb holds `groups` × 64 bytes; xq holds rows × kp bytes.
+        let w0 = _mm256_loadu_si256(wb.as_ptr().add(g * 64) as *const _);
+        let w1 = _mm256_loadu_si256(wb.as_ptr().add(g * 64 + 32) as *const _);
+        for i in 0..rows {
+            let xv = _mm256_set1_epi32((xq.as_ptr().add(i * kp + g * KG) as *const i32).read_unaligned());
+            let ax = _mm256_sign_epi8(xv, xv);
+            let p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv));
+            let p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv));
+            lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(p0, ones));
+            hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(p1, ones));
+        }
+    }
+    let mut acc = [0i32; MB];
+    for i in 0..rows {
+        _mm256_storeu_si256(acc.as_mut_ptr() as *mut _, lo[i]);
+        _mm256_storeu_si256(acc.as_mut_ptr().add(8) as *mut _, hi[i]);
+        ep.row(&acc, sx[i], y.add(i * ep.m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The SIMD paths compute the same i32 sums; only the f32 epilogue may round differently.
+    const MAX_INT8_GEMM_REL_ERR: f32 = 1e-6;
+
+    fn check(n: usize, m: usize, k: usize, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+        let x: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 4.0).collect();
+        let b: Vec<f32> = (0..m).map(|_| rng.random::<f32>()).collect();
+        let p = PackedI8::from_f32(&w, m, k);
+        let mut want = vec![0f32; n * m];
+        linear_w8a8(&p, &x, n, Some(&b), &mut want, Isa::Ref, &Serial);
+        for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+            if !isa.supported() {
+                continue;
+            }
+            let mut got = vec![0f32; n * m];
+            linear_w8a8(&p, &x, n, Some(&b), &mut got, isa, &Rayon);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= MAX_INT8_GEMM_REL_ERR * w.abs().max(1.0),
+                    "{isa:?} n{n} m{m} k{k} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+        // And the quantized product is close to the float one (int8 error budget).
+        let mut exact = vec![0f32; n * m];
+        for r in 0..n {
+            for c in 0..m {
+                exact[r * m + c] = (0..k).map(|kk| x[r * k + kk] * w[c * k + kk]).sum::<f32>() + b[c];
+            }
+        }
+        let scale = (k as f32).sqrt();
+        for (e, w) in exact.iter().zip(&want) {
+            assert!((e - w).abs() < 0.05 * scale, "{e} vs {w}");
+        }
+    }
+
+    #[test]
+    fn simd_matches_ref_on_ragged_shapes() {
+        let shapes = [(1, 1, 1), (1, 16, 4), (3, 17, 5), (5, 33, 63), (7, 40, 130), (70, 50, 384), (129, 20, 7)];
+        for (seed, &(n, m, k)) in (1..).zip(shapes.iter()) {
+            check(n, m, k, seed);
+        }
+    }
+
+    #[test]
+    fn zero_rows_give_bias() {
+        let p = PackedI8::from_f32(&[1.0, -2.0, 3.0, 0.5], 2, 2);
+        let mut y = vec![9f32; 2];
+        linear_w8a8(&p, &[0.0, 0.0], 1, Some(&[0.25, -1.0]), &mut y, Isa::detect(), &Serial);
+        assert_eq!(y, vec![0.25, -1.0]);
+    }
+}

@@ -1,0 +1,194 @@
+//! whittle-quant: quantization passes over the Linear seam.
+//!
+//! Today: `w8a8-dynamic` — symmetric int8 weights per output channel, activations quantized per token at
+//! run time, int32 accumulation (what PyTorch's `quantize_dynamic` and ONNX Runtime's `quantize_dynamic`
+//! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
+//! them, as users of those tools expect.
+
+use std::time::Instant;
+
+use regex::Regex;
+use serde::Serialize;
+use whittle_core::Linear;
+use whittle_kernels::int8::PackedI8;
+use whittle_models::Model;
+
+/// Errors of the quantization passes, naming the scheme, flag or layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown scheme `{0}` (valid: {valid})", valid = Scheme::VALID)]
+    UnknownScheme(String),
+    #[error("--override `{0}`: expected REGEX=SCHEME, e.g. 're:.*lm_head=w8a8-dynamic' or '.*pooler.*=keep'")]
+    BadOverride(String),
+    #[error("--override `{pattern}`: invalid regex: {msg}")]
+    BadRegex { pattern: String, msg: String },
+    #[error("layer `{0}` holds NaN or Inf weights")]
+    NonFinite(String),
+    #[error("layer `{0}` is already quantized ({1}); pass --allow-requantize to quantize it again from its dequantized weights")]
+    AlreadyQuantized(String, String),
+    #[error(transparent)]
+    Core(#[from] whittle_core::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A weight representation a pass can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Scheme {
+    /// Leave the layer as it is.
+    Keep,
+    /// int8 weights per output channel, int8 activations per token at run time.
+    W8A8Dynamic,
+}
+
+impl Scheme {
+    pub const VALID: &'static str = "w8a8-dynamic, keep";
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "w8a8-dynamic" | "w8a8" | "int8-dynamic" => Ok(Scheme::W8A8Dynamic),
+            "keep" | "f32" | "none" => Ok(Scheme::Keep),
+            _ => Err(Error::UnknownScheme(s.into())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Keep => "keep",
+            Scheme::W8A8Dynamic => "w8a8-dynamic",
+        }
+    }
+}
+
+/// Which scheme each Linear gets: `default` for block Linears, overrides by regex on the layer name
+/// (the last matching override wins; a `re:` prefix is accepted and ignored).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub default: Scheme,
+    pub overrides: Vec<(Regex, Scheme)>,
+}
+
+impl Plan {
+    pub fn new(default: &str, overrides: &[String]) -> Result<Self> {
+        let default = Scheme::parse(default)?;
+        let mut ov = Vec::new();
+        for o in overrides {
+            let (pat, scheme) = o.rsplit_once('=').ok_or_else(|| Error::BadOverride(o.clone()))?;
+            let pat = pat.strip_prefix("re:").unwrap_or(pat);
+            let re = Regex::new(&format!("^(?:{pat})$"))
+                .map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
+            ov.push((re, Scheme::parse(scheme)?));
+        }
+        Ok(Self { default, overrides: ov })
+    }
+
+    /// The scheme for layer `name`; heads keep their precision unless overridden.
+    pub fn scheme_for(&self, name: &str) -> Scheme {
+        if let Some((_, s)) = self.overrides.iter().rev().find(|(re, _)| re.is_match(name)) {
+            return *s;
+        }
+        if name == "lm_head" || name.starts_with("pooler.") {
+            return Scheme::Keep;
+        }
+        self.default
+    }
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub scheme: String,
+    pub params: usize,
+    pub bpw: f64,
+    /// Root-mean-square error of the dequantized weight against the original.
+    pub weight_rmse: f64,
+    pub seconds: f64,
+}
+
+/// A pass's report: per layer, and totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub layers: Vec<LayerReport>,
+    pub linear_bytes_before: usize,
+    pub linear_bytes_after: usize,
+    pub seconds: f64,
+}
+
+fn rmse(a: &[f32], b: &[f32]) -> f64 {
+    (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
+}
+
+fn quantize_linear(l: &Linear, scheme: Scheme) -> Result<Linear> {
+    match scheme {
+        Scheme::Keep => Ok(l.clone()),
+        Scheme::W8A8Dynamic => {
+            let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
+            let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
+            Ok(Linear::int8_dynamic(p, l.bias.clone())?)
+        }
+    }
+}
+
+/// Applies `plan` to every Linear of `model`, in place.
+pub fn quantize(
+    model: &mut Model,
+    plan: &Plan,
+    allow_requantize: bool,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let mut layers = Vec::new();
+    let (mut before, mut after) = (0, 0);
+    let mut linears = model.linears_mut();
+    let total = linears.len();
+    for (i, (name, lin)) in linears.iter_mut().enumerate() {
+        let scheme = plan.scheme_for(name);
+        before += lin.storage_bytes();
+        if scheme != Scheme::Keep {
+            if lin.is_quantized() && !allow_requantize {
+                return Err(Error::AlreadyQuantized(name.clone(), lin.storage_name()));
+            }
+            let t = Instant::now();
+            let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
+            if w.iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite(name.clone()));
+            }
+            let q = quantize_linear(lin, scheme)?;
+            let wq: Vec<f32> = q.dequantize()?.flatten_all()?.to_vec1()?;
+            layers.push(LayerReport {
+                name: name.clone(),
+                scheme: scheme.name().into(),
+                params: lin.in_features() * lin.out_features(),
+                bpw: q.bits_per_weight(),
+                weight_rmse: rmse(&w, &wq),
+                seconds: t.elapsed().as_secs_f64(),
+            });
+            **lin = q;
+        }
+        after += lin.storage_bytes();
+        progress(i + 1, total);
+    }
+    Ok(Report { layers, linear_bytes_before: before, linear_bytes_after: after, seconds: t0.elapsed().as_secs_f64() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_defaults_and_overrides() {
+        let p = Plan::new("w8a8-dynamic", &["re:.*lm_head=w8a8-dynamic".into(), "model\\.layers\\.0\\..*=keep".into()])
+            .unwrap();
+        assert_eq!(p.scheme_for("lm_head"), Scheme::W8A8Dynamic);
+        assert_eq!(p.scheme_for("model.layers.0.mlp.up_proj"), Scheme::Keep);
+        assert_eq!(p.scheme_for("model.layers.1.mlp.up_proj"), Scheme::W8A8Dynamic);
+        assert_eq!(Plan::new("w8a8", &[]).unwrap().scheme_for("pooler.dense"), Scheme::Keep);
+        let e = Plan::new("int3-magic", &[]).unwrap_err().to_string();
+        assert!(e.contains("int3-magic") && e.contains("w8a8-dynamic"), "{e}");
+        assert!(matches!(Plan::new("w8a8", &["nope".into()]), Err(Error::BadOverride(_))));
+        assert!(matches!(Plan::new("w8a8", &["(=keep".into()]), Err(Error::BadRegex { .. })));
+    }
+}
