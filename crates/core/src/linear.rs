@@ -40,7 +40,7 @@ static KERNEL: AtomicU8 = AtomicU8::new(0);
 
 /// Runs kernel work on candle's own thread pool, so whittle's kernels and candle's ops share the same
 /// threads instead of two pools fighting over the cores.
-struct CandlePool;
+pub(crate) struct CandlePool;
 
 impl Parallel for CandlePool {
     fn for_each(&self, n_items: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {

@@ -138,19 +138,34 @@ impl PackedI8 {
 
 /// Per-row quantization of activations `x` (n × k) into `xq` (n × kp, zero-padded); returns the scales.
 pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>) -> Vec<f32> {
+    quantize_activations_par(x, n, k, kp, xq, &Serial)
+}
+
+/// [`quantize_activations`], rows split over `par`.
+pub fn quantize_activations_par(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>, par: &dyn Parallel) -> Vec<f32> {
     xq.clear();
     xq.resize(n * kp, 0);
     let mut s = vec![0f32; n];
-    for r in 0..n {
-        let row = &x[r * k..(r + 1) * k];
-        let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let scale = amax / 127.0;
-        s[r] = scale;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (d, &v) in xq[r * kp..r * kp + k].iter_mut().zip(row) {
-            *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
+    let (qp, sp) = (SendPtr(xq.as_mut_ptr() as *mut f32), SendPtr(s.as_mut_ptr()));
+    let chunk = 16;
+    par.for_each(n.div_ceil(chunk), &|range: Range<usize>| {
+        #[allow(clippy::redundant_locals)]
+        let (qp, sp) = (qp, sp);
+        for c in range {
+            for r in c * chunk..((c + 1) * chunk).min(n) {
+                let row = &x[r * k..(r + 1) * k];
+                let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                // SAFETY: row r of xq (kp bytes) and s[r] are written by this task only.
+                let dst = unsafe { std::slice::from_raw_parts_mut((qp.0 as *mut i8).add(r * kp), k) };
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
+                }
+                unsafe { *sp.0.add(r) = scale };
+            }
         }
-    }
+    });
     s
 }
 
@@ -178,7 +193,7 @@ pub fn linear_w8a8(
     assert_eq!(x.len(), n * w.k);
     assert_eq!(y.len(), n * w.m);
     let mut xq = Vec::new();
-    let sx = quantize_activations(x, n, w.k, w.kp, &mut xq);
+    let sx = quantize_activations_par(x, n, w.k, w.kp, &mut xq, par);
     gemm(w, &xq, &sx, n, bias, y, isa, par);
 }
 

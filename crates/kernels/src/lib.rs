@@ -2,6 +2,7 @@
 //! SIMD versions (AVX-512 VNNI, AVX2) keep its semantics, are picked at run time, and are property-tested
 //! against the reference on random shapes with ragged tails.
 
+pub mod act;
 pub mod int8;
 
 /// Which implementation a kernel uses.

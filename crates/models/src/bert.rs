@@ -157,7 +157,7 @@ impl BertBlock {
         let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
         let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?; // (B, T, H*D)
         let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
-        let m = self.intermediate.forward(&x)?.gelu_erf()?; // (B, T, I)
+        let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
         self.out_norm.forward(&(self.output.forward(&m)? + x)?)
     }
 

@@ -1,0 +1,49 @@
+//! Elementwise ops whittle runs itself rather than through candle (see `whittle_kernels::act`).
+
+use candle_core::Tensor;
+use whittle_kernels::int8::Parallel;
+
+use crate::linear::CandlePool;
+use crate::Result;
+
+/// Exact-form GELU, `x · ½(1 + erf(x/√2))`, with a vectorizable erf, split over the thread pool.
+///
+/// # Shapes
+/// - any shape, f32; returns the same shape
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let mut v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    const CHUNK: usize = 4096;
+    let n = v.len();
+    let p = SendPtr(v.as_mut_ptr());
+    CandlePool.for_each(n.div_ceil(CHUNK), &|range| {
+        #[allow(clippy::redundant_locals)]
+        let p = p;
+        for c in range {
+            let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            // SAFETY: chunk [a, b) of `v` is touched by this task only.
+            let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) };
+            whittle_kernels::act::gelu_erf(s);
+        }
+    });
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint chunks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_candle() {
+        let x = (Tensor::arange(-5000f32, 5000., &candle_core::Device::Cpu).unwrap() * 0.001).unwrap();
+        let a: Vec<f32> = gelu_erf(&x).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = x.gelu_erf().unwrap().to_vec1().unwrap();
+        let d = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-6, "{d}");
+    }
+}
