@@ -13,6 +13,11 @@ use whittle_eval::{bench, classify, cloze, data, ppl, sts, Metrics};
 use whittle_models::generate::{generate, Sampling};
 use whittle_models::{load, stats, text, LoadOptions, Loaded, Model};
 
+/// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
+/// back on every op (measured: whittle bench, MiniLM w8a8).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "whittle", version, about = "Make Transformer models smaller and faster, and prove it with numbers.")]
 struct Cli {

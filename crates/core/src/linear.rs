@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use whittle_kernels::f32::PackedF32;
 use whittle_kernels::int8::{linear_w8a8, PackedI8, Parallel};
 use whittle_kernels::Isa;
 
@@ -27,6 +28,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
+    /// A dense f32 weight packed for whittle's f32 kernel, built on first use where the CPU has it.
+    packed_f32: std::sync::OnceLock<Arc<PackedF32>>,
 }
 
 /// A tensor as it is written to disk: a candle tensor, or int8 data candle has no dtype for.
@@ -92,14 +95,26 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Self::check_bias(&bias, out_features)?;
-        Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features, in_features })
+        Ok(Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            out_features,
+            in_features,
+            packed_f32: Default::default(),
+        })
     }
 
     /// A w8a8-dynamic Linear from packed int8 weights.
     pub fn int8_dynamic(p: PackedI8, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = (p.m, p.k);
         Self::check_bias(&bias, out_features)?;
-        Ok(Self { weight: LinearWeight::Int8Dynamic(Arc::new(p)), bias, out_features, in_features })
+        Ok(Self {
+            weight: LinearWeight::Int8Dynamic(Arc::new(p)),
+            bias,
+            out_features,
+            in_features,
+            packed_f32: Default::default(),
+        })
     }
 
     fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
@@ -200,6 +215,25 @@ impl Linear {
         *out_dims.last_mut().unwrap() = self.out_features;
         let x2 = x.reshape((rows, in_f))?; // (N, in)
         let y = match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == DType::F32 && PackedF32::available() && x.device().is_cpu() => {
+                let p = match self.packed_f32.get() {
+                    Some(p) => p.clone(),
+                    None => {
+                        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                        let p = Arc::new(PackedF32::new(&wv, self.out_features, self.in_features));
+                        self.packed_f32.get_or_init(|| p).clone()
+                    }
+                };
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
+                };
+                let mut y = vec![0f32; rows * self.out_features];
+                with_f32_slice(&x2, |xs| {
+                    whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), &mut y, &CandlePool)
+                })?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
             LinearWeight::Dense(w) => {
                 let w = if w.dtype() == DType::F32 { w.clone() } else { w.to_dtype(DType::F32)? };
                 let y = x2.matmul(&w.t()?)?; // (N, out)

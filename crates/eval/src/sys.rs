@@ -34,6 +34,9 @@ pub fn kernel() -> String {
         } else {
             "sse2"
         };
+        if whittle_kernels::f32::PackedF32::available() {
+            return "whittle f32 avx512".to_string();
+        }
         format!("candle-gemm f32 ({isa})")
     }
     #[cfg(not(target_arch = "x86_64"))]

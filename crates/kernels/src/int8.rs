@@ -49,8 +49,10 @@ impl Parallel for Serial {
 pub const MB: usize = 16;
 /// k values per 32-bit lane.
 pub const KG: usize = 4;
-/// Rows per micro-tile.
+/// Rows per micro-tile (one channel block).
 const MR: usize = 4;
+/// Rows per micro-tile of two channel blocks: 12 accumulators, 2 weight and 1 broadcast registers.
+const MR2: usize = 6;
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
@@ -136,13 +138,77 @@ impl PackedI8 {
     }
 }
 
+/// Quantizes one row symmetrically to `dst`; returns its scale `max|x| / 127`.
+pub fn quantize_row(row: &[f32], dst: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512Vnni {
+        // SAFETY: AVX-512 presence checked; dst.len() == row.len().
+        return unsafe { quantize_row_avx512(row, dst) };
+    }
+    quantize_row_ref(row, dst)
+}
+
+/// The specification of [`quantize_row`].
+pub fn quantize_row_ref(row: &[f32], dst: &mut [i8]) -> f32 {
+    let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (d, &v) in dst.iter_mut().zip(row) {
+        *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
+    }
+    scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(row: &[f32], dst: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = row.len();
+    let full = k / 16 * 16;
+    let mut vmax = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < full {
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row.as_ptr().add(i))));
+        i += 16;
+    }
+    let mut amax = _mm512_reduce_max_ps(vmax);
+    for &v in &row[full..] {
+        amax = amax.max(v.abs());
+    }
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let vinv = _mm512_set1_ps(inv);
+    let half = _mm512_set1_ps(0.5);
+    let sign = _mm512_set1_ps(-0.0);
+    let mut i = 0;
+    while i < full {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vinv);
+        // round half away from zero: truncate(v + copysign(0.5, v)), as `round_i8`
+        let h = _mm512_or_ps(half, _mm512_and_ps(v, sign));
+        let q = _mm512_cvttps_epi32(_mm512_add_ps(v, h));
+        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, _mm512_cvtsepi32_epi8(q));
+        i += 16;
+    }
+    for (d, &v) in dst[full..].iter_mut().zip(&row[full..]) {
+        *d = round_i8(v * inv);
+    }
+    scale
+}
+
 /// Per-row quantization of activations `x` (n × k) into `xq` (n × kp, zero-padded); returns the scales.
 pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>) -> Vec<f32> {
     quantize_activations_par(x, n, k, kp, xq, &Serial)
 }
 
 /// [`quantize_activations`], rows split over `par`.
-pub fn quantize_activations_par(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>, par: &dyn Parallel) -> Vec<f32> {
+pub fn quantize_activations_par(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    kp: usize,
+    xq: &mut Vec<i8>,
+    par: &dyn Parallel,
+) -> Vec<f32> {
     xq.clear();
     xq.resize(n * kp, 0);
     let mut s = vec![0f32; n];
@@ -154,15 +220,9 @@ pub fn quantize_activations_par(x: &[f32], n: usize, k: usize, kp: usize, xq: &m
         for c in range {
             for r in c * chunk..((c + 1) * chunk).min(n) {
                 let row = &x[r * k..(r + 1) * k];
-                let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                 // SAFETY: row r of xq (kp bytes) and s[r] are written by this task only.
                 let dst = unsafe { std::slice::from_raw_parts_mut((qp.0 as *mut i8).add(r * kp), k) };
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
-                }
-                unsafe { *sp.0.add(r) = scale };
+                unsafe { *sp.0.add(r) = quantize_row(row, dst) };
             }
         }
     });
@@ -231,38 +291,91 @@ pub fn gemm(
     bvec.resize(mp, 0.0);
     let off: Vec<i32> = if isa == Isa::Avx512Vnni { w.wsum.iter().map(|s| 128 * s).collect() } else { vec![0; mp] };
     let row_tasks = n.div_ceil(ROWS_PER_TASK);
+    let pairs = w.nblocks.div_ceil(2);
     let yp = SendPtr(y.as_mut_ptr());
     let m = w.m;
     let task = |t: usize| {
         // Capture the whole wrapper: edition-2021 closures would otherwise capture the raw pointer field alone.
         #[allow(clippy::redundant_locals)]
         let yp = yp;
-        let (rt, b) = (t / w.nblocks, t % w.nblocks);
+        let (rt, pair) = (t / pairs, t % pairs);
         let r1 = ((rt + 1) * ROWS_PER_TASK).min(n);
-        let valid = (m - b * MB).min(MB);
-        let ep = Epilogue { scale: &scale[b * MB..], bias: &bvec[b * MB..], off: &off[b * MB..], valid, m };
+        let b = 2 * pair;
+        let two = b + 1 < w.nblocks;
+        let ep = |b: usize| Epilogue {
+            scale: &scale[b * MB..],
+            bias: &bvec[b * MB..],
+            off: &off[b * MB..],
+            valid: (m - b * MB).min(MB),
+            m,
+        };
+        let (ep0, ep1) = (ep(b), ep(if two { b + 1 } else { b }));
         let mut r = rt * ROWS_PER_TASK;
         while r < r1 {
-            let rows = (r1 - r).min(MR);
             // SAFETY: the ISA was checked above; xq/xu hold n × kp bytes and each block kp × 16; the tile
-            // writes rows r..r+rows, channels b·16 .. b·16+valid of y, which no other task writes.
+            // writes rows r..r+rows, channels of blocks b (and b+1) of y, which no other task writes.
             unsafe {
                 let yrow = yp.0.add(r * m + b * MB);
                 #[cfg(target_arch = "x86_64")]
                 match isa {
+                    Isa::Avx512Vnni if two => {
+                        let rows = (r1 - r).min(MR2);
+                        tile_vnni2(
+                            &xu[r * w.kp..(r + rows) * w.kp],
+                            rows,
+                            w.kp,
+                            w.block(b),
+                            w.block(b + 1),
+                            &sx[r..r + rows],
+                            &ep0,
+                            &ep1,
+                            yrow,
+                        );
+                        r += rows;
+                    }
                     Isa::Avx512Vnni => {
-                        tile_vnni(&xu[r * w.kp..(r + rows) * w.kp], rows, w.kp, w.block(b), &sx[r..r + rows], &ep, yrow)
+                        let rows = (r1 - r).min(MR);
+                        tile_vnni(
+                            &xu[r * w.kp..(r + rows) * w.kp],
+                            rows,
+                            w.kp,
+                            w.block(b),
+                            &sx[r..r + rows],
+                            &ep0,
+                            yrow,
+                        );
+                        r += rows;
                     }
                     Isa::Avx2 => {
-                        tile_avx2(&xq[r * w.kp..(r + rows) * w.kp], rows, w.kp, w.block(b), &sx[r..r + rows], &ep, yrow)
+                        let rows = (r1 - r).min(MR);
+                        tile_avx2(
+                            &xq[r * w.kp..(r + rows) * w.kp],
+                            rows,
+                            w.kp,
+                            w.block(b),
+                            &sx[r..r + rows],
+                            &ep0,
+                            yrow,
+                        );
+                        if two {
+                            tile_avx2(
+                                &xq[r * w.kp..(r + rows) * w.kp],
+                                rows,
+                                w.kp,
+                                w.block(b + 1),
+                                &sx[r..r + rows],
+                                &ep1,
+                                yrow.add(MB),
+                            );
+                        }
+                        r += rows;
                     }
                     Isa::Ref => unreachable!(),
                 }
             }
-            r += rows;
         }
     };
-    par.for_each(row_tasks * w.nblocks, &|range: Range<usize>| range.for_each(task));
+    par.for_each(row_tasks * pairs, &|range: Range<usize>| range.for_each(task));
 }
 
 /// Turns one block's i32 sums into outputs: `y = (acc − off) · s_x · s_w + b` for the `valid` channels.
@@ -324,6 +437,49 @@ unsafe fn tile_vnni(xu: &[u8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep
         let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*ai, off));
         let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[i]), scale), bias);
         _mm512_mask_storeu_ps(y.add(i * ep.m), mask, v);
+    }
+}
+
+/// Two channel blocks at once: every activation broadcast feeds two `vpdpbusd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_vnni2(
+    xu: &[u8],
+    rows: usize,
+    kp: usize,
+    wb0: &[i8],
+    wb1: &[i8],
+    sx: &[f32],
+    ep0: &Epilogue,
+    ep1: &Epilogue,
+    y: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut a0 = [_mm512_setzero_si512(); MR2];
+    let mut a1 = [_mm512_setzero_si512(); MR2];
+    let groups = kp / KG;
+    let xp = xu.as_ptr();
+    for g in 0..groups {
+        // SAFETY (caller): each block holds `groups` × 64 bytes; xu holds rows × kp bytes.
+        let w0 = _mm512_loadu_si512(wb0.as_ptr().add(g * 64) as *const _);
+        let w1 = _mm512_loadu_si512(wb1.as_ptr().add(g * 64) as *const _);
+        for i in 0..rows {
+            let x = _mm512_set1_epi32((xp.add(i * kp + g * KG) as *const i32).read_unaligned());
+            a0[i] = _mm512_dpbusd_epi32(a0[i], x, w0);
+            a1[i] = _mm512_dpbusd_epi32(a1[i], x, w1);
+        }
+    }
+    for (ep, a, yo) in [(ep0, &a0, 0), (ep1, &a1, MB)] {
+        let scale = _mm512_loadu_ps(ep.scale.as_ptr());
+        let bias = _mm512_loadu_ps(ep.bias.as_ptr());
+        let off = _mm512_loadu_si512(ep.off.as_ptr() as *const _);
+        let mask: __mmask16 = if ep.valid == MB { 0xffff } else { (1u16 << ep.valid) - 1 };
+        for (i, ai) in a.iter().enumerate().take(rows) {
+            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*ai, off));
+            let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[i]), scale), bias);
+            _mm512_mask_storeu_ps(y.add(i * ep.m + yo), mask, v);
+        }
     }
 }
 
@@ -404,6 +560,17 @@ mod tests {
         let shapes = [(1, 1, 1), (1, 16, 4), (3, 17, 5), (5, 33, 63), (7, 40, 130), (70, 50, 384), (129, 20, 7)];
         for (seed, &(n, m, k)) in (1..).zip(shapes.iter()) {
             check(n, m, k, seed);
+        }
+    }
+
+    #[test]
+    fn quantize_row_simd_matches_ref() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for k in [1, 15, 16, 17, 100, 384] {
+            let row: Vec<f32> = (0..k).map(|_| (rng.random::<f32>() - 0.5) * 10.0).collect();
+            let (mut a, mut b) = (vec![0i8; k], vec![0i8; k]);
+            assert_eq!(quantize_row(&row, &mut a), quantize_row_ref(&row, &mut b));
+            assert_eq!(a, b, "k = {k}");
         }
     }
 

@@ -1,0 +1,61 @@
+//! w8a8-dynamic end to end on tiny models: quantize, save, load back, same outputs bit for bit.
+
+use candle_core::{Device, Tensor};
+use whittle_models::llama::KvCache;
+use whittle_models::testing::{tiny_bert, tiny_llama};
+use whittle_models::{load, text, LoadOptions, Model};
+use whittle_quant::{quantize, Error, Plan};
+
+/// Sentence embeddings of the int8 model vs the float one (tiny random model, unit-norm outputs).
+const MAX_W8A8_EMBED_ABS_ERR: f32 = 0.05;
+
+#[test]
+fn bert_w8a8_roundtrip_is_bit_exact() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_bert(d.path());
+    let l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let before = text::embed_texts(&l, &["w3 w4 w5", "w9 w10"], 16, 2).unwrap();
+    let mut q = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let report = quantize(&mut q.model, &Plan::new("w8a8-dynamic", &[]).unwrap(), false, |_, _| {}).unwrap();
+    assert_eq!(report.layers.len(), 6);
+    assert!(report.linear_bytes_after * 2 < report.linear_bytes_before, "tiny layers: biases and scales weigh more");
+    let after = text::embed_texts(&q, &["w3 w4 w5", "w9 w10"], 16, 2).unwrap();
+    let err = before.iter().flatten().zip(after.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err > 0.0 && err < MAX_W8A8_EMBED_ABS_ERR, "{err}");
+    let out = d.path().join("q");
+    whittle_models::save::save_hf_dir(&q, &out, candle_core::DType::F32).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["layers"]["encoder.layer.0.output.dense"], "w8a8-dynamic");
+    let back = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert!(back.source.tensors.iter().any(|t| t.dtype == "i8"));
+    assert_eq!(text::embed_texts(&back, &["w3 w4 w5", "w9 w10"], 16, 2).unwrap(), after, "bit for bit");
+    // Requantizing needs the flag.
+    let mut again = back;
+    let e = quantize(&mut again.model, &Plan::new("w8a8-dynamic", &[]).unwrap(), false, |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::AlreadyQuantized(..)), "{e}");
+    assert!(quantize(&mut again.model, &Plan::new("w8a8-dynamic", &[]).unwrap(), true, |_, _| {}).is_ok());
+}
+
+#[test]
+fn llama_head_stays_float_unless_overridden_and_nan_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = tiny_llama(d.path());
+    let mut q = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    quantize(&mut q.model, &Plan::new("w8a8", &[]).unwrap(), false, |_, _| {}).unwrap();
+    let names: Vec<(String, bool)> = q.model.linears().into_iter().map(|(n, l)| (n, l.is_quantized())).collect();
+    assert!(names.iter().all(|(n, qz)| *qz == (n != "lm_head")), "{names:?}");
+    let Model::Llama(m) = &q.model else { panic!() };
+    let x = Tensor::new(&[1u32, 5, 9], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    assert!(m.forward(&x, &mut KvCache::default()).unwrap().dims() == [1, 3, 50]);
+    let mut h = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    quantize(&mut h.model, &Plan::new("w8a8", &["re:.*lm_head=w8a8".into()]).unwrap(), false, |_, _| {}).unwrap();
+    assert!(h.model.linears().iter().all(|(_, l)| l.is_quantized()));
+    // NaN in a weight: the error names the layer.
+    let i = t.iter().position(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap();
+    t[i].1 = (t[i].1.clone() * f64::NAN).unwrap();
+    whittle_formats::hf::write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
+    let mut bad = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let e = quantize(&mut bad.model, &Plan::new("w8a8", &[]).unwrap(), false, |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("model.layers.1.mlp.up_proj"), "{e}");
+}
