@@ -1,0 +1,45 @@
+//! `cargo bench -p whittle-kernels`: GFLOP/s (GOP/s for int8) of the Linear kernels at the shapes of
+//! all-MiniLM-L6-v2 (batch of 32 sentences ≈ 960 rows; batch 1 ≈ 16 rows) and SmolLM2 decoding (1 row),
+//! median of several runs, against the scalar reference where it is cheap enough to time.
+
+use std::time::Instant;
+
+use whittle_kernels::f32::{self as kf32, PackedF32};
+use whittle_kernels::int8::{self, PackedI8, Rayon};
+use whittle_kernels::Isa;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median((0..reps).map(|_| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    }).collect())
+}
+
+fn main() {
+    let shapes = [(960, 384, 384), (960, 1536, 384), (960, 384, 1536), (16, 1536, 384), (1, 1536, 576), (1, 576, 1536)];
+    println!("{:>5} {:>5} {:>5} | {:>12} {:>14} {:>14}", "n", "m", "k", "f32 GFLOP/s", "int8 GOP/s", "int8 ref GOP/s");
+    for (n, m, k) in shapes {
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let mut y = vec![0f32; n * m];
+        let ops = 2.0 * (n * m * k) as f64;
+        let pf = PackedF32::new(&w, m, k);
+        let tf = time(9, || kf32::gemm(&pf, &x, n, None, &mut y, &Rayon));
+        let pi = PackedI8::from_f32(&w, m, k);
+        let ti = time(9, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::detect(), &Rayon));
+        let tr = if n * m * k <= 16 * 1536 * 384 { Some(time(3, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::Ref, &Rayon))) } else { None };
+        println!(
+            "{n:>5} {m:>5} {k:>5} | {:>12.1} {:>14.1} {:>14}",
+            ops / tf / 1e9,
+            ops / ti / 1e9,
+            tr.map_or("-".into(), |t| format!("{:.1}", ops / t / 1e9))
+        );
+    }
+}
