@@ -15,7 +15,7 @@ use crate::Result;
 pub enum LinearWeight {
     /// Dense weight of shape (out_features, in_features), in any float dtype.
     Dense(Tensor),
-    /// int8 weights, symmetric per output channel; activations quantized per token at run time
+    /// int8 weights, symmetric per output channel; activations quantized per token (asymmetric u8) at run time
     /// (`w8a8-dynamic`). Packed once for the int8 GEMM.
     Int8Dynamic(Arc<PackedI8>),
 }

@@ -15,11 +15,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    median((0..reps).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    }).collect())
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 fn main() {
@@ -34,7 +38,11 @@ fn main() {
         let tf = time(9, || kf32::gemm(&pf, &x, n, None, &mut y, &Rayon));
         let pi = PackedI8::from_f32(&w, m, k);
         let ti = time(9, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::detect(), &Rayon));
-        let tr = if n * m * k <= 16 * 1536 * 384 { Some(time(3, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::Ref, &Rayon))) } else { None };
+        let tr = if n * m * k <= 16 * 1536 * 384 {
+            Some(time(3, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::Ref, &Rayon)))
+        } else {
+            None
+        };
         println!(
             "{n:>5} {m:>5} {k:>5} | {:>12.1} {:>14.1} {:>14}",
             ops / tf / 1e9,

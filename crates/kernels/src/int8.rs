@@ -1,20 +1,23 @@
-//! int8 × int8 → int32 GEMM for the w8a8 Linear: `y = x · Wᵀ + b` with per-row (per-token) activation
-//! scales and per-output-channel weight scales.
+//! 8-bit GEMM for the w8a8 Linear: `y = x · Wᵀ + b` with per-row (per-token) asymmetric activation
+//! quantization and symmetric per-output-channel weight quantization, as ONNX Runtime's dynamic quantization.
 //!
 //! ```text
-//! s_x[n]   = max_k |x[n,k]| / 127          x_q[n,k] = round(x[n,k] / s_x[n])  ∈ [-127, 127]
-//! s_w[m]   = max_k |W[m,k]| / 127          w_q[m,k] = round(W[m,k] / s_w[m])  ∈ [-127, 127]
-//! y[n,m]   = s_x[n] · s_w[m] · Σ_k x_q[n,k] · w_q[m,k]  +  b[m]        (Σ in i32: exact)
+//! x:  s_x[n] = (max(x,0) − min(x,0)) / 255   z[n] = round(−min(x,0) / s_x[n])   x_u = round(x / s_x) + z ∈ [0, 255]
+//! W:  s_w[m] = max_k |W[m,k]| / 127          w_q[m,k] = round(W[m,k] / s_w[m]) ∈ [-127, 127]
+//! y[n,m] = s_x[n] · s_w[m] · (Σ_k x_u[n,k] · w_q[m,k] − z[n] · Σ_k w_q[m,k])  +  b[m]      (Σ in i32: exact)
 //! ```
+//!
+//! Asymmetric activations matter: after GELU most values sit in [−0.17, max], and 255 levels over that
+//! range are twice as fine as symmetric ones over [−max, max].
 //!
 //! Packed weight layout (shared by both SIMD paths): output channels in blocks of 16, K padded to a
 //! multiple of 4; block `b`, k-group `g` holds 64 bytes: channel `c` (0..16) at `4c..4c+4` = `w_q[16b+c, 4g..4g+4]`.
 //! A 32-bit lane thus holds 4 consecutive k of one channel, the unit `vpdpbusd` and `pmaddubsw+pmaddwd` reduce.
+//! Padding (k ≥ K) holds x_u = z and w = 0, so it adds nothing.
 //!
-//! - AVX-512 VNNI: `vpdpbusd` multiplies unsigned × signed bytes, so activations are offset to `x_q + 128`
-//!   and `128 · Σ_k w_q[m,k]` (precomputed) is subtracted afterwards.
-//! - AVX2: `pmaddubsw` on `|x_q|` and `w_q · sign(x_q)` (llama.cpp's trick): each i16 pair sum is at most
-//!   2·127·127 < 2¹⁵, so it never saturates; `pmaddwd` with ones widens to i32.
+//! - AVX-512 VNNI: `vpdpbusd` multiplies unsigned × signed bytes: `x_u` as it is.
+//! - AVX2: `pmaddubsw` on `|x_u − 128|` and `w_q · sign(x_u − 128)` (llama.cpp's trick): each i16 pair sum is
+//!   at most 2·128·127 < 2¹⁵, so it never saturates; `pmaddwd` with ones widens to i32; `128 · Σw` is added back.
 
 use std::ops::Range;
 
@@ -138,8 +141,8 @@ impl PackedI8 {
     }
 }
 
-/// Quantizes one row symmetrically to `dst`; returns its scale `max|x| / 127`.
-pub fn quantize_row(row: &[f32], dst: &mut [i8]) -> f32 {
+/// Quantizes one row asymmetrically to `dst` (u8); returns its scale and zero point.
+pub fn quantize_row(row: &[f32], dst: &mut [u8]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
     if Isa::detect() == Isa::Avx512Vnni {
         // SAFETY: AVX-512 presence checked; dst.len() == row.len().
@@ -148,94 +151,118 @@ pub fn quantize_row(row: &[f32], dst: &mut [i8]) -> f32 {
     quantize_row_ref(row, dst)
 }
 
-/// The specification of [`quantize_row`].
-pub fn quantize_row_ref(row: &[f32], dst: &mut [i8]) -> f32 {
-    let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
-    let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    for (d, &v) in dst.iter_mut().zip(row) {
-        *d = round_i8(v * inv); // |v·inv| ≤ 127 by construction
+/// Scale and zero point of a row with the given extremes (0 always exactly representable).
+#[inline]
+fn scale_zero(lo: f32, hi: f32) -> (f32, i32, f32) {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    let scale = (hi - lo) / 255.0;
+    if scale > 0.0 {
+        let z = (-lo / scale).round().clamp(0.0, 255.0);
+        (scale, z as i32, 1.0 / scale)
+    } else {
+        (0.0, 0, 0.0)
     }
-    scale
+}
+
+/// The specification of [`quantize_row`]: `x_u = clamp(round(x / s) + z, 0, 255)`, round half away from zero.
+pub fn quantize_row_ref(row: &[f32], dst: &mut [u8]) -> (f32, i32) {
+    let (lo, hi) = row.iter().fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    let (scale, z, inv) = scale_zero(lo, hi);
+    for (d, &v) in dst.iter_mut().zip(row) {
+        *d = (round_i8_wide(v * inv) + z).clamp(0, 255) as u8;
+    }
+    (scale, z)
+}
+
+/// Round half away from zero to i32 without a libm call.
+#[inline(always)]
+fn round_i8_wide(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_row_avx512(row: &[f32], dst: &mut [i8]) -> f32 {
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(row: &[f32], dst: &mut [u8]) -> (f32, i32) {
     use std::arch::x86_64::*;
     let k = row.len();
     let full = k / 16 * 16;
-    let mut vmax = _mm512_setzero_ps();
+    let (mut vlo, mut vhi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut i = 0;
     while i < full {
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row.as_ptr().add(i))));
+        let v = _mm512_loadu_ps(row.as_ptr().add(i));
+        vlo = _mm512_min_ps(vlo, v);
+        vhi = _mm512_max_ps(vhi, v);
         i += 16;
     }
-    let mut amax = _mm512_reduce_max_ps(vmax);
+    let (mut lo, mut hi) = (_mm512_reduce_min_ps(vlo), _mm512_reduce_max_ps(vhi));
     for &v in &row[full..] {
-        amax = amax.max(v.abs());
+        lo = lo.min(v);
+        hi = hi.max(v);
     }
-    let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let (scale, z, inv) = scale_zero(lo, hi);
     let vinv = _mm512_set1_ps(inv);
     let half = _mm512_set1_ps(0.5);
     let sign = _mm512_set1_ps(-0.0);
+    let vz = _mm512_set1_epi32(z);
+    let (zero, top) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
     let mut i = 0;
     while i < full {
         let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vinv);
-        // round half away from zero: truncate(v + copysign(0.5, v)), as `round_i8`
+        // round half away from zero: truncate(v + copysign(0.5, v)), as `round_i8_wide`
         let h = _mm512_or_ps(half, _mm512_and_ps(v, sign));
-        let q = _mm512_cvttps_epi32(_mm512_add_ps(v, h));
-        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, _mm512_cvtsepi32_epi8(q));
+        let q = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_add_ps(v, h)), vz);
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, zero), top);
+        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi8(q));
         i += 16;
     }
     for (d, &v) in dst[full..].iter_mut().zip(&row[full..]) {
-        *d = round_i8(v * inv);
+        *d = (round_i8_wide(v * inv) + z).clamp(0, 255) as u8;
     }
-    scale
+    (scale, z)
 }
 
-/// Per-row quantization of activations `x` (n × k) into `xq` (n × kp, zero-padded); returns the scales.
-pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, xq: &mut Vec<i8>) -> Vec<f32> {
-    quantize_activations_par(x, n, k, kp, xq, &Serial)
+/// Quantized activations: `x_u` (n × kp, padding = z), scales and zero points per row.
+pub struct QuantizedActs {
+    pub xu: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
 }
 
-/// [`quantize_activations`], rows split over `par`.
-pub fn quantize_activations_par(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    kp: usize,
-    xq: &mut Vec<i8>,
-    par: &dyn Parallel,
-) -> Vec<f32> {
-    xq.clear();
-    xq.resize(n * kp, 0);
-    let mut s = vec![0f32; n];
-    let (qp, sp) = (SendPtr(xq.as_mut_ptr() as *mut f32), SendPtr(s.as_mut_ptr()));
+/// Per-row quantization of activations `x` (n × k), rows split over `par`.
+pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, par: &dyn Parallel) -> QuantizedActs {
+    let mut xu = vec![0u8; n * kp];
+    let mut scale = vec![0f32; n];
+    let mut zero = vec![0i32; n];
+    let (qp, sp, zp) =
+        (SendPtr(xu.as_mut_ptr() as *mut f32), SendPtr(scale.as_mut_ptr()), SendPtr(zero.as_mut_ptr() as *mut f32));
     let chunk = 16;
     par.for_each(n.div_ceil(chunk), &|range: Range<usize>| {
         #[allow(clippy::redundant_locals)]
-        let (qp, sp) = (qp, sp);
+        let (qp, sp, zp) = (qp, sp, zp);
         for c in range {
             for r in c * chunk..((c + 1) * chunk).min(n) {
                 let row = &x[r * k..(r + 1) * k];
-                // SAFETY: row r of xq (kp bytes) and s[r] are written by this task only.
-                let dst = unsafe { std::slice::from_raw_parts_mut((qp.0 as *mut i8).add(r * kp), k) };
-                unsafe { *sp.0.add(r) = quantize_row(row, dst) };
+                // SAFETY: row r of xu (kp bytes), scale[r] and zero[r] are written by this task only.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut((qp.0 as *mut u8).add(r * kp), kp);
+                    let (s, z) = quantize_row(row, &mut dst[..k]);
+                    dst[k..].fill(z as u8);
+                    *sp.0.add(r) = s;
+                    *(zp.0 as *mut i32).add(r) = z;
+                }
             }
         }
     });
-    s
+    QuantizedActs { xu, scale, zero }
 }
 
-/// The specification: `y[n,m] = s_x[n]·s_w[m]·Σ_k x_q[n,k]·w_q[m,k] + b[m]` on unpacked data.
-pub fn gemm_ref(w: &PackedI8, xq: &[i8], sx: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+/// The specification: `y[n,m] = s_x[n]·s_w[m]·Σ_k (x_u[n,k] − z[n])·w_q[m,k] + b[m]` on unpacked data.
+pub fn gemm_ref(w: &PackedI8, xa: &QuantizedActs, n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
     let (m, k, kp) = (w.m, w.k, w.kp);
     for r in 0..n {
         for c in 0..m {
-            let acc: i32 = (0..k).map(|kk| xq[r * kp + kk] as i32 * w.q[c * k + kk] as i32).sum();
-            y[r * m + c] = sx[r] * w.scale[c] * acc as f32 + bias.map_or(0.0, |b| b[c]);
+            let acc: i32 = (0..k).map(|kk| (xa.xu[r * kp + kk] as i32 - xa.zero[r]) * w.q[c * k + kk] as i32).sum();
+            y[r * m + c] = xa.scale[r] * w.scale[c] * acc as f32 + bias.map_or(0.0, |b| b[c]);
         }
     }
 }
@@ -252,9 +279,8 @@ pub fn linear_w8a8(
 ) {
     assert_eq!(x.len(), n * w.k);
     assert_eq!(y.len(), n * w.m);
-    let mut xq = Vec::new();
-    let sx = quantize_activations_par(x, n, w.k, w.kp, &mut xq, par);
-    gemm(w, &xq, &sx, n, bias, y, isa, par);
+    let xa = quantize_activations(x, n, w.k, w.kp, par);
+    gemm(w, &xa, n, bias, y, isa, par);
 }
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of `y` elements.
@@ -264,12 +290,10 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// int8 GEMM on pre-quantized activations `xq` (n × kp) with scales `sx`.
-#[allow(clippy::too_many_arguments)]
+/// 8-bit GEMM on pre-quantized activations.
 pub fn gemm(
     w: &PackedI8,
-    xq: &[i8],
-    sx: &[f32],
+    xa: &QuantizedActs,
     n: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
@@ -277,19 +301,20 @@ pub fn gemm(
     par: &dyn Parallel,
 ) {
     assert!(isa.supported(), "kernel {} is not supported on this CPU", isa.name());
-    assert_eq!(xq.len(), n * w.kp);
+    assert_eq!(xa.xu.len(), n * w.kp);
     if isa == Isa::Ref || n == 0 {
-        return gemm_ref(w, xq, sx, n, bias, y);
+        return gemm_ref(w, xa, n, bias, y);
     }
-    // VNNI takes unsigned activations: offset by 128 once per call.
-    let xu: Vec<u8> = if isa == Isa::Avx512Vnni { xq.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { Vec::new() };
-    // Per-channel epilogue constants, padded to whole blocks: s_w, bias, and the VNNI offset 128·Σw.
+    // AVX2 takes signed activations x_u − 128 and its sums are short by 128·Σw: fold that into the zero point.
+    let xs: Vec<u8> = if isa == Isa::Avx2 { xa.xu.iter().map(|&v| v ^ 0x80).collect() } else { Vec::new() };
+    let zoff: Vec<i32> = if isa == Isa::Avx2 { xa.zero.iter().map(|z| z - 128).collect() } else { xa.zero.clone() };
+    let (sx, xu) = (&xa.scale, if isa == Isa::Avx2 { &xs } else { &xa.xu });
+    // Per-channel epilogue constants, padded to whole blocks: s_w, bias, Σw.
     let mp = w.nblocks * MB;
     let mut scale = w.scale.clone();
     scale.resize(mp, 0.0);
     let mut bvec = bias.map_or_else(|| vec![0.0; w.m], |b| b.to_vec());
     bvec.resize(mp, 0.0);
-    let off: Vec<i32> = if isa == Isa::Avx512Vnni { w.wsum.iter().map(|s| 128 * s).collect() } else { vec![0; mp] };
     let row_tasks = n.div_ceil(ROWS_PER_TASK);
     let pairs = w.nblocks.div_ceil(2);
     let yp = SendPtr(y.as_mut_ptr());
@@ -305,14 +330,14 @@ pub fn gemm(
         let ep = |b: usize| Epilogue {
             scale: &scale[b * MB..],
             bias: &bvec[b * MB..],
-            off: &off[b * MB..],
+            wsum: &w.wsum[b * MB..],
             valid: (m - b * MB).min(MB),
             m,
         };
         let (ep0, ep1) = (ep(b), ep(if two { b + 1 } else { b }));
         let mut r = rt * ROWS_PER_TASK;
         while r < r1 {
-            // SAFETY: the ISA was checked above; xq/xu hold n × kp bytes and each block kp × 16; the tile
+            // SAFETY: the ISA was checked above; xu holds n × kp bytes and each block kp × 16; the tile
             // writes rows r..r+rows, channels of blocks b (and b+1) of y, which no other task writes.
             unsafe {
                 let yrow = yp.0.add(r * m + b * MB);
@@ -327,6 +352,7 @@ pub fn gemm(
                             w.block(b),
                             w.block(b + 1),
                             &sx[r..r + rows],
+                            &zoff[r..r + rows],
                             &ep0,
                             &ep1,
                             yrow,
@@ -341,6 +367,7 @@ pub fn gemm(
                             w.kp,
                             w.block(b),
                             &sx[r..r + rows],
+                            &zoff[r..r + rows],
                             &ep0,
                             yrow,
                         );
@@ -349,21 +376,23 @@ pub fn gemm(
                     Isa::Avx2 => {
                         let rows = (r1 - r).min(MR);
                         tile_avx2(
-                            &xq[r * w.kp..(r + rows) * w.kp],
+                            &xu[r * w.kp..(r + rows) * w.kp],
                             rows,
                             w.kp,
                             w.block(b),
                             &sx[r..r + rows],
+                            &zoff[r..r + rows],
                             &ep0,
                             yrow,
                         );
                         if two {
                             tile_avx2(
-                                &xq[r * w.kp..(r + rows) * w.kp],
+                                &xu[r * w.kp..(r + rows) * w.kp],
                                 rows,
                                 w.kp,
                                 w.block(b + 1),
                                 &sx[r..r + rows],
+                                &zoff[r..r + rows],
                                 &ep1,
                                 yrow.add(MB),
                             );
@@ -378,11 +407,11 @@ pub fn gemm(
     par.for_each(row_tasks * pairs, &|range: Range<usize>| range.for_each(task));
 }
 
-/// Turns one block's i32 sums into outputs: `y = (acc − off) · s_x · s_w + b` for the `valid` channels.
+/// Turns one block's i32 sums into outputs: `y = (acc − z·Σw) · s_x · s_w + b` for the `valid` channels.
 struct Epilogue<'a> {
     scale: &'a [f32],
     bias: &'a [f32],
-    off: &'a [i32],
+    wsum: &'a [i32],
     valid: usize,
     /// Row stride of y.
     m: usize,
@@ -393,50 +422,46 @@ impl Epilogue<'_> {
     ///
     /// # Safety
     /// `y` must be valid for `self.valid` writes.
-    unsafe fn row(&self, acc: &[i32; MB], sx: f32, y: *mut f32) {
+    unsafe fn row(&self, acc: &[i32; MB], sx: f32, z: i32, y: *mut f32) {
         for (c, &a) in acc.iter().enumerate().take(self.valid) {
-            *y.add(c) = (a - self.off[c]) as f32 * sx * self.scale[c] + self.bias[c];
+            *y.add(c) = (a - z * self.wsum[c]) as f32 * sx * self.scale[c] + self.bias[c];
         }
+    }
+
+    /// Vector epilogue of one row (AVX-512).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row512(&self, acc: std::arch::x86_64::__m512i, sx: f32, z: i32, y: *mut f32) {
+        use std::arch::x86_64::*;
+        let scale = _mm512_loadu_ps(self.scale.as_ptr());
+        let bias = _mm512_loadu_ps(self.bias.as_ptr());
+        let wsum = _mm512_loadu_si512(self.wsum.as_ptr() as *const _);
+        let mask: __mmask16 = if self.valid >= MB { 0xffff } else { ((1u32 << self.valid) - 1) as u16 };
+        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(z), wsum)));
+        let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx), scale), bias);
+        _mm512_mask_storeu_ps(y, mask, v);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_vnni(xu: &[u8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep: &Epilogue, y: *mut f32) {
+unsafe fn tile_vnni(xu: &[u8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], z: &[i32], ep: &Epilogue, y: *mut f32) {
     use std::arch::x86_64::*;
     let mut a = [_mm512_setzero_si512(); MR];
     let groups = kp / KG;
     let xp = xu.as_ptr();
     let wp = wb.as_ptr();
-    // Two k-groups per iteration keep more independent dpbusd chains in flight.
-    let mut g = 0;
-    while g + 2 <= groups {
+    for g in 0..groups {
         // SAFETY (caller): wb holds `groups` × 64 bytes; xu holds rows × kp bytes.
-        let w0 = _mm512_loadu_si512(wp.add(g * 64) as *const _);
-        let w1 = _mm512_loadu_si512(wp.add(g * 64 + 64) as *const _);
-        for (i, ai) in a.iter_mut().enumerate().take(rows) {
-            let x0 = _mm512_set1_epi32((xp.add(i * kp + g * KG) as *const i32).read_unaligned());
-            let x1 = _mm512_set1_epi32((xp.add(i * kp + g * KG + KG) as *const i32).read_unaligned());
-            *ai = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*ai, x0, w0), x1, w1);
-        }
-        g += 2;
-    }
-    if g < groups {
         let w0 = _mm512_loadu_si512(wp.add(g * 64) as *const _);
         for (i, ai) in a.iter_mut().enumerate().take(rows) {
             let x0 = _mm512_set1_epi32((xp.add(i * kp + g * KG) as *const i32).read_unaligned());
             *ai = _mm512_dpbusd_epi32(*ai, x0, w0);
         }
     }
-    let scale = _mm512_loadu_ps(ep.scale.as_ptr());
-    let bias = _mm512_loadu_ps(ep.bias.as_ptr());
-    let off = _mm512_loadu_si512(ep.off.as_ptr() as *const _);
-    let mask: __mmask16 = if ep.valid == MB { 0xffff } else { (1u16 << ep.valid) - 1 };
     for (i, ai) in a.iter().enumerate().take(rows) {
-        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*ai, off));
-        let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[i]), scale), bias);
-        _mm512_mask_storeu_ps(y.add(i * ep.m), mask, v);
+        ep.row512(*ai, sx[i], z[i], y.add(i * ep.m));
     }
 }
 
@@ -451,6 +476,7 @@ unsafe fn tile_vnni2(
     wb0: &[i8],
     wb1: &[i8],
     sx: &[f32],
+    z: &[i32],
     ep0: &Epilogue,
     ep1: &Epilogue,
     y: *mut f32,
@@ -470,34 +496,27 @@ unsafe fn tile_vnni2(
             a1[i] = _mm512_dpbusd_epi32(a1[i], x, w1);
         }
     }
-    for (ep, a, yo) in [(ep0, &a0, 0), (ep1, &a1, MB)] {
-        let scale = _mm512_loadu_ps(ep.scale.as_ptr());
-        let bias = _mm512_loadu_ps(ep.bias.as_ptr());
-        let off = _mm512_loadu_si512(ep.off.as_ptr() as *const _);
-        let mask: __mmask16 = if ep.valid == MB { 0xffff } else { (1u16 << ep.valid) - 1 };
-        for (i, ai) in a.iter().enumerate().take(rows) {
-            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*ai, off));
-            let v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[i]), scale), bias);
-            _mm512_mask_storeu_ps(y.add(i * ep.m + yo), mask, v);
-        }
+    for i in 0..rows {
+        ep0.row512(a0[i], sx[i], z[i], y.add(i * ep0.m));
+        ep1.row512(a1[i], sx[i], z[i], y.add(i * ep1.m + MB));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx2(xq: &[i8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep: &Epilogue, y: *mut f32) {
+unsafe fn tile_avx2(xs: &[u8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], z: &[i32], ep: &Epilogue, y: *mut f32) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let mut lo = [_mm256_setzero_si256(); MR];
     let mut hi = [_mm256_setzero_si256(); MR];
     let groups = kp / KG;
     for g in 0..groups {
-        // SAFETY (caller): wb holds `groups` × 64 bytes; xq holds rows × kp bytes.
+        // SAFETY (caller): wb holds `groups` × 64 bytes; xs holds rows × kp bytes (x_u − 128 as i8).
         let w0 = _mm256_loadu_si256(wb.as_ptr().add(g * 64) as *const _);
         let w1 = _mm256_loadu_si256(wb.as_ptr().add(g * 64 + 32) as *const _);
         for i in 0..rows {
-            let xv = _mm256_set1_epi32((xq.as_ptr().add(i * kp + g * KG) as *const i32).read_unaligned());
+            let xv = _mm256_set1_epi32((xs.as_ptr().add(i * kp + g * KG) as *const i32).read_unaligned());
             let ax = _mm256_sign_epi8(xv, xv);
             let p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv));
             let p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv));
@@ -509,7 +528,7 @@ unsafe fn tile_avx2(xq: &[i8], rows: usize, kp: usize, wb: &[i8], sx: &[f32], ep
     for i in 0..rows {
         _mm256_storeu_si256(acc.as_mut_ptr() as *mut _, lo[i]);
         _mm256_storeu_si256(acc.as_mut_ptr().add(8) as *mut _, hi[i]);
-        ep.row(&acc, sx[i], y.add(i * ep.m));
+        ep.row(&acc, sx[i], z[i], y.add(i * ep.m));
     }
 }
 
@@ -568,7 +587,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for k in [1, 15, 16, 17, 100, 384] {
             let row: Vec<f32> = (0..k).map(|_| (rng.random::<f32>() - 0.5) * 10.0).collect();
-            let (mut a, mut b) = (vec![0i8; k], vec![0i8; k]);
+            let (mut a, mut b) = (vec![0u8; k], vec![0u8; k]);
             assert_eq!(quantize_row(&row, &mut a), quantize_row_ref(&row, &mut b));
             assert_eq!(a, b, "k = {k}");
         }

@@ -41,21 +41,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             .collect();
         config["quantization_config"] = serde_json::json!({
             "quant_method": "whittle",
-            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token at run time",
-            "layers": layers,
-        });
-    }
-    if !quantized.is_empty() {
-        let layers: serde_json::Map<String, serde_json::Value> = l
-            .model
-            .linears()
-            .into_iter()
-            .filter(|(_, l)| l.is_quantized())
-            .map(|(n, l)| (n, l.storage_name().into()))
-            .collect();
-        config["quantization_config"] = serde_json::json!({
-            "quant_method": "whittle",
-            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token at run time",
+            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token (asymmetric u8) at run time",
             "layers": layers,
         });
     }

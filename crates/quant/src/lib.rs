@@ -1,6 +1,6 @@
 //! whittle-quant: quantization passes over the Linear seam.
 //!
-//! Today: `w8a8-dynamic` — symmetric int8 weights per output channel, activations quantized per token at
+//! Today: `w8a8-dynamic` — symmetric int8 weights per output channel, activations quantized per token (asymmetric u8) at
 //! run time, int32 accumulation (what PyTorch's `quantize_dynamic` and ONNX Runtime's `quantize_dynamic`
 //! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
 //! them, as users of those tools expect.
