@@ -196,6 +196,40 @@ impl Linear {
         Ok(v)
     }
 
+    /// Several Linears on the same input (q/k/v, gate/up): int8 layers share one quantization of `x`.
+    ///
+    /// # Shapes
+    /// - `x`: (..., in_features); returns one (..., out_features_i) per layer
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let int8: Vec<&Arc<PackedI8>> = layers
+            .iter()
+            .filter_map(|l| if let LinearWeight::Int8Dynamic(p) = &l.weight { Some(p) } else { None })
+            .collect();
+        let in_f = *x.dims().last().unwrap_or(&0);
+        if int8.len() != layers.len() || layers.len() < 2 || layers.iter().any(|l| l.in_features != in_f) {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let (kp, isa) = (int8[0].kp, kernel());
+        let xa = with_f32_slice(&x.reshape((rows, in_f))?, |xs| {
+            whittle_kernels::int8::quantize_activations(xs, rows, in_f, kp, &CandlePool)
+        })?;
+        let mut out = Vec::with_capacity(layers.len());
+        for (l, p) in layers.iter().zip(int8) {
+            let bias: Option<Vec<f32>> = match &l.bias {
+                Some(b) => Some(b.to_vec1()?),
+                None => None,
+            };
+            let mut y = vec![0f32; rows * l.out_features];
+            whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), &mut y, isa, &CandlePool);
+            let mut od = dims.clone();
+            *od.last_mut().unwrap() = l.out_features;
+            out.push(Tensor::from_vec(y, od, x.device())?);
+        }
+        Ok(out)
+    }
+
     /// `y = x · Wᵀ + b`.
     ///
     /// # Shapes

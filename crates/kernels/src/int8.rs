@@ -209,7 +209,7 @@ unsafe fn quantize_row_avx512(row: &[f32], dst: &mut [u8]) -> (f32, i32) {
     while i < full {
         let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vinv);
         // round half away from zero: truncate(v + copysign(0.5, v)), as `round_i8_wide`
-        let h = _mm512_or_ps(half, _mm512_and_ps(v, sign));
+        let h = crate::act::bits::or(half, crate::act::bits::and(v, sign));
         let q = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_add_ps(v, h)), vz);
         let q = _mm512_min_epi32(_mm512_max_epi32(q, zero), top);
         _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi8(q));

@@ -151,9 +151,9 @@ impl BertBlock {
         let split = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
         };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
         let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?; // (B, T, H*D)
         let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;

@@ -392,7 +392,9 @@ impl LlamaBlock {
         let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?;
         let x = (x + self.o.forward(&a)?)?;
         let hx = self.mlp_norm.forward(&x)?;
-        let m = (self.gate.forward(&hx)?.silu()? * self.up.forward(&hx)?)?; // (B, T, F)
+        let [g, u]: [Tensor; 2] =
+            Linear::forward_shared(&[&self.gate, &self.up], &hx)?.try_into().expect("two outputs");
+        let m = (g.silu()? * u)?; // (B, T, F)
         Ok((x + self.down.forward(&m)?)?)
     }
 
