@@ -28,6 +28,24 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, x.shape(), x.device())?)
 }
 
+/// Fused encoder attention over right-padded batches (see `whittle_kernels::attn`).
+///
+/// # Shapes
+/// - `q`, `k`, `v`: (B, T, H·D) f32; `lens`: B real lengths; returns (B, T, H·D), padded rows zero
+pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens: &[usize]) -> Result<Tensor> {
+    let (b, t, w) = q.dims3()?;
+    let d = w / n_head;
+    let mut out = vec![0f32; b * t * w];
+    crate::linear::with_f32_slice(q, |qs| {
+        crate::linear::with_f32_slice(k, |ks| {
+            crate::linear::with_f32_slice(v, |vs| {
+                whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, d, lens, &mut out, &CandlePool)
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (b, t, w), q.device())?)
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint chunks.

@@ -3,6 +3,7 @@
 //! against the reference on random shapes with ragged tails.
 
 pub mod act;
+pub mod attn;
 pub mod f32;
 pub mod int8;
 

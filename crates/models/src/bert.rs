@@ -143,9 +143,11 @@ pub struct BertBlock {
 }
 
 impl BertBlock {
+    /// `lens`: the real length of each row when the batch is right-padded (the fused attention path).
+    ///
     /// # Shapes
     /// - `x`: (B, T, C); `mask`: (B, 1, 1, T) additive; returns (B, T, C)
-    pub fn forward(&self, x: &Tensor, mask: &Tensor, head_dim: usize) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &Tensor, lens: Option<&[usize]>, head_dim: usize) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
         let split = |y: Tensor| -> Result<Tensor> {
@@ -153,9 +155,14 @@ impl BertBlock {
         };
         let [q, k, v]: [Tensor; 3] =
             Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
-        let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?; // (B, T, H*D)
+        let a = match lens {
+            Some(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
+            None => {
+                let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+                let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
+                a.transpose(1, 2)?.reshape((b, t, h * head_dim))? // (B, T, H*D)
+            }
+        };
         let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
         let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
         self.out_norm.forward(&(self.output.forward(&m)? + x)?)
@@ -271,8 +278,13 @@ impl Bert {
                                          // Additive mask: 0 where attended, the most negative f32 where padded (as transformers does).
         let m = mask.to_dtype(DType::F32)?;
         let add = ((1.0 - m)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?; // (B, 1, 1, T)
+                                                                               // A right-padded mask (1…1 0…0 per row) takes the fused attention kernel.
+        let rows: Vec<Vec<u32>> = mask.to_dtype(DType::U32)?.to_vec2()?;
+        let prefix = rows.iter().all(|r| r.windows(2).all(|w| w[0] >= w[1]) && r.iter().all(|&v| v <= 1));
+        let lens: Vec<usize> = rows.iter().map(|r| r.iter().filter(|&&v| v == 1).count()).collect();
+        let lens = prefix.then_some(lens.as_slice());
         for blk in &self.blocks {
-            x = blk.forward(&x, &add, self.config.head_dim)?;
+            x = blk.forward(&x, &add, lens, self.config.head_dim)?;
         }
         Ok(x)
     }

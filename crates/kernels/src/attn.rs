@@ -1,0 +1,127 @@
+//! Fused attention for encoders with right-padded batches: for each (batch, head), scores
+//! `q_i·k_j / √d` over the `len_b` real keys, softmax, weighted sum of values — read from and written to
+//! the (B, T, H·D) layouts the projections produce, so no transposes, no (B, H, T, T) tensor, no mask tensor.
+//! Rows of padded queries (i ≥ len_b) are zeroed: padded positions never reach a real token (they are masked
+//! as keys) and pooling ignores them.
+
+use crate::act::exp_fast;
+use crate::int8::Parallel;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each (b, h) task writes only its own head's columns of its own batch rows.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `out (B, T, H·D) = softmax(q kᵀ / √D, keys < len_b) v`, per batch row b and head h.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    lens: &[usize],
+    out: &mut [f32],
+    par: &dyn Parallel,
+) {
+    let w = h * d;
+    assert!(q.len() == b * t * w && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
+    assert_eq!(lens.len(), b);
+    let scale = 1.0 / (d as f32).sqrt();
+    let op = SendPtr(out.as_mut_ptr());
+    par.for_each(b * h, &|range| {
+        #[allow(clippy::redundant_locals)]
+        let op = op;
+        let mut p = vec![0f32; t];
+        let mut acc = vec![0f32; d];
+        for task in range {
+            let (bi, hi) = (task / h, task % h);
+            let len = lens[bi].min(t);
+            let row = |j: usize| -> std::ops::Range<usize> {
+                let s = (bi * t + j) * w + hi * d;
+                s..s + d
+            };
+            for i in 0..t {
+                // SAFETY: (bi, i, head hi) is this task's own slice of `out`.
+                let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((bi * t + i) * w + hi * d), d) };
+                if i >= len {
+                    o.fill(0.0);
+                    continue;
+                }
+                let qi = &q[row(i)];
+                let mut mx = f32::NEG_INFINITY;
+                for j in 0..len {
+                    let s = qi.iter().zip(&k[row(j)]).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    p[j] = s;
+                    mx = mx.max(s);
+                }
+                let mut z = 0.0;
+                for pj in p[..len].iter_mut() {
+                    *pj = exp_fast(*pj - mx);
+                    z += *pj;
+                }
+                acc.fill(0.0);
+                for (j, &pj) in p[..len].iter().enumerate() {
+                    for (a, &vv) in acc.iter_mut().zip(&v[row(j)]) {
+                        *a += pj * vv;
+                    }
+                }
+                let inv = 1.0 / z;
+                for (oo, a) in o.iter_mut().zip(&acc) {
+                    *oo = a * inv;
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::int8::Serial;
+
+    const MAX_ATTN_ABS_ERR: f32 = 1e-5;
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn matches_naive_softmax_attention() {
+        let (b, t, h, d) = (2, 5, 3, 4);
+        let n = b * t * h * d;
+        let gen =
+            |s: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + s * 17) % 97) as f32 / 97.0 - 0.5) * 2.0).collect() };
+        let (q, k, v) = (gen(1), gen(2), gen(3));
+        let lens = [5, 3];
+        let mut out = vec![f32::NAN; n];
+        encoder_attention(&q, &k, &v, b, t, h, d, &lens, &mut out, &Serial);
+        let w = h * d;
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..t {
+                    let at = |x: &[f32], j: usize, c: usize| x[(bi * t + j) * w + hi * d + c];
+                    let got: Vec<f32> = (0..d).map(|c| out[(bi * t + i) * w + hi * d + c]).collect();
+                    if i >= lens[bi] {
+                        assert!(got.iter().all(|&x| x == 0.0));
+                        continue;
+                    }
+                    let s: Vec<f64> = (0..lens[bi])
+                        .map(|j| (0..d).map(|c| (at(&q, i, c) * at(&k, j, c)) as f64).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..lens[bi]).map(|j| e[j] / z * at(&v, j, c) as f64).sum();
+                        assert!(
+                            (got[c] as f64 - want).abs() < MAX_ATTN_ABS_ERR as f64,
+                            "b{bi} h{hi} i{i} c{c}: {} vs {want}",
+                            got[c]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
