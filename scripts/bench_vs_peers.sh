@@ -16,8 +16,11 @@ what=${*:-minilm smollm2}
 for w in $what; do
   case $w in
     minilm)
-      $W bench "$M/all-MiniLM-L6-v2" --reps 3 --json
-      $W eval "$M/all-MiniLM-L6-v2" --task sts --json
+      $W quantize "$M/all-MiniLM-L6-v2" --scheme w8a8-dynamic -o "$OUT/minilm-w8a8" --force >&2
+      for m in "$M/all-MiniLM-L6-v2" "$OUT/minilm-w8a8"; do
+        $W bench "$m" --reps 5 --json
+        $W eval "$m" --task sts --base "$M/all-MiniLM-L6-v2" --json
+      done
       $PY "$PEERS/minilm_peers.py" "$M/all-MiniLM-L6-v2" data/stsbenchmark/sts-test.tsv 1000 pytorch-fp32,onnxruntime-fp32,pytorch-dynamic-int8,onnxruntime-dynamic-int8 2>/dev/null
       ;;
     smollm2)

@@ -32,6 +32,10 @@ pub fn encoder_attention(
     assert_eq!(lens.len(), b);
     let scale = 1.0 / (d as f32).sqrt();
     let op = SendPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let simd = d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
     par.for_each(b * h, &|range| {
         #[allow(clippy::redundant_locals)]
         let op = op;
@@ -39,43 +43,99 @@ pub fn encoder_attention(
         let mut acc = vec![0f32; d];
         for task in range {
             let (bi, hi) = (task / h, task % h);
-            let len = lens[bi].min(t);
-            let row = |j: usize| -> std::ops::Range<usize> {
-                let s = (bi * t + j) * w + hi * d;
-                s..s + d
-            };
-            for i in 0..t {
-                // SAFETY: (bi, i, head hi) is this task's own slice of `out`.
-                let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((bi * t + i) * w + hi * d), d) };
-                if i >= len {
-                    o.fill(0.0);
+            let g = Geometry { bi, hi, t, w, d, len: lens[bi].min(t), scale };
+            // SAFETY: (bi, ·, head hi) is this task's own part of `out`; AVX-512 checked for `simd`.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    head_avx512(q, k, v, &g, &mut p, &mut acc, op.0);
                     continue;
                 }
-                let qi = &q[row(i)];
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..len {
-                    let s = qi.iter().zip(&k[row(j)]).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    p[j] = s;
-                    mx = mx.max(s);
-                }
-                let mut z = 0.0;
-                for pj in p[..len].iter_mut() {
-                    *pj = exp_fast(*pj - mx);
-                    z += *pj;
-                }
-                acc.fill(0.0);
-                for (j, &pj) in p[..len].iter().enumerate() {
-                    for (a, &vv) in acc.iter_mut().zip(&v[row(j)]) {
-                        *a += pj * vv;
-                    }
-                }
-                let inv = 1.0 / z;
-                for (oo, a) in o.iter_mut().zip(&acc) {
-                    *oo = a * inv;
-                }
+                head(q, k, v, &g, &mut p, &mut acc, op.0, dot_scalar);
             }
         }
     });
+}
+
+struct Geometry {
+    bi: usize,
+    hi: usize,
+    t: usize,
+    w: usize,
+    d: usize,
+    len: usize,
+    scale: f32,
+}
+
+#[inline(always)]
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One (batch row, head): every query row of it.
+///
+/// # Safety
+/// `out` must be valid for the (B, T, H·D) layout and this head's part written by no one else.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &Geometry,
+    p: &mut [f32],
+    acc: &mut [f32],
+    out: *mut f32,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let row = |j: usize| -> std::ops::Range<usize> {
+        let s = (g.bi * g.t + j) * g.w + g.hi * g.d;
+        s..s + g.d
+    };
+    for i in 0..g.t {
+        let o = std::slice::from_raw_parts_mut(out.add((g.bi * g.t + i) * g.w + g.hi * g.d), g.d);
+        if i >= g.len {
+            o.fill(0.0);
+            continue;
+        }
+        let qi = &q[row(i)];
+        let mut mx = f32::NEG_INFINITY;
+        for j in 0..g.len {
+            let s = dot(qi, &k[row(j)]) * g.scale;
+            p[j] = s;
+            mx = mx.max(s);
+        }
+        let mut z = 0.0;
+        for pj in p[..g.len].iter_mut() {
+            *pj = exp_fast(*pj - mx);
+            z += *pj;
+        }
+        acc.fill(0.0);
+        for (j, &pj) in p[..g.len].iter().enumerate() {
+            for (a, &vv) in acc.iter_mut().zip(&v[row(j)]) {
+                *a += pj * vv;
+            }
+        }
+        let inv = 1.0 / z;
+        for (oo, a) in o.iter_mut().zip(acc.iter()) {
+            *oo = a * inv;
+        }
+    }
+}
+
+/// [`head`] compiled for AVX-512 with an explicit vector dot product (D a multiple of 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx512(q: &[f32], k: &[f32], v: &[f32], g: &Geometry, p: &mut [f32], acc: &mut [f32], out: *mut f32) {
+    head(q, k, v, g, p, acc, out, |a: &[f32], b: &[f32]| {
+        use std::arch::x86_64::*;
+        let mut s = _mm512_setzero_ps();
+        for c in (0..a.len()).step_by(16) {
+            s = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(c)), _mm512_loadu_ps(b.as_ptr().add(c)), s);
+        }
+        _mm512_reduce_add_ps(s)
+    })
 }
 
 #[cfg(test)]
@@ -86,14 +146,18 @@ mod tests {
     const MAX_ATTN_ABS_ERR: f32 = 1e-5;
 
     #[test]
-    #[allow(clippy::needless_range_loop)]
     fn matches_naive_softmax_attention() {
-        let (b, t, h, d) = (2, 5, 3, 4);
+        check(2, 5, 3, 4); // scalar path
+        check(3, 7, 2, 32); // AVX-512 path where available
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    fn check(b: usize, t: usize, h: usize, d: usize) {
         let n = b * t * h * d;
         let gen =
             |s: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + s * 17) % 97) as f32 / 97.0 - 0.5) * 2.0).collect() };
         let (q, k, v) = (gen(1), gen(2), gen(3));
-        let lens = [5, 3];
+        let lens: Vec<usize> = (0..b).map(|i| t - (i * 2) % t).collect();
         let mut out = vec![f32::NAN; n];
         encoder_attention(&q, &k, &v, b, t, h, d, &lens, &mut out, &Serial);
         let w = h * d;

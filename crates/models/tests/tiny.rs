@@ -134,3 +134,64 @@ fn f16_convert_roundtrip_keeps_shapes() {
     // Writing over the input is refused.
     assert!(whittle_models::save::save_hf_dir(&back, &out, DType::F16).is_err());
 }
+
+#[test]
+fn sharded_safetensors_with_index_load_like_one_file() {
+    let d = tempfile::tempdir().unwrap();
+    let t = tiny_llama(d.path());
+    let one = load_dir(d.path()).unwrap();
+    // Split the same tensors over two shards with an index.
+    let s = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.path().join(f), s.path().join(f)).unwrap();
+    }
+    let (a, b) = t.split_at(t.len() / 2);
+    write_safetensors(&s.path().join("model-00001-of-00002.safetensors"), a, None).unwrap();
+    write_safetensors(&s.path().join("model-00002-of-00002.safetensors"), b, None).unwrap();
+    let mut map = serde_json::Map::new();
+    for (n, _) in a {
+        map.insert(n.clone(), json!("model-00001-of-00002.safetensors"));
+    }
+    for (n, _) in b {
+        map.insert(n.clone(), json!("model-00002-of-00002.safetensors"));
+    }
+    std::fs::write(s.path().join("model.safetensors.index.json"), json!({"weight_map": map}).to_string()).unwrap();
+    let two = load_dir(s.path()).unwrap();
+    let (Model::Llama(x), Model::Llama(y)) = (&one.model, &two.model) else { panic!() };
+    let ids = Tensor::new(&[1u32, 4, 8], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let a: Vec<f32> = x.forward(&ids, &mut KvCache::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = y.forward(&ids, &mut KvCache::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+    // An index naming a shard outside the directory is refused.
+    std::fs::write(
+        s.path().join("model.safetensors.index.json"),
+        json!({"weight_map": {"x": "../evil.safetensors"}}).to_string(),
+    )
+    .unwrap();
+    assert!(load_dir(s.path()).is_err());
+}
+
+#[test]
+fn qwen2_is_a_config_difference() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = tiny_llama(d.path());
+    // Qwen2: biases on q/k/v.
+    for i in 0..2 {
+        for (p, n) in [("q_proj", [32, 16][i]), ("k_proj", [16, 8][i]), ("v_proj", [16, 8][i])] {
+            t.push((format!("model.layers.{i}.self_attn.{p}.bias"), rand(&[n], 70 + i as u64)));
+        }
+    }
+    write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = json!("qwen2");
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    let l = load_dir(d.path()).unwrap();
+    assert_eq!(l.model.family(), "qwen2");
+    assert!(l.model.linears().iter().filter(|(n, _)| n.ends_with("q_proj")).all(|(_, lin)| lin.bias.is_some()));
+    // Without the biases a qwen2 config is refused, naming the tensor.
+    let t: Vec<_> = t.into_iter().filter(|(n, _)| !n.ends_with(".bias")).collect();
+    write_safetensors(&d.path().join("model.safetensors"), &t, None).unwrap();
+    let e = load_dir(d.path()).err().unwrap();
+    assert!(e.to_string().contains("q_proj.bias"), "{e}");
+}
