@@ -33,7 +33,7 @@ pub fn encoder_attention(
     let scale = 1.0 / (d as f32).sqrt();
     let op = SendPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let simd = d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f");
+    let simd = d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     par.for_each(b * h, &|range| {
