@@ -479,6 +479,11 @@ fn progress_bar(what: &str) -> impl FnMut(usize, usize) {
     }
 }
 
+/// `f(a, b)` when both figures exist.
+fn both(a: Option<f64>, b: Option<f64>, f: impl Fn(f64, f64) -> f64) -> Option<f64> {
+    Some(f(a?, b?))
+}
+
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.prec$}"))
 }
@@ -635,14 +640,8 @@ fn cmd_compare(
         )?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
-            let d = match (m.ppl, b0.ppl) {
-                (Some(a), Some(b)) => Some(100.0 * (a / b - 1.0)),
-                _ => None,
-            };
-            let su = match (m.tg_tok_s, b0.tg_tok_s) {
-                (Some(a), Some(b)) => Some(a / b),
-                _ => None,
-            };
+            let d = both(m.ppl, b0.ppl, |a, b| 100.0 * (a / b - 1.0));
+            let su = both(m.tg_tok_s, b0.tg_tok_s, |a, b| a / b);
             writeln!(
                 out,
                 "| {} | {} | {}% | {} | {} | {:.1} | {} | {} | {} | {}x | {} |",
@@ -666,14 +665,8 @@ fn cmd_compare(
         )?;
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for m in &rows {
-            let d = match (m.sts_spearman, b0.sts_spearman) {
-                (Some(a), Some(b)) => Some(a - b),
-                _ => None,
-            };
-            let su = match (m.sent_per_s, b0.sent_per_s) {
-                (Some(a), Some(b)) => Some(a / b),
-                _ => None,
-            };
+            let d = both(m.sts_spearman, b0.sts_spearman, |a, b| a - b);
+            let su = both(m.sent_per_s, b0.sent_per_s, |a, b| a / b);
             writeln!(
                 out,
                 "| {} | {} | {} | {} | {:.1} | {} | {} | {}x | {} | {} | {} |",

@@ -120,12 +120,8 @@ impl HfDir {
         Ok(Self { dir, config, shards, index, infos })
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.join("config.json")
-    }
-
-    /// Loads a tensor keeping its stored float dtype (f32, f16 or bf16).
-    pub fn load(&self, name: &str) -> Result<Tensor> {
+    /// The shard, header entry and bytes of tensor `name`.
+    fn locate(&self, name: &str) -> Result<(&Shard, &safetensors::tensor::TensorInfo, &[u8])> {
         let si = *self
             .index
             .get(name)
@@ -133,7 +129,16 @@ impl HfDir {
         let sh = &self.shards[si];
         let ti = sh.meta.info(name).expect("indexed");
         let (a, b) = ti.data_offsets;
-        let raw = &sh.mmap[sh.data_start + a..sh.data_start + b];
+        Ok((sh, ti, &sh.mmap[sh.data_start + a..sh.data_start + b]))
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// Loads a tensor keeping its stored float dtype (f32, f16 or bf16).
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let (sh, ti, raw) = self.locate(name)?;
         let dt = match ti.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -157,12 +162,7 @@ impl HfDir {
 impl HfDir {
     /// Loads an int8 tensor (candle has no i8 dtype): its shape and values.
     pub fn load_i8(&self, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
-        let si = *self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
-        let sh = &self.shards[si];
-        let ti = sh.meta.info(name).expect("indexed");
+        let (sh, ti, raw) = self.locate(name)?;
         if ti.dtype != Dtype::I8 {
             return Err(Error::BadTensor {
                 path: sh.path.clone(),
@@ -170,8 +170,6 @@ impl HfDir {
                 msg: format!("expected i8, found {}", dtype_name(ti.dtype)),
             });
         }
-        let (a, b) = ti.data_offsets;
-        let raw = &sh.mmap[sh.data_start + a..sh.data_start + b];
         Ok((ti.shape.clone(), raw.iter().map(|&v| v as i8).collect()))
     }
 }
