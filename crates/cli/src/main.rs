@@ -160,9 +160,12 @@ enum Cmd {
         chunks: usize,
         #[command(flatten)]
         b: BenchArgs,
-        /// Reuse figures saved next to a model by `eval --save` / `bench --save` / an earlier compare
+        /// Reuse figures saved next to a model by `eval --save` / `bench --save` / `compare --save`
         #[arg(long)]
         reuse: bool,
+        /// Save each model's figures next to it (never done unless asked: models are inputs)
+        #[arg(long)]
+        save: bool,
         /// Write all results as JSON here
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -577,7 +580,9 @@ fn bench_model(l: &Loaded, name: &str, b: &BenchArgs) -> Result<Metrics> {
     Ok(m)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_compare(
+    save: bool,
     base: &str,
     variants: &[String],
     chunks: usize,
@@ -617,7 +622,9 @@ fn cmd_compare(
         let against = if name == base { None } else { Some(&base_l) };
         let mut m = eval_model(lm, &name, None, None, against, 512, Some(chunks), 128)?;
         m.merge(bench_model(lm, &name, b)?);
-        let _ = save_results(&name, &m);
+        if save {
+            save_results(&name, &m)?;
+        }
         rows.push(m);
     }
     let b0 = rows[0].clone();
@@ -788,8 +795,8 @@ fn run(cli: Cli) -> Result<()> {
                 print_metrics(&r)
             }
         }
-        Cmd::Compare { base, variants, chunks, b, reuse, output, json } => {
-            cmd_compare(&base, &variants, chunks, &b, reuse, output.as_deref(), json)
+        Cmd::Compare { base, variants, chunks, b, reuse, save, output, json } => {
+            cmd_compare(save, &base, &variants, chunks, &b, reuse, output.as_deref(), json)
         }
         Cmd::Inspect { m, json, seq } => cmd_inspect(&m, json, seq),
         Cmd::Convert { m, output, dtype } => cmd_convert(&m, &output, dtype),
