@@ -704,20 +704,53 @@ fn cmd_quantize(
     allow_requantize: bool,
     json: bool,
 ) -> Result<()> {
-    let plan = whittle_quant::Plan::new(scheme, overrides)?;
-    if output.extension().is_some_and(|e| e == "gguf") {
-        bail!("{}: GGUF output needs a GGUF block type (Q8_0, Q4_K_M, ...), which whittle does not write yet; use a directory", output.display());
+    let to_gguf = output.extension().is_some_and(|e| e == "gguf");
+    let gguf_scheme = scheme.eq_ignore_ascii_case("q8_0");
+    if to_gguf != gguf_scheme {
+        bail!(
+            "--scheme {scheme} with -o {}: GGUF block types (today: q8_0) are written as .gguf files, other schemes as directories",
+            output.display()
+        );
     }
     if output.exists() && !force {
         bail!("{} exists; pass --force to replace it", output.display());
     }
+    if gguf_scheme {
+        if !overrides.is_empty() {
+            bail!("--override is not supported with --scheme q8_0 yet");
+        }
+        let l = open(m)?;
+        if l.source.format != whittle_models::SourceFormat::Gguf {
+            bail!("--scheme q8_0 writes GGUF from a GGUF source (its tokenizer metadata is copied); {} is an HF directory", m.model);
+        }
+        let src = whittle_formats::gguf::Gguf::open(&l.source.path)?;
+        let report = whittle_quant::gguf_out::write_q8_0(&l, &src, output)?;
+        return print_quant_report(
+            &report,
+            output,
+            json,
+            whittle_eval::bench::model_bytes(&l),
+            std::fs::metadata(output)?.len(),
+        );
+    }
+    let plan = whittle_quant::Plan::new(scheme, overrides)?;
     let mut l = open(m)?;
     let mut pb = progress_bar("quantize");
     let report = whittle_quant::quantize(&mut l.model, &plan, allow_requantize, &mut pb)?;
     whittle_models::save::save_hf_dir(&l, output, DType::F32)
         .with_context(|| format!("writing {}", output.display()))?;
+    print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
+}
+
+fn print_quant_report(
+    report: &whittle_quant::Report,
+    output: &std::path::Path,
+    json: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
@@ -733,15 +766,14 @@ fn cmd_quantize(
             r.seconds * 1e3
         )?;
     }
-    let total = bench_bytes(output);
     writeln!(
         out,
-        "\n{} layers quantized; Linear weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
+        "\n{} layers quantized; weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
         report.layers.len(),
         report.linear_bytes_before as f64 / 1e6,
         report.linear_bytes_after as f64 / 1e6,
-        whittle_eval::bench::model_bytes(&l) as f64 / 1e6,
-        total as f64 / 1e6,
+        bytes_in as f64 / 1e6,
+        bytes_out as f64 / 1e6,
         report.seconds
     )?;
     writeln!(out, "wrote {}", output.display())?;

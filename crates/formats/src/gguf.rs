@@ -481,6 +481,18 @@ pub mod write {
         }
     }
 
+    /// Writes a GGUF v3 file atomically (temporary sibling, then rename).
+    pub fn write_file(
+        path: &std::path::Path,
+        metadata: &[(&str, Value)],
+        tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
+    ) -> crate::Result<()> {
+        let bytes = to_bytes(metadata, tensors);
+        let tmp = path.with_extension("gguf.tmp");
+        std::fs::write(&tmp, bytes).map_err(|source| crate::Error::Io { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })
+    }
+
     /// `tensors`: (name, ggml dims fastest-first, ggml type id, raw bytes).
     pub fn to_bytes(metadata: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();

@@ -5,6 +5,8 @@
 //! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
 //! them, as users of those tools expect.
 
+pub mod gguf_out;
+
 use std::time::Instant;
 
 use regex::Regex;
@@ -26,8 +28,14 @@ pub enum Error {
     NonFinite(String),
     #[error("layer `{0}` is already quantized ({1}); pass --allow-requantize to quantize it again from its dequantized weights")]
     AlreadyQuantized(String, String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Core(#[from] whittle_core::Error),
+    #[error(transparent)]
+    Model(#[from] whittle_models::Error),
+    #[error(transparent)]
+    Format(#[from] whittle_formats::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -44,7 +52,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    pub const VALID: &'static str = "w8a8-dynamic, keep";
+    pub const VALID: &'static str = "w8a8-dynamic, keep (directory output); q8_0 (.gguf output)";
 
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
