@@ -148,3 +148,42 @@ fn eval_json_keys_are_stable() {
     }
     assert_eq!(v["tokens"], 64);
 }
+
+#[test]
+fn quantize_bad_input_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let minilm = common::minilm();
+    let smol = common::smollm2();
+    let out = d.path().join("out");
+    let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "int3-magic", "-o", out.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("int3-magic") && stderr(&o).contains("w8a8-dynamic"),
+        "{}",
+        stderr(&o)
+    );
+    let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "q8_0", "-o", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains(".gguf"), "{}", stderr(&o));
+    let g = d.path().join("x.gguf");
+    let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "q8_0", "-o", g.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("GGUF source"), "{}", stderr(&o));
+    let o = whittle(&["quantize", smol.to_str().unwrap(), "--scheme", "w8a8-dynamic", "-o", g.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    std::fs::create_dir(&out).unwrap();
+    let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "w8a8-dynamic", "-o", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(!g.exists());
+    // With --force it writes, and the result reloads and embeds.
+    let o = whittle(&[
+        "quantize",
+        minilm.to_str().unwrap(),
+        "--scheme",
+        "w8a8-dynamic",
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = whittle(&["embed", out.to_str().unwrap(), "hello", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

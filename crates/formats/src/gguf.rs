@@ -481,20 +481,36 @@ pub mod write {
         }
     }
 
-    /// Writes a GGUF v3 file atomically (temporary sibling, then rename).
+    /// Writes a GGUF v3 file atomically (temporary sibling, then rename), streaming the tensor data.
     pub fn write_file(
         path: &std::path::Path,
         metadata: &[(&str, Value)],
         tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
     ) -> crate::Result<()> {
-        let bytes = to_bytes(metadata, tensors);
+        use std::io::Write;
         let tmp = path.with_extension("gguf.tmp");
-        std::fs::write(&tmp, bytes).map_err(|source| crate::Error::Io { path: tmp.clone(), source })?;
+        let io = |source| crate::Error::Io { path: tmp.clone(), source };
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let lens: Vec<(&str, &[u64], u32, usize)> =
+                tensors.iter().map(|(n, ne, ty, d)| (*n, ne.as_slice(), *ty, d.len())).collect();
+            f.write_all(&header(metadata, &lens))?;
+            for (_, _, _, data) in tensors {
+                f.write_all(data)?;
+                f.write_all(&[0u8; 32][..(32 - data.len() % 32) % 32])?;
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         std::fs::rename(&tmp, path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })
     }
 
-    /// `tensors`: (name, ggml dims fastest-first, ggml type id, raw bytes).
-    pub fn to_bytes(metadata: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+    /// The header of a GGUF v3 file up to the (32-aligned) start of the data: `tensors` give
+    /// (name, ggml dims fastest-first, ggml type id, data length); data are laid out in order, 32-aligned.
+    fn header(metadata: &[(&str, Value)], tensors: &[(&str, &[u64], u32, usize)]) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(3u32.to_le_bytes());
         out.extend((tensors.len() as u64).to_le_bytes());
@@ -505,19 +521,27 @@ pub mod write {
             put_value(&mut out, v);
         }
         let mut offset = 0u64;
-        for (name, ne, ty, data) in tensors {
+        for (name, ne, ty, len) in tensors {
             put_str(&mut out, name);
             out.extend((ne.len() as u32).to_le_bytes());
-            for d in ne {
+            for d in ne.iter() {
                 out.extend(d.to_le_bytes());
             }
             out.extend(ty.to_le_bytes());
             out.extend(offset.to_le_bytes());
-            offset += (data.len() as u64).div_ceil(32) * 32;
+            offset += (*len as u64).div_ceil(32) * 32;
         }
         while !out.len().is_multiple_of(32) {
             out.push(0);
         }
+        out
+    }
+
+    /// A whole GGUF v3 file in memory. `tensors`: (name, ggml dims fastest-first, ggml type id, raw bytes).
+    pub fn to_bytes(metadata: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+        let lens: Vec<(&str, &[u64], u32, usize)> =
+            tensors.iter().map(|(n, ne, ty, d)| (*n, ne.as_slice(), *ty, d.len())).collect();
+        let mut out = header(metadata, &lens);
         for (_, _, _, data) in tensors {
             out.extend(data);
             while !out.len().is_multiple_of(32) {
