@@ -67,6 +67,8 @@ fn gguf_source_roundtrip_and_q8_0_output() {
     // in 48; block 1's o_proj, in 16, and down_proj, in 24), which stay F32 as in llama.cpp.
     assert_eq!(report.layers.len(), 1 + 2 * 7 - 3);
     assert!(report.layers.iter().all(|r| (r.bpw - 8.5).abs() < 1e-9));
+    // Weights uniform in ±0.5: Q8_0 steps of ≤ 0.5/127 give an RMSE near step/√12 ≈ 1.1e-3.
+    assert!(report.layers.iter().all(|r| r.weight_rmse > 1e-4 && r.weight_rmse < 2e-3), "{:?}", report.layers);
     let g = Gguf::open(&out).unwrap();
     assert_eq!(g.get("general.file_type").and_then(|v| v.as_u64()), Some(7));
     assert_eq!(g.tensor("blk.0.attn_q.weight").unwrap().type_name, "q8_0");
