@@ -13,8 +13,3 @@ pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
 pub use linear::{kernel, set_kernel, Linear, LinearWeight, Stored};
 pub use whittle_kernels::Isa;
-
-/// Number of bytes one element of `dtype` occupies in memory.
-pub fn dtype_bytes(dtype: DType) -> usize {
-    dtype.size_in_bytes()
-}

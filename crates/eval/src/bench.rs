@@ -65,7 +65,10 @@ pub fn linear_bpw(l: &Loaded) -> Option<f64> {
             SourceFormat::HfDir => w,
         };
         if let Some(t) = l.source.tensors.iter().find(|t| t.name == src) {
-            bits += 8.0 * t.bytes as f64;
+            // Per-channel scales of int8 layers are part of the weight's cost.
+            let scale =
+                l.source.tensors.iter().find(|t| t.name == format!("{name}.weight_scale")).map_or(0, |t| t.bytes);
+            bits += 8.0 * (t.bytes + scale) as f64;
             params += (lin.in_features() * lin.out_features()) as f64;
         }
     }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use whittle_core::{Linear, Stored};
 use whittle_formats::gguf::Gguf;
@@ -590,11 +590,6 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
         None => None,
     };
     Ok(Linear::dense(w, b)?)
-}
-
-/// Converts f32 weights to `dtype` for saving (norms stay as they are asked too).
-pub fn cast_all(v: Vec<(String, Tensor)>, dtype: DType) -> Result<Vec<(String, Tensor)>> {
-    v.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
 }
 
 #[cfg(test)]
