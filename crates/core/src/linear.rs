@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use whittle_kernels::f32::PackedF32;
-use whittle_kernels::int8::{linear_w8a8, PackedI8, Parallel};
+use whittle_kernels::int8::{quantize_activations, PackedI8, Parallel};
 use whittle_kernels::Isa;
 
 use crate::Result;
@@ -221,8 +221,9 @@ impl Linear {
                 Some(b) => Some(b.to_vec1()?),
                 None => None,
             };
-            let mut y = vec![0f32; rows * l.out_features];
-            whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), &mut y, isa, &CandlePool);
+            let y = whittle_kernels::filled(rows * l.out_features, |y| {
+                whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, isa, &CandlePool)
+            });
             let mut od = dims.clone();
             *od.last_mut().unwrap() = l.out_features;
             out.push(Tensor::from_vec(y, od, x.device())?);
@@ -262,9 +263,10 @@ impl Linear {
                     Some(b) => Some(b.to_vec1()?),
                     None => None,
                 };
-                let mut y = vec![0f32; rows * self.out_features];
-                with_f32_slice(&x2, |xs| {
-                    whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), &mut y, &CandlePool)
+                let y = with_f32_slice(&x2, |xs| {
+                    whittle_kernels::filled(rows * self.out_features, |y| {
+                        whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &CandlePool)
+                    })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
@@ -281,8 +283,12 @@ impl Linear {
                     Some(b) => Some(b.to_vec1()?),
                     None => None,
                 };
-                let mut y = vec![0f32; rows * self.out_features];
-                with_f32_slice(&x2, |xs| linear_w8a8(p, xs, rows, bias.as_deref(), &mut y, kernel(), &CandlePool))?;
+                let y = with_f32_slice(&x2, |xs| {
+                    let xa = quantize_activations(xs, rows, p.k, p.kp, &CandlePool);
+                    whittle_kernels::filled(rows * self.out_features, |y| {
+                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, kernel(), &CandlePool)
+                    })
+                })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
         };

@@ -35,11 +35,12 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens: &[usize]) -> Result<Tensor> {
     let (b, t, w) = q.dims3()?;
     let d = w / n_head;
-    let mut out = vec![0f32; b * t * w];
-    crate::linear::with_f32_slice(q, |qs| {
+    let out = crate::linear::with_f32_slice(q, |qs| {
         crate::linear::with_f32_slice(k, |ks| {
             crate::linear::with_f32_slice(v, |vs| {
-                whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, d, lens, &mut out, &CandlePool)
+                whittle_kernels::filled(b * t * w, |out| {
+                    whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, d, lens, out, &CandlePool)
+                })
             })
         })
     })???;

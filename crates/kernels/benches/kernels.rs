@@ -35,7 +35,7 @@ fn main() {
         let mut y = vec![0f32; n * m];
         let ops = 2.0 * (n * m * k) as f64;
         let pf = PackedF32::new(&w, m, k);
-        let tf = time(9, || kf32::gemm(&pf, &x, n, None, &mut y, &Rayon));
+        let tf = time(9, || kf32::gemm(&pf, &x, n, None, whittle_kernels::as_uninit(&mut y), &Rayon));
         let pi = PackedI8::from_f32(&w, m, k);
         let ti = time(9, || int8::linear_w8a8(&pi, &x, n, None, &mut y, Isa::detect(), &Rayon));
         let tr = if n * m * k <= 16 * 1536 * 384 {

@@ -4,6 +4,8 @@
 //! Rows of padded queries (i ≥ len_b) are zeroed: padded positions never reach a real token (they are masked
 //! as keys) and pooling ignores them.
 
+use std::mem::MaybeUninit;
+
 use crate::act::exp_fast;
 use crate::int8::Parallel;
 
@@ -24,14 +26,14 @@ pub fn encoder_attention(
     h: usize,
     d: usize,
     lens: &[usize],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     par: &dyn Parallel,
 ) {
     let w = h * d;
     assert!(q.len() == b * t * w && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
     assert_eq!(lens.len(), b);
     let scale = 1.0 / (d as f32).sqrt();
-    let op = SendPtr(out.as_mut_ptr());
+    let op = SendPtr(out.as_mut_ptr() as *mut f32);
     #[cfg(target_arch = "x86_64")]
     let simd = d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
@@ -93,9 +95,12 @@ unsafe fn head(
         s..s + g.d
     };
     for i in 0..g.t {
-        let o = std::slice::from_raw_parts_mut(out.add((g.bi * g.t + i) * g.w + g.hi * g.d), g.d);
+        // Raw stores: `out` may be uninitialised memory.
+        let o = out.add((g.bi * g.t + i) * g.w + g.hi * g.d);
         if i >= g.len {
-            o.fill(0.0);
+            for c in 0..g.d {
+                o.add(c).write(0.0);
+            }
             continue;
         }
         let qi = &q[row(i)];
@@ -117,8 +122,8 @@ unsafe fn head(
             }
         }
         let inv = 1.0 / z;
-        for (oo, a) in o.iter_mut().zip(acc.iter()) {
-            *oo = a * inv;
+        for (c, a) in acc.iter().enumerate() {
+            o.add(c).write(a * inv);
         }
     }
 }
@@ -159,7 +164,7 @@ mod tests {
         let (q, k, v) = (gen(1), gen(2), gen(3));
         let lens: Vec<usize> = (0..b).map(|i| t - (i * 2) % t).collect();
         let mut out = vec![f32::NAN; n];
-        encoder_attention(&q, &k, &v, b, t, h, d, &lens, &mut out, &Serial);
+        encoder_attention(&q, &k, &v, b, t, h, d, &lens, crate::as_uninit(&mut out), &Serial);
         let w = h * d;
         for bi in 0..b {
             for hi in 0..h {

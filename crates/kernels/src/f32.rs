@@ -4,6 +4,7 @@
 //! Small batches (batch-1 latency, decoding) are where this beats a general GEMM; the result equals the
 //! reference up to f32 summation order.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::int8::Parallel;
@@ -48,7 +49,7 @@ impl PackedF32 {
 }
 
 /// The specification: `y[n,m] = Σ_k x[n,k]·w[m,k] + b[m]`, from the packed layout.
-pub fn gemm_ref(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+pub fn gemm_ref(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     for r in 0..n {
         for ch in 0..w.m {
             let (b, c) = (ch / MB, ch % MB);
@@ -56,7 +57,7 @@ pub fn gemm_ref(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mu
             for kk in 0..w.k {
                 acc += x[r * w.k + kk] * w.data[(b * w.k + kk) * MB + c];
             }
-            y[r * w.m + ch] = acc + bias.map_or(0.0, |bb| bb[ch]);
+            y[r * w.m + ch].write(acc + bias.map_or(0.0, |bb| bb[ch]));
         }
     }
 }
@@ -67,8 +68,9 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `y (n × m) = x (n × k) · Wᵀ + b` on the packed weights (AVX-512; the reference elsewhere).
-pub fn gemm(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32], par: &dyn Parallel) {
+/// `y (n × m) = x (n × k) · Wᵀ + b` on the packed weights (AVX-512; the reference elsewhere). Writes every
+/// element of `y`.
+pub fn gemm(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>], par: &dyn Parallel) {
     assert_eq!(x.len(), n * w.k);
     assert_eq!(y.len(), n * w.m);
     if !PackedF32::available() || n == 0 {
@@ -79,7 +81,7 @@ pub fn gemm(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f
     bvec.resize(mp, 0.0);
     let pairs = w.nblocks / 2;
     let row_tasks = n.div_ceil(ROWS_PER_TASK);
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = SendPtr(y.as_mut_ptr() as *mut f32);
     let (m, k) = (w.m, w.k);
     let task = |t: usize| {
         #[allow(clippy::redundant_locals)]
@@ -183,7 +185,7 @@ mod tests {
             }
             for par in [&Serial as &dyn Parallel, &Rayon] {
                 let mut got = vec![f32::NAN; n * m];
-                gemm(&p, &x, n, Some(&b), &mut got, par);
+                gemm(&p, &x, n, Some(&b), crate::as_uninit(&mut got), par);
                 for (g, e) in got.iter().zip(&naive) {
                     assert!(
                         (g - e).abs() <= MAX_F32_GEMM_REL_ERR * (k as f32).sqrt().max(1.0),

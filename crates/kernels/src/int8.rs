@@ -19,9 +19,10 @@
 //! - AVX2: `pmaddubsw` on `|x_u − 128|` and `w_q · sign(x_u − 128)` (llama.cpp's trick): each i16 pair sum is
 //!   at most 2·128·127 < 2¹⁵, so it never saturates; `pmaddwd` with ones widens to i32; `128 · Σw` is added back.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use crate::Isa;
+use crate::{as_uninit, Isa};
 
 /// Runs `f` over `0..n_items`, split into ranges, possibly on several threads. The caller chooses the pool
 /// (whittle passes candle's, so its threads and the tensor engine's are the same two).
@@ -257,12 +258,12 @@ pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, par: &dyn 
 }
 
 /// The specification: `y[n,m] = s_x[n]·s_w[m]·Σ_k (x_u[n,k] − z[n])·w_q[m,k] + b[m]` on unpacked data.
-pub fn gemm_ref(w: &PackedI8, xa: &QuantizedActs, n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+pub fn gemm_ref(w: &PackedI8, xa: &QuantizedActs, n: usize, bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     let (m, k, kp) = (w.m, w.k, w.kp);
     for r in 0..n {
         for c in 0..m {
             let acc: i32 = (0..k).map(|kk| (xa.xu[r * kp + kk] as i32 - xa.zero[r]) * w.q[c * k + kk] as i32).sum();
-            y[r * m + c] = xa.scale[r] * w.scale[c] * acc as f32 + bias.map_or(0.0, |b| b[c]);
+            y[r * m + c].write(xa.scale[r] * w.scale[c] * acc as f32 + bias.map_or(0.0, |b| b[c]));
         }
     }
 }
@@ -280,7 +281,7 @@ pub fn linear_w8a8(
     assert_eq!(x.len(), n * w.k);
     assert_eq!(y.len(), n * w.m);
     let xa = quantize_activations(x, n, w.k, w.kp, par);
-    gemm(w, &xa, n, bias, y, isa, par);
+    gemm(w, &xa, n, bias, as_uninit(y), isa, par);
 }
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of `y` elements.
@@ -290,13 +291,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// 8-bit GEMM on pre-quantized activations.
+/// 8-bit GEMM on pre-quantized activations. Writes every element of `y` (n × m).
 pub fn gemm(
     w: &PackedI8,
     xa: &QuantizedActs,
     n: usize,
     bias: Option<&[f32]>,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     isa: Isa,
     par: &dyn Parallel,
 ) {
@@ -317,7 +318,8 @@ pub fn gemm(
     bvec.resize(mp, 0.0);
     let row_tasks = n.div_ceil(ROWS_PER_TASK);
     let pairs = w.nblocks.div_ceil(2);
-    let yp = SendPtr(y.as_mut_ptr());
+    assert_eq!(y.len(), n * w.m);
+    let yp = SendPtr(y.as_mut_ptr() as *mut f32);
     let m = w.m;
     let task = |t: usize| {
         // Capture the whole wrapper: edition-2021 closures would otherwise capture the raw pointer field alone.

@@ -2,6 +2,8 @@
 //! SIMD versions (AVX-512 VNNI, AVX2) keep its semantics, are picked at run time, and are property-tested
 //! against the reference on random shapes with ragged tails.
 
+use std::mem::MaybeUninit;
+
 pub mod act;
 pub mod attn;
 pub mod f32;
@@ -52,4 +54,21 @@ impl Isa {
             Isa::Avx512Vnni => "avx512-vnni",
         }
     }
+}
+
+/// Views initialised floats as an output buffer for the kernels, which take possibly-uninitialised output
+/// (so callers can skip zero-filling buffers the kernel overwrites anyway).
+pub fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the kernels only ever store initialised values, so
+    // the slice stays initialised for the caller.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// A vector of `n` floats filled by `fill`, which must write every element (the kernels' contract).
+pub fn filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` initialised all `n` elements.
+    unsafe { v.set_len(n) };
+    v
 }
