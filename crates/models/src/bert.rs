@@ -142,12 +142,18 @@ pub struct BertBlock {
     pub out_norm: LayerNorm,
 }
 
+/// Which keys each row of a batch attends to.
+pub enum AttnMask<'a> {
+    /// Right-padded rows: the real length of each (the fused attention kernel).
+    Lengths(&'a [usize]),
+    /// Any pattern: (B, 1, 1, T), 0 where attended and the most negative f32 elsewhere.
+    Additive(Tensor),
+}
+
 impl BertBlock {
-    /// `lens`: the real length of each row when the batch is right-padded (the fused attention path).
-    ///
     /// # Shapes
-    /// - `x`: (B, T, C); `mask`: (B, 1, 1, T) additive; returns (B, T, C)
-    pub fn forward(&self, x: &Tensor, mask: &Tensor, lens: Option<&[usize]>, head_dim: usize) -> Result<Tensor> {
+    /// - `x`: (B, T, C); returns (B, T, C)
+    pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
         let split = |y: Tensor| -> Result<Tensor> {
@@ -155,9 +161,9 @@ impl BertBlock {
         };
         let [q, k, v]: [Tensor; 3] =
             Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
-        let a = match lens {
-            Some(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
-            None => {
+        let a = match mask {
+            AttnMask::Lengths(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
+            AttnMask::Additive(mask) => {
                 let (q, k, v) = (split(q)?, split(k)?, split(v)?);
                 let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
                 a.transpose(1, 2)?.reshape((b, t, h * head_dim))? // (B, T, H*D)
@@ -275,16 +281,20 @@ impl Bert {
         let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
         let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
         let mut x = e.norm.forward(&x)?; // (B, T, C)
-                                         // Additive mask: 0 where attended, the most negative f32 where padded (as transformers does).
-        let m = mask.to_dtype(DType::F32)?;
-        let add = ((1.0 - m)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?; // (B, 1, 1, T)
-                                                                               // A right-padded mask (1…1 0…0 per row) takes the fused attention kernel.
+                                         // A right-padded mask (1…1 0…0 per row) takes the fused attention kernel; any other mask becomes an
+                                         // additive one: 0 where attended, the most negative f32 where padded (as transformers does).
         let rows: Vec<Vec<u32>> = mask.to_dtype(DType::U32)?.to_vec2()?;
         let prefix = rows.iter().all(|r| r.windows(2).all(|w| w[0] >= w[1]) && r.iter().all(|&v| v <= 1));
         let lens: Vec<usize> = rows.iter().map(|r| r.iter().filter(|&&v| v == 1).count()).collect();
-        let lens = prefix.then_some(lens.as_slice());
+        let mask = if prefix {
+            AttnMask::Lengths(&lens)
+        } else {
+            let m = mask.to_dtype(DType::F32)?;
+            AttnMask::Additive(((1.0 - m)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?)
+            // (B, 1, 1, T)
+        };
         for blk in &self.blocks {
-            x = blk.forward(&x, &add, lens, self.config.head_dim)?;
+            x = blk.forward(&x, &mask, self.config.head_dim)?;
         }
         Ok(x)
     }

@@ -195,3 +195,23 @@ fn qwen2_is_a_config_difference() {
     let e = load_dir(d.path()).err().unwrap();
     assert!(e.to_string().contains("q_proj.bias"), "{e}");
 }
+
+#[test]
+fn bert_general_masks_take_the_additive_path_and_hide_keys() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_bert(d.path());
+    let l = load_dir(d.path()).unwrap();
+    let Model::Bert(m) = &l.model else { panic!() };
+    let dev = Device::Cpu;
+    let mask = Tensor::new(&[[1u32, 1, 0, 1]], &dev).unwrap(); // not right-padded: the general path
+    let types = Tensor::zeros((1, 4), candle_core::DType::U32, &dev).unwrap();
+    let run = |hidden_token: u32| -> Vec<Vec<f32>> {
+        let ids = Tensor::new(&[[1u32, 5, hidden_token, 2]], &dev).unwrap();
+        m.forward(&ids, &types, &mask).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    };
+    let (a, b) = (run(7), run(30));
+    for i in [0, 1, 3] {
+        let diff = a[i].iter().zip(&b[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "position {i} sees the masked key: {diff}");
+    }
+}
