@@ -361,43 +361,14 @@ pub fn gemm(
                         );
                         r += rows;
                     }
-                    Isa::Avx512Vnni => {
+                    Isa::Avx512Vnni | Isa::Avx2 => {
+                        // One block at a time (AVX2 always; VNNI for an odd last block): same signature.
+                        let tile: OneBlockTile = if isa == Isa::Avx2 { tile_avx2 } else { tile_vnni };
                         let rows = (r1 - r).min(MR);
-                        tile_vnni(
-                            &xu[r * w.kp..(r + rows) * w.kp],
-                            rows,
-                            w.kp,
-                            w.block(b),
-                            &sx[r..r + rows],
-                            &zoff[r..r + rows],
-                            &ep0,
-                            yrow,
-                        );
-                        r += rows;
-                    }
-                    Isa::Avx2 => {
-                        let rows = (r1 - r).min(MR);
-                        tile_avx2(
-                            &xu[r * w.kp..(r + rows) * w.kp],
-                            rows,
-                            w.kp,
-                            w.block(b),
-                            &sx[r..r + rows],
-                            &zoff[r..r + rows],
-                            &ep0,
-                            yrow,
-                        );
+                        let (xr, sr, zr) = (&xu[r * w.kp..(r + rows) * w.kp], &sx[r..r + rows], &zoff[r..r + rows]);
+                        tile(xr, rows, w.kp, w.block(b), sr, zr, &ep0, yrow);
                         if two {
-                            tile_avx2(
-                                &xu[r * w.kp..(r + rows) * w.kp],
-                                rows,
-                                w.kp,
-                                w.block(b + 1),
-                                &sx[r..r + rows],
-                                &zoff[r..r + rows],
-                                &ep1,
-                                yrow.add(MB),
-                            );
+                            tile(xr, rows, w.kp, w.block(b + 1), sr, zr, &ep1, yrow.add(MB));
                         }
                         r += rows;
                     }
@@ -408,6 +379,10 @@ pub fn gemm(
     };
     par.for_each(row_tasks * pairs, &|range: Range<usize>| range.for_each(task));
 }
+
+/// A one-block micro-tile: (activations, rows, kp, block, s_x, zero points, epilogue, y).
+#[cfg(target_arch = "x86_64")]
+type OneBlockTile = unsafe fn(&[u8], usize, usize, &[i8], &[f32], &[i32], &Epilogue, *mut f32);
 
 /// Turns one block's i32 sums into outputs: `y = (acc − z·Σw) · s_x · s_w + b` for the `valid` channels.
 struct Epilogue<'a> {

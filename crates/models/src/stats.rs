@@ -52,50 +52,46 @@ fn n(t: &candle_core::Tensor) -> usize {
 
 pub fn param_counts(model: &Model) -> (ParamCounts, Vec<LayerRow>) {
     let mut p = ParamCounts::default();
-    let mut rows = Vec::new();
-    let dims = model.block_dims();
-    match model {
+    // Per block: (attention, MLP, norm) parameters.
+    let blocks: Vec<(usize, usize, usize)> = match model {
         Model::Bert(m) => {
             let e = &m.embeddings;
             p.embeddings = n(&e.word) + n(&e.position) + n(&e.token_type);
             p.norms += e.norm.num_params();
-            for (i, b) in m.blocks.iter().enumerate() {
-                let attn: usize = [&b.query, &b.key, &b.value, &b.attn_out].iter().map(|l| l.num_params()).sum();
-                let mlp = b.intermediate.num_params() + b.output.num_params();
-                let norms = b.attn_norm.num_params() + b.out_norm.num_params();
-                rows.push(LayerRow {
-                    index: i,
-                    dims: dims[i],
-                    attention_params: attn,
-                    mlp_params: mlp,
-                    norm_params: norms,
-                });
-                p.attention += attn;
-                p.mlp += mlp;
-                p.norms += norms;
-            }
             p.head = m.pooler.as_ref().map_or(0, |l| l.num_params());
+            m.blocks
+                .iter()
+                .map(|b| {
+                    let attn = [&b.query, &b.key, &b.value, &b.attn_out].iter().map(|l| l.num_params()).sum();
+                    (
+                        attn,
+                        b.intermediate.num_params() + b.output.num_params(),
+                        b.attn_norm.num_params() + b.out_norm.num_params(),
+                    )
+                })
+                .collect()
         }
         Model::Llama(m) => {
             p.embeddings = n(&m.embed_tokens);
             p.norms += m.norm.num_params();
-            for (i, b) in m.blocks.iter().enumerate() {
-                let attn: usize = [&b.q, &b.k, &b.v, &b.o].iter().map(|l| l.num_params()).sum();
-                let mlp = b.gate.num_params() + b.up.num_params() + b.down.num_params();
-                let norms = b.attn_norm.num_params() + b.mlp_norm.num_params();
-                rows.push(LayerRow {
-                    index: i,
-                    dims: dims[i],
-                    attention_params: attn,
-                    mlp_params: mlp,
-                    norm_params: norms,
-                });
-                p.attention += attn;
-                p.mlp += mlp;
-                p.norms += norms;
-            }
             p.head = if m.config.tie_word_embeddings { 0 } else { m.lm_head.num_params() };
+            m.blocks
+                .iter()
+                .map(|b| {
+                    let attn = [&b.q, &b.k, &b.v, &b.o].iter().map(|l| l.num_params()).sum();
+                    let mlp = b.gate.num_params() + b.up.num_params() + b.down.num_params();
+                    (attn, mlp, b.attn_norm.num_params() + b.mlp_norm.num_params())
+                })
+                .collect()
         }
+    };
+    let dims = model.block_dims();
+    let mut rows = Vec::with_capacity(blocks.len());
+    for (i, (attn, mlp, norms)) in blocks.into_iter().enumerate() {
+        rows.push(LayerRow { index: i, dims: dims[i], attention_params: attn, mlp_params: mlp, norm_params: norms });
+        p.attention += attn;
+        p.mlp += mlp;
+        p.norms += norms;
     }
     p.total = p.embeddings + p.attention + p.mlp + p.norms + p.head;
     (p, rows)
