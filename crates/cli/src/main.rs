@@ -39,6 +39,9 @@ struct ModelArg {
     /// Use this tokenizer.json instead of the model's own
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Run GGUF block-quantized weights dequantized to f32 (default: in their block format, as llama.cpp)
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(Subcommand)]
@@ -249,7 +252,7 @@ enum OutDtype {
 }
 
 fn open(m: &ModelArg) -> Result<Loaded> {
-    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone() })
+    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize })
         .with_context(|| format!("loading model `{}`", m.model))
 }
 
@@ -591,7 +594,7 @@ fn cmd_compare(
     output: Option<&std::path::Path>,
     json: bool,
 ) -> Result<()> {
-    let base_l = open(&ModelArg { model: base.to_string(), tokenizer: None })?;
+    let base_l = open(&ModelArg { model: base.to_string(), tokenizer: None, dequantize: false })?;
     let decoder = base_l.model.is_decoder();
     let mut rows: Vec<Metrics> = Vec::new();
     for name in std::iter::once(base.to_string()).chain(variants.iter().cloned()) {
@@ -610,7 +613,11 @@ fn cmd_compare(
             rows.push(m);
             continue;
         }
-        let l = if name == base { None } else { Some(open(&ModelArg { model: name.clone(), tokenizer: None })?) };
+        let l = if name == base {
+            None
+        } else {
+            Some(open(&ModelArg { model: name.clone(), tokenizer: None, dequantize: false })?)
+        };
         let lm = l.as_ref().unwrap_or(&base_l);
         if lm.model.is_decoder() != decoder {
             bail!(
@@ -800,7 +807,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
             let l = open(&m)?;
             let b = match &base {
-                Some(b) => Some(open(&ModelArg { model: b.clone(), tokenizer: m.tokenizer.clone() })?),
+                Some(b) => Some(open(&ModelArg {
+                    model: b.clone(),
+                    tokenizer: m.tokenizer.clone(),
+                    dequantize: m.dequantize,
+                })?),
                 None => None,
             };
             let r = eval_model(&l, &m.model, task, data.as_deref(), b.as_ref(), ctx, chunks, max_len)?;

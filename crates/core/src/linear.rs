@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use whittle_kernels::block::{BlockWeights, PackedBlock};
 use whittle_kernels::f32::PackedF32;
 use whittle_kernels::int8::{quantize_activations, PackedI8, Parallel};
 use whittle_kernels::Isa;
@@ -18,6 +19,19 @@ pub enum LinearWeight {
     /// int8 weights, symmetric per output channel; activations quantized per token (asymmetric u8) at run time
     /// (`w8a8-dynamic`). Packed once for the int8 GEMM.
     Int8Dynamic(Arc<PackedI8>),
+    /// Block-quantized weights (llama.cpp's Q8_0 … Q6_K, grouped int4/int8): codes with a scale (and a min)
+    /// per sub-block; activations quantized to int8 per 32-block at run time, as llama.cpp does.
+    Block(Arc<BlockLinear>),
+}
+
+/// A block-quantized weight with the name and size of the format it came from.
+#[derive(Debug)]
+pub struct BlockLinear {
+    pub packed: PackedBlock,
+    /// Format name, e.g. `q4_k`, `w4a16-g64`.
+    pub format: String,
+    /// Bits per weight of the format as stored on disk (scales included).
+    pub bpw: f64,
 }
 
 /// A projection `y = x · Wᵀ + b`.
@@ -117,6 +131,20 @@ impl Linear {
         })
     }
 
+    /// A block-quantized Linear; `format` and `bpw` describe the stored format (e.g. `q4_k`, 4.5).
+    pub fn block(w: &BlockWeights, format: &str, bpw: f64, bias: Option<Tensor>) -> Result<Self> {
+        let packed = PackedBlock::new(w)
+            .map_err(|msg| crate::Error::Linear { name: String::new(), msg: format!("{format}: {msg}") })?;
+        Self::check_bias(&bias, w.m)?;
+        Ok(Self {
+            weight: LinearWeight::Block(Arc::new(BlockLinear { packed, format: format.into(), bpw })),
+            bias,
+            out_features: w.m,
+            in_features: w.k,
+            packed_f32: Default::default(),
+        })
+    }
+
     fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
         if let Some(b) = bias {
             let n = b.dims1()?;
@@ -148,6 +176,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             LinearWeight::Int8Dynamic(p) => p.stored_bytes(),
+            LinearWeight::Block(b) => (b.bpw * (self.out_features * self.in_features) as f64 / 8.0).round() as usize,
         };
         w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
@@ -163,6 +192,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             LinearWeight::Int8Dynamic(_) => "w8a8-dynamic".into(),
+            LinearWeight::Block(b) => b.format.clone(),
         }
     }
 
@@ -178,6 +208,9 @@ impl Linear {
                 let v: Vec<f32> = p.q.iter().enumerate().map(|(i, &q)| q as f32 * p.scale[i / p.k]).collect();
                 Ok(Tensor::from_vec(v, (p.m, p.k), &Device::Cpu)?)
             }
+            LinearWeight::Block(b) => {
+                Ok(Tensor::from_vec(b.packed.unpack().dequantize(), (b.packed.m, b.packed.k), &Device::Cpu)?)
+            }
         }
     }
 
@@ -189,6 +222,8 @@ impl Linear {
                 ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
                 ("weight_scale", Stored::Tensor(Tensor::from_vec(p.scale.clone(), p.m, &Device::Cpu)?)),
             ],
+            // Block formats are written by the GGUF writer; a directory gets their dequantized weights.
+            LinearWeight::Block(_) => vec![("weight", Stored::Tensor(self.dequantize()?))],
         };
         if let Some(b) = &self.bias {
             v.push(("bias", Stored::Tensor(b.clone())));
@@ -201,11 +236,20 @@ impl Linear {
     /// # Shapes
     /// - `x`: (..., in_features); returns one (..., out_features_i) per layer
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let in_f = *x.dims().last().unwrap_or(&0);
+        let all_block = layers.iter().all(|l| matches!(l.weight, LinearWeight::Block(_)) && l.in_features == in_f);
+        if all_block && layers.len() >= 2 {
+            let dims = x.dims().to_vec();
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let acts = with_f32_slice(&x.reshape((rows, in_f))?, |xs| {
+                whittle_kernels::block::quantize_acts(xs, rows, in_f, block_isa(), &CandlePool)
+            })?;
+            return layers.iter().map(|l| l.block_forward(&acts, &dims)).collect();
+        }
         let int8: Vec<&Arc<PackedI8>> = layers
             .iter()
             .filter_map(|l| if let LinearWeight::Int8Dynamic(p) = &l.weight { Some(p) } else { None })
             .collect();
-        let in_f = *x.dims().last().unwrap_or(&0);
         if int8.len() != layers.len() || layers.len() < 2 || layers.iter().any(|l| l.in_features != in_f) {
             return layers.iter().map(|l| l.forward(x)).collect();
         }
@@ -278,6 +322,12 @@ impl Linear {
                     None => y,
                 }
             }
+            LinearWeight::Block(_) => {
+                let acts = with_f32_slice(&x2, |xs| {
+                    whittle_kernels::block::quantize_acts(xs, rows, in_f, block_isa(), &CandlePool)
+                })?;
+                return self.block_forward(&acts, x.dims());
+            }
             LinearWeight::Int8Dynamic(p) => {
                 let bias: Option<Vec<f32>> = match &self.bias {
                     Some(b) => Some(b.to_vec1()?),
@@ -293,6 +343,31 @@ impl Linear {
             }
         };
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// The block kernels exist as AVX-512 VNNI and scalar reference (AVX2 machines use the reference).
+fn block_isa() -> Isa {
+    match kernel() {
+        Isa::Avx512Vnni => Isa::Avx512Vnni,
+        _ => Isa::Ref,
+    }
+}
+
+impl Linear {
+    /// A block layer on activations already quantized per 32-block; `dims` is the input's shape.
+    fn block_forward(&self, acts: &whittle_kernels::block::BlockActs, dims: &[usize]) -> Result<Tensor> {
+        let LinearWeight::Block(b) = &self.weight else { unreachable!("block_forward on a non-block layer") };
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_vec1()?),
+            None => None,
+        };
+        let y = whittle_kernels::filled(acts.n * self.out_features, |y| {
+            whittle_kernels::block::gemm(&b.packed, acts, bias.as_deref(), y, block_isa(), &CandlePool)
+        });
+        let mut od = dims.to_vec();
+        *od.last_mut().unwrap() = self.out_features;
+        Ok(Tensor::from_vec(y, od, &Device::Cpu)?)
     }
 }
 
@@ -353,5 +428,50 @@ mod tests {
         let l = Linear::dense(Tensor::zeros((3, 4), DType::F32, &dev).unwrap(), None).unwrap();
         let x = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
         assert!(l.forward(&x).is_err());
+    }
+
+    /// Every ggml block type unpacks to the values candle's (ggml's reference) dequantizer gives, and the
+    /// block Linear's product is close to the dense product on those values.
+    #[test]
+    fn ggml_block_types_unpack_exactly_and_run() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (m, k) = (24, 512);
+        let w = (Tensor::arange(0f32, (m * k) as f32, &dev).unwrap().reshape((m, k)).unwrap() * 0.37)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let x = (Tensor::arange(0f32, (3 * k) as f32, &dev).unwrap().reshape((3, k)).unwrap() * 0.11)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let types = [
+            (GgmlDType::Q4_0, 2),
+            (GgmlDType::Q4_1, 3),
+            (GgmlDType::Q5_0, 6),
+            (GgmlDType::Q5_1, 7),
+            (GgmlDType::Q8_0, 8),
+            (GgmlDType::Q2K, 10),
+            (GgmlDType::Q3K, 11),
+            (GgmlDType::Q4K, 12),
+            (GgmlDType::Q5K, 13),
+            (GgmlDType::Q6K, 14),
+        ];
+        for (dt, id) in types {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let want: Vec<f32> = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let bw = whittle_kernels::ggml::unpack(id, &q.data().unwrap(), m, k).unwrap();
+            let got = bw.dequantize();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{dt:?} [{i}]: {g} vs {w}");
+            }
+            let (name, _, _) = whittle_kernels::ggml::type_info(id).unwrap();
+            let lin = Linear::block(&bw, name, 4.5, None).unwrap();
+            let dense = Linear::dense(Tensor::from_vec(want, (m, k), &dev).unwrap(), None).unwrap();
+            let (a, b) = (dense.forward(&x).unwrap(), lin.forward(&x).unwrap());
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 0.01 * scale, "{dt:?}: {err} vs {scale}");
+        }
     }
 }

@@ -428,6 +428,14 @@ impl TensorSource for Gguf {
     fn contains(&self, name: &str) -> bool {
         self.tensor(name).is_some()
     }
+    fn raw_block(&self, name: &str) -> Option<(u32, Vec<usize>, &[u8])> {
+        let t = self.tensor(name)?;
+        let (_, dt) = ggml_type(t.type_id)?;
+        if matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return None;
+        }
+        Some((t.type_id, t.shape(), self.raw(t)))
+    }
 }
 
 /// Serialises a minimal GGUF (v3) file: used by tests to build well-formed and corrupt inputs.

@@ -47,6 +47,11 @@ pub trait TensorSource {
             dtype: "i8 (not in this format)".into(),
         })
     }
+    /// A tensor stored in one of ggml's block types: (ggml type id, row-major shape, raw bytes). `None` for
+    /// float tensors and formats without block types.
+    fn raw_block(&self, _name: &str) -> Option<(u32, Vec<usize>, &[u8])> {
+        None
+    }
     /// The stored dtype of a tensor, if present.
     fn dtype_of(&self, name: &str) -> Option<String> {
         self.infos().into_iter().find(|i| i.name == name).map(|i| i.dtype)

@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 
 pub mod act;
 pub mod attn;
+pub mod block;
 pub mod f32;
+pub mod ggml;
 pub mod int8;
 
 /// Which implementation a kernel uses.

@@ -7,9 +7,9 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use whittle_core::{Linear, Stored};
+use whittle_core::{Linear, LinearWeight, Stored};
 use whittle_formats::gguf::Gguf;
 
 use crate::bert::push_linear;
@@ -500,7 +500,12 @@ impl Llama {
         let norm = RmsNorm { weight: w.get("model.norm.weight", &[hs])?, eps: c.rms_norm_eps };
         let tied = c.tie_word_embeddings || !w.contains("lm_head.weight");
         let lm_head = if tied {
-            Linear::dense(embed_tokens.clone(), None)?
+            // A block-quantized table runs the head in its block format (as llama.cpp does); else f32.
+            if w.is_block("model.embed_tokens.weight") {
+                w.linear("model.embed_tokens", c.vocab_size, hs, false)?
+            } else {
+                Linear::dense(embed_tokens.clone(), None)?
+            }
         } else {
             w.linear("lm_head", c.vocab_size, hs, false)?
         };
@@ -584,11 +589,20 @@ impl Llama {
 }
 
 fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
-    let w = unpermute_rows(&l.dequantize()?, n_head)?;
     let b = match &l.bias {
         Some(b) => Some(unpermute_rows(b, n_head)?),
         None => None,
     };
+    if let LinearWeight::Block(bl) = &l.weight {
+        // Whole rows move: permute the codes, scales and mins of each row.
+        let rows = l.out_features();
+        let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
+        let perm: Vec<usize> =
+            unpermute_rows(&idx, n_head)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as usize).collect();
+        let bw = bl.packed.unpack().select_rows(&perm);
+        return Ok(Linear::block(&bw, &bl.format, bl.bpw, b)?);
+    }
+    let w = unpermute_rows(&l.dequantize()?, n_head)?;
     Ok(Linear::dense(w, b)?)
 }
 

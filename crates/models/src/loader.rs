@@ -52,6 +52,8 @@ pub struct Loaded {
 pub struct LoadOptions {
     /// A `tokenizer.json` to use instead of the one the model ships.
     pub tokenizer: Option<PathBuf>,
+    /// Dequantize block-quantized (GGUF) Linears to f32 instead of running them in their block format.
+    pub dequantize: bool,
 }
 
 /// Tensors of one source, checked against the shapes the config implies.
@@ -60,6 +62,8 @@ pub struct Weights<'a> {
     pub path: PathBuf,
     /// Maps a Hugging Face name to the source's name.
     pub rename: fn(&str) -> Option<String>,
+    /// Load block-quantized Linears as dense f32.
+    pub dequantize: bool,
 }
 
 fn identity(n: &str) -> Option<String> {
@@ -69,6 +73,15 @@ fn identity(n: &str) -> Option<String> {
 impl Weights<'_> {
     fn source_name(&self, name: &str) -> String {
         (self.rename)(name).unwrap_or_else(|| name.to_string())
+    }
+
+    /// Whether `name` will load as a block-quantized Linear.
+    pub fn is_block(&self, name: &str) -> bool {
+        !self.dequantize
+            && self
+                .src
+                .raw_block(&self.source_name(name))
+                .is_some_and(|(t, _, _)| whittle_kernels::ggml::type_info(t).is_some())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -104,6 +117,19 @@ impl Weights<'_> {
         let wname = format!("{name}.weight");
         let expect = [out.unwrap_or(0), inp.unwrap_or(0)];
         let bname = format!("{name}.bias");
+        if let Some((type_id, shape, raw)) = self.src.raw_block(&self.source_name(&wname)).filter(|_| !self.dequantize)
+        {
+            if let Some((fmt, qk, bb)) = whittle_kernels::ggml::type_info(type_id) {
+                let ok = shape.len() == 2 && shape.iter().zip(&expect).all(|(a, b)| *b == 0 || a == b);
+                if !ok {
+                    return Err(self.shape_err(&wname, &expect, &shape));
+                }
+                let bw = whittle_kernels::ggml::unpack(type_id, raw, shape[0], shape[1])
+                    .map_err(|msg| Error::Config { path: self.path.clone(), field: self.source_name(&wname), msg })?;
+                let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[shape[0]])?) } else { None };
+                return Ok(Linear::block(&bw, fmt, 8.0 * bb as f64 / qk as f64, b)?);
+            }
+        }
         // An int8 `.weight` with a `.weight_scale` is a w8a8-dynamic layer (whittle's saved format).
         if self.src.dtype_of(&self.source_name(&wname)).as_deref() == Some("i8") {
             let (shape, q) = self.src.load_i8(&self.source_name(&wname))?;
@@ -159,7 +185,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let src = HfDir::open(dir)?;
     let cfg_path = src.config_path();
     let model_type = src.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity };
+    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity, dequantize: true };
     let parse_err =
         |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
     let model = match model_type.as_str() {
@@ -231,7 +257,8 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
-    let weights = Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf };
+    let weights =
+        Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf, dequantize: opts.dequantize };
     let model = Model::Llama(Llama::load(cfg, &weights, true)?);
     let (tokenizer_json, tok_path) = match &opts.tokenizer {
         Some(p) => (hf::read_json(p)?, p.clone()),
