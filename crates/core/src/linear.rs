@@ -237,12 +237,13 @@ impl Linear {
     /// - `x`: (..., in_features); returns one (..., out_features_i) per layer
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let in_f = *x.dims().last().unwrap_or(&0);
-        let all_block = layers.iter().all(|l| matches!(l.weight, LinearWeight::Block(_)) && l.in_features == in_f);
-        if all_block && layers.len() >= 2 {
+        let ab = layers.first().and_then(|l| l.act_block());
+        let all_block = layers.iter().all(|l| l.act_block().is_some() && l.act_block() == ab && l.in_features == in_f);
+        if let (true, true, Some(ab)) = (all_block, layers.len() >= 2, ab) {
             let dims = x.dims().to_vec();
             let rows: usize = dims[..dims.len() - 1].iter().product();
             let acts = with_f32_slice(&x.reshape((rows, in_f))?, |xs| {
-                whittle_kernels::block::quantize_acts(xs, rows, in_f, block_isa(), &CandlePool)
+                whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, block_isa(), &CandlePool)
             })?;
             return layers.iter().map(|l| l.block_forward(&acts, &dims)).collect();
         }
@@ -322,9 +323,10 @@ impl Linear {
                     None => y,
                 }
             }
-            LinearWeight::Block(_) => {
+            LinearWeight::Block(b) => {
+                let ab = act_block_for(&b.packed);
                 let acts = with_f32_slice(&x2, |xs| {
-                    whittle_kernels::block::quantize_acts(xs, rows, in_f, block_isa(), &CandlePool)
+                    whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, block_isa(), &CandlePool)
                 })?;
                 return self.block_forward(&acts, x.dims());
             }
@@ -354,7 +356,31 @@ fn block_isa() -> Isa {
     }
 }
 
+static FINE_ACTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Quantize the activations of every block layer per 32 values, also those whose format llama.cpp runs
+/// against 256-value activation blocks (K-quants): finer, so slightly more accurate than llama.cpp.
+pub fn set_fine_activations(on: bool) {
+    FINE_ACTS.store(on, Ordering::Relaxed);
+}
+
+fn act_block_for(p: &PackedBlock) -> usize {
+    if FINE_ACTS.load(Ordering::Relaxed) {
+        32
+    } else {
+        p.act_block
+    }
+}
+
 impl Linear {
+    /// The activation block a block layer quantizes its input with.
+    fn act_block(&self) -> Option<usize> {
+        match &self.weight {
+            LinearWeight::Block(b) => Some(act_block_for(&b.packed)),
+            _ => None,
+        }
+    }
+
     /// A block layer on activations already quantized per 32-block; `dims` is the input's shape.
     fn block_forward(&self, acts: &whittle_kernels::block::BlockActs, dims: &[usize]) -> Result<Tensor> {
         let LinearWeight::Block(b) = &self.weight else { unreachable!("block_forward on a non-block layer") };
@@ -471,7 +497,7 @@ mod tests {
             let (a, b) = (dense.forward(&x).unwrap(), lin.forward(&x).unwrap());
             let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err <= 0.01 * scale, "{dt:?}: {err} vs {scale}");
+            assert!(err <= 0.02 * scale, "{dt:?}: {err} vs {scale}");
         }
     }
 }

@@ -17,9 +17,13 @@ const MAX_PPL_REL_ERR: f64 = 1e-9;
 const MAX_REAL_PPL_REL_ERR: f64 = 1e-3;
 const MAX_STS_ABS_ERR: f64 = 0.05;
 
+/// Transformers dequantizes GGUF weights: so does whittle for the golden comparisons.
 fn open(dir: &Path) -> Loaded {
-    load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap()
+    load(dir.to_str().unwrap(), &LoadOptions { dequantize: true, ..Default::default() }).unwrap()
 }
+
+/// The block-format runtime (int8 activations per block, as llama.cpp) against the dequantized model.
+const MAX_BLOCK_PPL_REL_ERR: f64 = 0.01;
 
 fn words(n: usize, vocab: usize) -> String {
     (0..n).map(|i| format!("w{}", 3 + (i * 7) % (vocab - 3))).collect::<Vec<_>>().join(" ")
@@ -200,6 +204,10 @@ fn real_smollm2_ppl_two_chunks_matches_transformers() {
     let want = r["ppl"].as_f64().unwrap();
     assert_eq!(m.tokens, Some(r["tokens"].as_u64().unwrap() as usize));
     assert!((m.ppl.unwrap() - want).abs() <= MAX_REAL_PPL_REL_ERR * want, "{} vs {want}", m.ppl.unwrap());
+    let b = load(common::smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let mb = ppl::perplexity(&b, &text, &ppl::PplOptions { ctx: 512, chunks: Some(2) }, None, &mut quiet()).unwrap();
+    let (got, deq) = (mb.ppl.unwrap(), m.ppl.unwrap());
+    assert!(got != deq && (got - deq).abs() <= MAX_BLOCK_PPL_REL_ERR * deq, "block {got} vs dequantized {deq}");
 }
 
 #[test]

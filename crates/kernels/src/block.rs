@@ -51,6 +51,9 @@ pub struct BlockWeights {
     pub min: Option<Vec<f32>>,
     /// Constant added to every code.
     pub off: i32,
+    /// Activation block the format is meant to run with: 32 (llama.cpp's Q8_0 activations) or 256 (its Q8_K
+    /// activations, used against K-quants).
+    pub act_block: usize,
 }
 
 impl BlockWeights {
@@ -61,6 +64,9 @@ impl BlockWeights {
         }
         if self.k % QB != 0 {
             return Err(format!("input width {} is not a multiple of {QB}", self.k));
+        }
+        if !(self.act_block == 32 || self.act_block == 256) || self.k % self.act_block != 0 {
+            return Err(format!("activation block {} for input width {}", self.act_block, self.k));
         }
         let nsb = self.m * self.k / self.sb;
         if self.q.len() != self.m * self.k
@@ -84,6 +90,7 @@ impl BlockWeights {
             scale: pick(&self.scale),
             min: self.min.as_deref().map(pick),
             off: self.off,
+            act_block: self.act_block,
         }
     }
 
@@ -108,6 +115,7 @@ pub struct PackedBlock {
     pub k: usize,
     pub sb: usize,
     pub off: i32,
+    pub act_block: usize,
     /// Panels of 16 channels, padded to a multiple of 4.
     pub npanels: usize,
     data: Vec<u8>,
@@ -136,7 +144,7 @@ impl PackedBlock {
                 }
             }
         }
-        Ok(Self { m, k, sb, off: w.off, npanels, data, scale, min })
+        Ok(Self { m, k, sb, off: w.off, act_block: w.act_block, npanels, data, scale, min })
     }
 
     /// Back to the unpacked form (for saving and dequantizing).
@@ -158,7 +166,7 @@ impl PackedBlock {
                 }
             }
         }
-        BlockWeights { m, k, sb, q, scale, min, off: self.off }
+        BlockWeights { m, k, sb, q, scale, min, off: self.off, act_block: self.act_block }
     }
 
     /// Bytes held in memory by the packed form.
@@ -172,13 +180,14 @@ impl PackedBlock {
     }
 }
 
-/// Activations quantized per 32-block, rows padded to a multiple of 4 with zeros.
+/// Activations quantized per block of `ab` (32 or 256) values, rows padded to a multiple of 4 with zeros.
 pub struct BlockActs {
     pub n: usize,
     pub k: usize,
+    pub ab: usize,
     /// n padded × k.
     pub xq: Vec<i8>,
-    /// Scale per 32-block.
+    /// Scale per `ab`-block.
     pub xs: Vec<f32>,
     /// Σ xq per 16 and per 32 values.
     pub xsum16: Vec<i32>,
@@ -193,7 +202,7 @@ fn round_half_away(v: f32) -> i32 {
     (v + 0.5f32.copysign(v)) as i32
 }
 
-/// Quantizes one 32-block: returns its scale; writes codes.
+/// Quantizes one block (a multiple of 16 values): returns its scale; writes codes.
 fn quantize_block_ref(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let s = amax / 127.0;
@@ -208,14 +217,15 @@ fn quantize_block_ref(x: &[f32], q: &mut [i8]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
-    let a = _mm512_loadu_ps(x.as_ptr());
-    let b = _mm512_loadu_ps(x.as_ptr().add(16));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    let s = amax / 127.0;
+    let mut vmax = _mm512_setzero_ps();
+    for c in x.chunks_exact(16) {
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())));
+    }
+    let s = _mm512_reduce_max_ps(vmax) / 127.0;
     let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
     let (half, sign) = (_mm512_set1_ps(0.5), _mm512_set1_ps(-0.0));
-    for (h, v) in [a, b].into_iter().enumerate() {
-        let v = _mm512_mul_ps(v, inv);
+    for (h, c) in x.chunks_exact(16).enumerate() {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv);
         let r = crate::act::bits::or(half, crate::act::bits::and(v, sign));
         let i = _mm512_cvttps_epi32(_mm512_add_ps(v, r));
         _mm_storeu_si128(q.as_mut_ptr().add(16 * h) as *mut _, _mm512_cvtsepi32_epi8(i));
@@ -223,15 +233,15 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
     s
 }
 
-/// Quantizes activations `x` (n × k, k a multiple of 32) per 32-block.
-pub fn quantize_acts(x: &[f32], n: usize, k: usize, isa: Isa, par: &dyn Parallel) -> BlockActs {
-    assert_eq!(k % QB, 0, "activation width must be a multiple of {QB}");
+/// Quantizes activations `x` (n × k) per block of `ab` values (32 or 256; k a multiple of `ab`).
+pub fn quantize_acts(x: &[f32], n: usize, k: usize, ab: usize, isa: Isa, par: &dyn Parallel) -> BlockActs {
+    assert!(ab % QB == 0 && k % ab == 0, "activation width {k} is not a multiple of the block {ab}");
     assert_eq!(x.len(), n * k);
     let np = n.div_ceil(ROW_ALIGN) * ROW_ALIGN;
-    let nb = k / QB;
+    let nb = k / ab;
     let mut xq = vec![0i8; np * k];
     let mut xs = vec![0f32; np * nb];
-    let mut xsum16 = vec![0i32; np * nb * 2];
+    let mut xsum16 = vec![0i32; np * k / 16];
     let use512 = isa == Isa::Avx512Vnni;
     {
         let (qp, sp, s16) =
@@ -244,27 +254,28 @@ pub fn quantize_acts(x: &[f32], n: usize, k: usize, isa: Isa, par: &dyn Parallel
                     (
                         std::slice::from_raw_parts_mut((qp.0 as *mut i8).add(r * k), k),
                         std::slice::from_raw_parts_mut((sp.0 as *mut f32).add(r * nb), nb),
-                        std::slice::from_raw_parts_mut((s16.0 as *mut i32).add(r * nb * 2), nb * 2),
+                        std::slice::from_raw_parts_mut((s16.0 as *mut i32).add(r * k / 16), k / 16),
                     )
                 };
                 for b in 0..nb {
-                    let (xb, qb) = (&x[r * k + b * QB..r * k + (b + 1) * QB], &mut q[b * QB..(b + 1) * QB]);
+                    let (xb, qb) = (&x[r * k + b * ab..r * k + (b + 1) * ab], &mut q[b * ab..(b + 1) * ab]);
                     s[b] = match use512 {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: AVX-512 was detected (the caller passes a supported ISA); 32 values each.
+                        // SAFETY: AVX-512 was detected (the caller passes a supported ISA); whole 16-lanes.
                         true => unsafe { quantize_block_avx512(xb, qb) },
                         _ => quantize_block_ref(xb, qb),
                     };
-                    sum[2 * b] = qb[..16].iter().map(|&v| v as i32).sum();
-                    sum[2 * b + 1] = qb[16..].iter().map(|&v| v as i32).sum();
+                }
+                for (d, c) in sum.iter_mut().zip(q.chunks_exact(16)) {
+                    *d = c.iter().map(|&v| v as i32).sum();
                 }
             }
         });
     }
     let xsum32: Vec<i32> = xsum16.chunks_exact(2).map(|p| p[0] + p[1]).collect();
-    let xsx16: Vec<f32> = xsum16.iter().enumerate().map(|(i, &v)| v as f32 * xs[i / 2]).collect();
-    let xsx32: Vec<f32> = xsum32.iter().zip(&xs).map(|(&v, &s)| v as f32 * s).collect();
-    BlockActs { n, k, xq, xs, xsum16, xsum32, xsx16, xsx32 }
+    let xsx16: Vec<f32> = xsum16.iter().enumerate().map(|(i, &v)| v as f32 * xs[i * 16 / ab]).collect();
+    let xsx32: Vec<f32> = xsum32.iter().enumerate().map(|(i, &v)| v as f32 * xs[i * 32 / ab]).collect();
+    BlockActs { n, k, ab, xq, xs, xsum16, xsum32, xsx16, xsx32 }
 }
 
 #[derive(Clone, Copy)]
@@ -286,7 +297,7 @@ pub fn gemm_ref(w: &PackedBlock, a: &BlockActs, bias: Option<&[f32]>, y: &mut [M
                     xsum += xv;
                 }
                 let pi = ((c / MB) * nsb + j) * MB + c % MB;
-                let xs = a.xs[r * (k / QB) + j * sb / QB];
+                let xs = a.xs[r * (k / a.ab) + j * sb / a.ab];
                 acc += xs * (w.scale[pi] * (dot + w.off * xsum) as f32);
                 if let Some(mn) = &w.min {
                     acc += mn[pi] * (xs * xsum as f32);
@@ -385,7 +396,7 @@ impl Tile<'_> {
         let (w, a) = (self.w, self.a);
         let k = w.k;
         let nsb = k / SB;
-        let nb = k / QB;
+        let (nb, ab) = (k / a.ab, a.ab);
         let (xsum, xsx) = if SB == 16 { (&a.xsum16, &a.xsx16) } else { (&a.xsum32, &a.xsx32) };
         let mut facc = [[_mm512_setzero_ps(); NP]; MR];
         let wd = w.data.as_ptr();
@@ -418,7 +429,7 @@ impl Tile<'_> {
                 sc[p] = _mm512_loadu_ps(w.scale.as_ptr().add(((p0 + p) * nsb + j) * MB));
             }
             for i in 0..MR {
-                let xs = _mm512_set1_ps(*a.xs.get_unchecked((r0 + i) * nb + j * SB / QB));
+                let xs = _mm512_set1_ps(*a.xs.get_unchecked((r0 + i) * nb + j * SB / ab));
                 for p in 0..NP {
                     facc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][p]), _mm512_mul_ps(sc[p], xs), facc[i][p]);
                 }
@@ -479,6 +490,7 @@ mod tests {
             scale: (0..nsb).map(|_| rng.random::<f32>() * 0.02 - 0.005).collect(),
             min: min.then(|| (0..nsb).map(|_| rng.random::<f32>() * 0.1 - 0.05).collect()),
             off: if min { 0 } else { -(1 << (bits - 1)) },
+            act_block: 32,
         }
     }
 
@@ -493,7 +505,8 @@ mod tests {
                 assert_eq!(p.unpack().q, bw.q);
                 let x: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 4.0).collect();
                 let b: Vec<f32> = (0..m).map(|_| rng.random::<f32>()).collect();
-                let acts = quantize_acts(&x, n, k, Isa::Ref, &Serial);
+                let ab = if k % 256 == 0 && sb == 16 { 256 } else { 32 };
+                let acts = quantize_acts(&x, n, k, ab, Isa::Ref, &Serial);
                 let want = crate::filled(n * m, |y| gemm_ref(&p, &acts, Some(&b), y));
                 // Against the float product of dequantized weights and activations.
                 let wd = bw.dequantize();
@@ -505,7 +518,7 @@ mod tests {
                     }
                 }
                 if Isa::Avx512Vnni.supported() {
-                    let acts2 = quantize_acts(&x, n, k, Isa::Avx512Vnni, &Rayon);
+                    let acts2 = quantize_acts(&x, n, k, ab, Isa::Avx512Vnni, &Rayon);
                     assert_eq!(acts2.xq, acts.xq);
                     let got = crate::filled(n * m, |y| gemm(&p, &acts2, Some(&b), y, Isa::Avx512Vnni, &Rayon));
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -520,14 +533,16 @@ mod tests {
     }
 
     fn a_deq(a: &BlockActs, r: usize, kk: usize) -> f32 {
-        a.xq[r * a.k + kk] as f32 * a.xs[r * (a.k / QB) + kk / QB]
+        a.xq[r * a.k + kk] as f32 * a.xs[r * (a.k / a.ab) + kk / a.ab]
     }
 
     #[test]
     fn bad_shapes_are_refused() {
-        let w = BlockWeights { m: 1, k: 48, sb: 16, q: vec![0; 48], scale: vec![0.0; 3], min: None, off: 0 };
+        let w =
+            BlockWeights { m: 1, k: 48, sb: 16, q: vec![0; 48], scale: vec![0.0; 3], min: None, off: 0, act_block: 32 };
         assert!(PackedBlock::new(&w).unwrap_err().contains("multiple of 32"));
-        let w = BlockWeights { m: 1, k: 64, sb: 64, q: vec![0; 64], scale: vec![0.0; 1], min: None, off: 0 };
+        let w =
+            BlockWeights { m: 1, k: 64, sb: 64, q: vec![0; 64], scale: vec![0.0; 1], min: None, off: 0, act_block: 32 };
         assert!(PackedBlock::new(&w).is_err());
     }
 }

@@ -160,7 +160,9 @@ pub fn unpack(type_id: u32, bytes: &[u8], m: usize, k: usize) -> Result<BlockWei
             _ => unreachable!(),
         }
     }
-    Ok(BlockWeights { m, k, sb, q, scale, min: has_min.then_some(min), off })
+    // llama.cpp runs K-quants against Q8_K activations (one scale per 256), the rest against Q8_0 (per 32).
+    let act_block = if qk == 256 { 256 } else { 32 };
+    Ok(BlockWeights { m, k, sb, q, scale, min: has_min.then_some(min), off, act_block })
 }
 
 /// Q4_K/Q5_K: 6-bit scale and min of sub-block `j` from the 12 packed bytes (ggml's `get_scale_min_k4`).

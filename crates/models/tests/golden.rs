@@ -24,7 +24,10 @@ fn minilm_model() -> &'static Loaded {
 
 fn smollm2_model() -> &'static Loaded {
     static M: OnceLock<Loaded> = OnceLock::new();
-    M.get_or_init(|| load(smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap())
+    // Transformers runs the GGUF dequantized; so does this reference comparison.
+    M.get_or_init(|| {
+        load(smollm2().to_str().unwrap(), &LoadOptions { dequantize: true, ..Default::default() }).unwrap()
+    })
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {

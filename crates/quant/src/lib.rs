@@ -52,7 +52,8 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    pub const VALID: &'static str = "w8a8-dynamic, keep (directory output); q8_0 (.gguf output)";
+    pub const VALID: &'static str =
+        "w8a8-dynamic, keep (directory output); GGUF file types for -o NAME.gguf: q8_0, q4_k_m, q6_k, … (see --help)";
 
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
@@ -125,7 +126,7 @@ pub struct Report {
     pub seconds: f64,
 }
 
-fn rmse(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rmse(a: &[f32], b: &[f32]) -> f64 {
     (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
 }
 
