@@ -62,10 +62,10 @@ impl BlockWeights {
         if self.sb != 16 && self.sb != 32 {
             return Err(format!("sub-block of {} weights (16 or 32 supported)", self.sb));
         }
-        if self.k % QB != 0 {
+        if !self.k.is_multiple_of(QB) {
             return Err(format!("input width {} is not a multiple of {QB}", self.k));
         }
-        if !(self.act_block == 32 || self.act_block == 256) || self.k % self.act_block != 0 {
+        if !(self.act_block == 32 || self.act_block == 256) || !self.k.is_multiple_of(self.act_block) {
             return Err(format!("activation block {} for input width {}", self.act_block, self.k));
         }
         let nsb = self.m * self.k / self.sb;
@@ -235,7 +235,7 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
 
 /// Quantizes activations `x` (n × k) per block of `ab` values (32 or 256; k a multiple of `ab`).
 pub fn quantize_acts(x: &[f32], n: usize, k: usize, ab: usize, isa: Isa, par: &dyn Parallel) -> BlockActs {
-    assert!(ab % QB == 0 && k % ab == 0, "activation width {k} is not a multiple of the block {ab}");
+    assert!(ab.is_multiple_of(QB) && k.is_multiple_of(ab), "activation width {k} is not a multiple of the block {ab}");
     assert_eq!(x.len(), n * k);
     let np = n.div_ceil(ROW_ALIGN) * ROW_ALIGN;
     let nb = k / ab;
@@ -391,6 +391,7 @@ impl Tile<'_> {
 
     /// MR rows × NP panels: i32 sums per sub-block in registers, scaled into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // register tiles indexed by row and panel
     unsafe fn run<const MR: usize, const NP: usize, const SB: usize, const MIN: bool>(&self, r0: usize, p0: usize) {
         use std::arch::x86_64::*;
         let (w, a) = (self.w, self.a);

@@ -48,7 +48,7 @@ fn layout(type_id: u32) -> (usize, i32, bool) {
 /// Unpacks an (m × k) tensor of ggml type `type_id` from its raw bytes.
 pub fn unpack(type_id: u32, bytes: &[u8], m: usize, k: usize) -> Result<BlockWeights, String> {
     let (name, qk, bb) = type_info(type_id).ok_or_else(|| format!("ggml type {type_id} is not a block type"))?;
-    if k % qk != 0 {
+    if !k.is_multiple_of(qk) {
         return Err(format!("{name}: row width {k} is not a multiple of its block size {qk}"));
     }
     if bytes.len() != m * k / qk * bb {

@@ -155,7 +155,7 @@ pub fn tensor_type(ft: Ftype, kind: &str, layer: usize, n_layer: usize, ne0: usi
     let mut t = default;
     let is_output = kind == "output" || (tied && kind == "token_embd");
     if is_output {
-        if ne0 % block_size(default) != 0 {
+        if !ne0.is_multiple_of(block_size(default)) {
             t = ty::Q8_0;
         } else if t != ty::Q8_0 {
             t = ty::Q6_K;
@@ -199,7 +199,7 @@ pub fn tensor_type(ft: Ftype, kind: &str, layer: usize, n_layer: usize, ne0: usi
 
 /// llama.cpp's `tensor_type_fallback`: a type whose block does not divide the row width.
 fn fallback(t: u32, ne0: usize) -> u32 {
-    if ne0 % block_size(t) == 0 {
+    if ne0.is_multiple_of(block_size(t)) {
         return t;
     }
     let f = match t {
@@ -209,7 +209,7 @@ fn fallback(t: u32, ne0: usize) -> u32 {
         ty::Q6_K => ty::Q8_0,
         _ => ty::F16,
     };
-    if ne0 % block_size(f) != 0 {
+    if !ne0.is_multiple_of(block_size(f)) {
         ty::F16
     } else {
         f
@@ -328,7 +328,9 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
         jobs.push(Some(Job { hf, t }));
     }
 
-    let results: Mutex<Vec<Option<Result<(Vec<u8>, f64, f64)>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    // Per source tensor: (bytes, weight RMSE, seconds), filled by the workers.
+    type Encoded = Result<(Vec<u8>, f64, f64)>;
+    let results: Mutex<Vec<Option<Encoded>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Largest first, so the embedding table does not start last.
