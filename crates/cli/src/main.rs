@@ -110,6 +110,13 @@ enum Cmd {
         /// Quantize layers that are already quantized (from their dequantized weights)
         #[arg(long)]
         allow_requantize: bool,
+        /// Weights per group for w4a16/w8a16 (a multiple of 32; layers it does not divide get the largest
+        /// multiple of 32 below it that does, and the report says so)
+        #[arg(long, default_value_t = 128)]
+        group_size: usize,
+        /// Asymmetric groups for w4a16/w8a16: a zero point per group
+        #[arg(long)]
+        zero_point: bool,
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
@@ -714,6 +721,7 @@ fn cmd_quantize(
     overrides: &[String],
     force: bool,
     allow_requantize: bool,
+    (group_size, zero_point): (usize, bool),
     json: bool,
 ) -> Result<()> {
     let to_gguf = output.extension().is_some_and(|e| e == "gguf");
@@ -748,7 +756,9 @@ fn cmd_quantize(
             std::fs::metadata(output)?.len(),
         );
     }
-    let plan = whittle_quant::Plan::new(scheme, overrides)?;
+    let mut plan = whittle_quant::Plan::new(scheme, overrides)?;
+    plan.group_size = group_size;
+    plan.zero_point = zero_point;
     let mut l = open(m)?;
     let mut pb = progress_bar("quantize");
     let report = whittle_quant::quantize(&mut l.model, &plan, allow_requantize, &mut pb)?;
@@ -781,6 +791,17 @@ fn print_quant_report(
             r.seconds * 1e3
         )?;
     }
+    let notes: Vec<String> =
+        report.layers.iter().filter(|r| !r.note.is_empty()).map(|r| format!("{}: {}", r.name, r.note)).collect();
+    if !notes.is_empty() {
+        writeln!(out, "\nnotes ({}):", notes.len())?;
+        for n in notes.iter().take(8) {
+            writeln!(out, "  {n}")?;
+        }
+        if notes.len() > 8 {
+            writeln!(out, "  … and {} more", notes.len() - 8)?;
+        }
+    }
     writeln!(
         out,
         "\n{} layers quantized; weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
@@ -809,8 +830,11 @@ fn bench_bytes(dir: &std::path::Path) -> u64 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Quantize { m, scheme, output, overrides, force, allow_requantize, json } => {
-            cmd_quantize(&m, &scheme, &output, &overrides, force, allow_requantize, json)
+        Cmd::Quantize { m, scheme, output, overrides, force, allow_requantize, group_size, zero_point, json } => {
+            if group_size == 0 || group_size % 32 != 0 {
+                bail!("--group-size {group_size}: must be a positive multiple of 32");
+            }
+            cmd_quantize(&m, &scheme, &output, &overrides, force, allow_requantize, (group_size, zero_point), json)
         }
         Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
             let l = open(&m)?;

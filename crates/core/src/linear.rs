@@ -32,6 +32,129 @@ pub struct BlockLinear {
     pub format: String,
     /// Bits per weight of the format as stored on disk (scales included).
     pub bpw: f64,
+    /// Set for whittle's grouped weight-only formats (`w4a16`, `w8a16`), which directories store.
+    pub rtn: Option<Rtn>,
+}
+
+/// A grouped weight-only integer format: `bits`-bit codes, one f32 scale per `group` weights of a row, and
+/// with `zero_point` one u8 zero point per group (asymmetric) — else symmetric codes in ±(2^(bits−1)−1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rtn {
+    pub bits: u32,
+    pub group: usize,
+    pub zero_point: bool,
+}
+
+impl Rtn {
+    /// `w4a16-g64`, `w8a16-g128-asym`.
+    pub fn name(&self) -> String {
+        format!("w{}a16-g{}{}", self.bits, self.group, if self.zero_point { "-asym" } else { "" })
+    }
+
+    /// Bits per weight as stored: codes, f32 scales, u8 zero points.
+    pub fn bpw(&self) -> f64 {
+        self.bits as f64 + (32.0 + if self.zero_point { 8.0 } else { 0.0 }) / self.group as f64
+    }
+
+    /// Quantizes `w` (m × k) by round-to-nearest per group. `k` must be a multiple of `group`, and `group`
+    /// of 32.
+    pub fn quantize(&self, w: &[f32], m: usize, k: usize) -> BlockWeights {
+        let (g, bits) = (self.group, self.bits);
+        assert!(k % g == 0 && g % 32 == 0 && w.len() == m * k, "group {g} must divide {k} and be a multiple of 32");
+        let per = g / 32; // kernel sub-blocks of 32 per group
+        let nsb = k / 32;
+        let mut q = vec![0u8; m * k];
+        let mut scale = vec![0f32; m * nsb];
+        let mut min = if self.zero_point { Some(vec![0f32; m * nsb]) } else { None };
+        let half = 1i32 << (bits - 1);
+        for r in 0..m {
+            for gi in 0..k / g {
+                let xs = &w[r * k + gi * g..r * k + (gi + 1) * g];
+                let qs = &mut q[r * k + gi * g..r * k + (gi + 1) * g];
+                let (s, mn) = if self.zero_point {
+                    let (lo, hi) = xs.iter().fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+                    let top = ((1u32 << bits) - 1) as f32;
+                    let s = (hi - lo) / top;
+                    let z = if s > 0.0 { (-lo / s).round().clamp(0.0, top) } else { 0.0 };
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    for (d, &v) in qs.iter_mut().zip(xs) {
+                        *d = ((v * inv).round() + z).clamp(0.0, top) as u8;
+                    }
+                    (s, -(s * z))
+                } else {
+                    let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                    let lim = (half - 1) as f32;
+                    let s = amax / lim;
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    for (d, &v) in qs.iter_mut().zip(xs) {
+                        *d = ((v * inv).round().clamp(-lim, lim) as i32 + half) as u8;
+                    }
+                    (s, 0.0)
+                };
+                for j in 0..per {
+                    scale[r * nsb + gi * per + j] = s;
+                    if let Some(m) = min.as_mut() {
+                        m[r * nsb + gi * per + j] = mn;
+                    }
+                }
+            }
+        }
+        BlockWeights { m, k, sb: 32, q, scale, min, off: if self.zero_point { 0 } else { -half }, act_block: 32 }
+    }
+
+    /// The stored tensors of `w` (from [`Rtn::quantize`]): codes packed little-end first into bytes
+    /// (m, k·bits/8), scales (m, k/group) and, asymmetric, zero points (m, k/group) u8.
+    pub fn pack(&self, w: &BlockWeights) -> (Vec<u8>, Vec<f32>, Option<Vec<u8>>) {
+        let (m, k, g) = (w.m, w.k, self.group);
+        let per_byte = (8 / self.bits) as usize;
+        let packed: Vec<u8> =
+            w.q.chunks(per_byte)
+                .map(|c| c.iter().enumerate().fold(0u8, |acc, (i, &v)| acc | (v << (i as u32 * self.bits))))
+                .collect();
+        let nsb = k / 32;
+        let scale: Vec<f32> = (0..m * k / g).map(|i| w.scale[(i / (k / g)) * nsb + (i % (k / g)) * (g / 32)]).collect();
+        let zero = w.min.as_ref().map(|mn| {
+            (0..m * k / g)
+                .map(|i| {
+                    let j = (i / (k / g)) * nsb + (i % (k / g)) * (g / 32);
+                    if w.scale[j] > 0.0 {
+                        (-mn[j] / w.scale[j]).round() as u8
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        });
+        (packed, scale, zero)
+    }
+
+    /// The inverse of [`Rtn::pack`]; `None` when the sizes do not fit (m, k).
+    pub fn unpack(
+        &self,
+        m: usize,
+        k: usize,
+        packed: &[u8],
+        scale: &[f32],
+        zero: Option<&[u8]>,
+    ) -> Option<BlockWeights> {
+        let (g, bits) = (self.group, self.bits);
+        if k % g != 0 || g % 32 != 0 || packed.len() * 8 != m * k * bits as usize || scale.len() != m * k / g {
+            return None;
+        }
+        if zero.is_some_and(|z| z.len() != scale.len()) || zero.is_some() != self.zero_point {
+            return None;
+        }
+        let per_byte = (8 / bits) as usize;
+        let mask = ((1u32 << bits) - 1) as u8;
+        let q: Vec<u8> =
+            packed.iter().flat_map(|&b| (0..per_byte).map(move |i| (b >> (i as u32 * bits)) & mask)).collect();
+        let nsb = k / 32;
+        let at = |i: usize| (i / nsb) * (k / g) + (i % nsb) / (g / 32);
+        let sc: Vec<f32> = (0..m * nsb).map(|i| scale[at(i)]).collect();
+        let min = zero.map(|z| (0..m * nsb).map(|i| -(scale[at(i)] * z[at(i)] as f32)).collect());
+        let off = if self.zero_point { 0 } else { -(1i32 << (bits - 1)) };
+        Some(BlockWeights { m, k, sb: 32, q, scale: sc, min, off, act_block: 32 })
+    }
 }
 
 /// A projection `y = x · Wᵀ + b`.
@@ -137,12 +260,21 @@ impl Linear {
             .map_err(|msg| crate::Error::Linear { name: String::new(), msg: format!("{format}: {msg}") })?;
         Self::check_bias(&bias, w.m)?;
         Ok(Self {
-            weight: LinearWeight::Block(Arc::new(BlockLinear { packed, format: format.into(), bpw })),
+            weight: LinearWeight::Block(Arc::new(BlockLinear { packed, format: format.into(), bpw, rtn: None })),
             bias,
             out_features: w.m,
             in_features: w.k,
             packed_f32: Default::default(),
         })
+    }
+
+    /// A grouped weight-only Linear (`w4a16`, `w8a16`) from weights quantized by [`Rtn::quantize`].
+    pub fn rtn(w: &BlockWeights, rtn: Rtn, bias: Option<Tensor>) -> Result<Self> {
+        let mut l = Self::block(w, &rtn.name(), rtn.bpw(), bias)?;
+        if let LinearWeight::Block(b) = &mut l.weight {
+            Arc::get_mut(b).expect("just built").rtn = Some(rtn);
+        }
+        Ok(l)
     }
 
     fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
@@ -222,8 +354,27 @@ impl Linear {
                 ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
                 ("weight_scale", Stored::Tensor(Tensor::from_vec(p.scale.clone(), p.m, &Device::Cpu)?)),
             ],
-            // Block formats are written by the GGUF writer; a directory gets their dequantized weights.
-            LinearWeight::Block(_) => vec![("weight", Stored::Tensor(self.dequantize()?))],
+            LinearWeight::Block(b) => match b.rtn {
+                Some(rtn) => {
+                    let (m, k) = (self.out_features, self.in_features);
+                    let (packed, scale, zero) = rtn.pack(&b.packed.unpack());
+                    let dev = &Device::Cpu;
+                    let mut v = vec![
+                        (
+                            "weight_packed",
+                            Stored::Tensor(Tensor::from_vec(packed, (m, k * rtn.bits as usize / 8), dev)?),
+                        ),
+                        ("weight_scale", Stored::Tensor(Tensor::from_vec(scale, (m, k / rtn.group), dev)?)),
+                        ("weight_shape", Stored::Tensor(Tensor::new(&[m as i64, k as i64], dev)?)),
+                    ];
+                    if let Some(z) = zero {
+                        v.push(("weight_zero_point", Stored::Tensor(Tensor::from_vec(z, (m, k / rtn.group), dev)?)));
+                    }
+                    v
+                }
+                // GGUF block formats are written by the GGUF writer; a directory gets their dequantized weights.
+                None => vec![("weight", Stored::Tensor(self.dequantize()?))],
+            },
         };
         if let Some(b) = &self.bias {
             v.push(("bias", Stored::Tensor(b.clone())));
@@ -498,6 +649,24 @@ mod tests {
             let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err <= 0.02 * scale, "{dt:?}: {err} vs {scale}");
+        }
+    }
+
+    #[test]
+    fn rtn_groups_roundtrip_and_bound_the_error() {
+        let (m, k) = (5, 128);
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        for (bits, group, zero_point) in [(4, 32, false), (4, 64, true), (8, 128, false), (8, 32, true)] {
+            let rtn = Rtn { bits, group, zero_point };
+            let bw = rtn.quantize(&w, m, k);
+            let d = bw.dequantize();
+            let levels = if zero_point { (1 << bits) - 1 } else { (1 << (bits - 1)) - 1 } as f32;
+            let step = if zero_point { 1.0 / levels } else { 0.5 / levels };
+            let err = d.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= step * 0.5 + 1e-6, "{}: {err} vs step {step}", rtn.name());
+            let (p, s, z) = rtn.pack(&bw);
+            let back = rtn.unpack(m, k, &p, &s, z.as_deref()).unwrap();
+            assert_eq!(back.dequantize(), d, "{}", rtn.name());
         }
     }
 }

@@ -199,6 +199,9 @@ impl TensorSource for HfDir {
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+    fn load_native(&self, name: &str) -> Result<Tensor> {
+        self.load(name)
+    }
 }
 
 /// Where the local HF hub cache is: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.

@@ -34,6 +34,10 @@ pub trait TensorSource {
     fn infos(&self) -> Vec<TensorInfo>;
     /// Loads one tensor as f32 on the CPU (quantized types are dequantized).
     fn load_f32(&self, name: &str) -> Result<Tensor>;
+    /// Loads one tensor in its stored dtype (integer tensors stay integer).
+    fn load_native(&self, name: &str) -> Result<Tensor> {
+        self.load_f32(name)
+    }
     /// The path shown in errors.
     fn describe(&self) -> String;
     fn contains(&self, name: &str) -> bool {

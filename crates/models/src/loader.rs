@@ -130,6 +130,11 @@ impl Weights<'_> {
                 return Ok(Linear::block(&bw, fmt, 8.0 * bb as f64 / qk as f64, b)?);
             }
         }
+        // `.weight_packed` + `.weight_scale` (+ `.weight_zero_point`) + `.weight_shape`: grouped weight-only.
+        let pname = format!("{name}.weight_packed");
+        if self.contains(&pname) {
+            return self.load_rtn(name, &expect, bias);
+        }
         // An int8 `.weight` with a `.weight_scale` is a w8a8-dynamic layer (whittle's saved format).
         if self.src.dtype_of(&self.source_name(&wname)).as_deref() == Some("i8") {
             let (shape, q) = self.src.load_i8(&self.source_name(&wname))?;
@@ -154,6 +159,47 @@ impl Weights<'_> {
         let rows = w.dim(0)?;
         let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
         Ok(Linear::dense(w, b)?)
+    }
+}
+
+impl Weights<'_> {
+    /// A grouped weight-only layer (`w4a16`/`w8a16`, whittle's saved format): sizes from `weight_shape`,
+    /// bits from the packed width, group from the scales' width.
+    fn load_rtn(&self, name: &str, expect: &[usize; 2], bias: bool) -> Result<Linear> {
+        let field = |suffix: &str| self.source_name(&format!("{name}.{suffix}"));
+        let bad = |suffix: &str, msg: String| Error::Config { path: self.path.clone(), field: field(suffix), msg };
+        let shape: Vec<i64> =
+            self.src.load_native(&field("weight_shape"))?.to_dtype(candle_core::DType::I64)?.to_vec1()?;
+        let [m, k] = shape[..] else { return Err(bad("weight_shape", format!("expected [out, in], got {shape:?}"))) };
+        let (m, k) = (m as usize, k as usize);
+        if expect.iter().zip([m, k]).any(|(e, g)| *e != 0 && *e != g) {
+            return Err(self.shape_err(&format!("{name}.weight_shape"), expect, &[m, k]));
+        }
+        let packed = self.src.load_native(&field("weight_packed"))?;
+        let (pm, pk) = packed.dims2()?;
+        let packed: Vec<u8> = packed.flatten_all()?.to_vec1()?;
+        let scale = self.src.load_f32(&field("weight_scale"))?;
+        let (_, ng) = scale.dims2()?;
+        let scale: Vec<f32> = scale.flatten_all()?.to_vec1()?;
+        if scale.iter().any(|v| !v.is_finite()) {
+            return Err(bad("weight_scale", "holds NaN or Inf".into()));
+        }
+        let zero: Option<Vec<u8>> = if self.contains(&format!("{name}.weight_zero_point")) {
+            Some(self.src.load_native(&field("weight_zero_point"))?.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
+        let bits = if k > 0 && pm == m { (pk * 8 / k) as u32 } else { 0 };
+        if ng == 0 || k % ng != 0 || !matches!(bits, 4 | 8) {
+            return Err(bad("weight_packed", format!("({pm}, {pk}) packed with {ng} groups does not fit ({m}, {k})")));
+        }
+        let rtn = whittle_core::Rtn { bits, group: k / ng, zero_point: zero.is_some() };
+        let bw = rtn
+            .unpack(m, k, &packed, &scale, zero.as_deref())
+            .ok_or_else(|| bad("weight_packed", format!("sizes do not fit {} for ({m}, {k})", rtn.name())))?;
+        let bname = format!("{name}.bias");
+        let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[m])?) } else { None };
+        Ok(Linear::rtn(&bw, rtn, b)?)
     }
 }
 

@@ -22,7 +22,9 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         .named_tensors()?
         .into_iter()
         .map(|(n, t)| match t {
-            Stored::Tensor(t) if !n.ends_with(".weight_scale") => Ok((n, Stored::Tensor(t.to_dtype(dtype)?))),
+            Stored::Tensor(t) if !n.ends_with(".weight_scale") && t.dtype().is_float() => {
+                Ok((n, Stored::Tensor(t.to_dtype(dtype)?)))
+            }
             other => Ok((n, other)),
         })
         .collect::<Result<_>>()?;
@@ -41,7 +43,10 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             .collect();
         config["quantization_config"] = serde_json::json!({
             "quant_method": "whittle",
-            "format": "w8a8-dynamic: `.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token (asymmetric u8) at run time",
+            "formats": {
+                "w8a8-dynamic": "`.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token (asymmetric u8) at run time",
+                "wNa16-gG[-asym]": "`.weight_packed` u8 (out, in·N/8): N-bit codes, lowest bits first; `.weight_scale` f32 (out, in/G); `.weight_zero_point` u8 (out, in/G) when asymmetric (w = s·(q − z)), else w = s·(q − 2^(N−1)); `.weight_shape` i64 [out, in]",
+            },
             "layers": layers,
         });
     }

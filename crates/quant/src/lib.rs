@@ -49,6 +49,8 @@ pub enum Scheme {
     Keep,
     /// int8 weights per output channel, int8 activations per token at run time.
     W8A8Dynamic,
+    /// Grouped weight-only integers (`w8a16`, `w4a16`): round-to-nearest per group of `--group-size`.
+    WeightOnly { bits: u32 },
 }
 
 impl Scheme {
@@ -58,6 +60,8 @@ impl Scheme {
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "w8a8-dynamic" | "w8a8" | "int8-dynamic" => Ok(Scheme::W8A8Dynamic),
+            "w8a16" | "int8-weight-only" => Ok(Scheme::WeightOnly { bits: 8 }),
+            "w4a16" | "int4-weight-only" => Ok(Scheme::WeightOnly { bits: 4 }),
             "keep" | "f32" | "none" => Ok(Scheme::Keep),
             _ => Err(Error::UnknownScheme(s.into())),
         }
@@ -67,6 +71,8 @@ impl Scheme {
         match self {
             Scheme::Keep => "keep",
             Scheme::W8A8Dynamic => "w8a8-dynamic",
+            Scheme::WeightOnly { bits: 8 } => "w8a16",
+            Scheme::WeightOnly { .. } => "w4a16",
         }
     }
 }
@@ -77,6 +83,10 @@ impl Scheme {
 pub struct Plan {
     pub default: Scheme,
     pub overrides: Vec<(Regex, Scheme)>,
+    /// Weights per group of the weight-only schemes (a multiple of 32).
+    pub group_size: usize,
+    /// Asymmetric weight-only groups (a zero point per group).
+    pub zero_point: bool,
 }
 
 impl Plan {
@@ -90,7 +100,7 @@ impl Plan {
                 .map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
             ov.push((re, Scheme::parse(scheme)?));
         }
-        Ok(Self { default, overrides: ov })
+        Ok(Self { default, overrides: ov, group_size: 128, zero_point: false })
     }
 
     /// The scheme for layer `name`; heads keep their precision unless overridden.
@@ -115,6 +125,9 @@ pub struct LayerReport {
     /// Root-mean-square error of the dequantized weight against the original.
     pub weight_rmse: f64,
     pub seconds: f64,
+    /// What the pass had to change (e.g. a smaller group where the requested one does not divide the width).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
 }
 
 /// A pass's report: per layer, and totals.
@@ -130,13 +143,38 @@ pub(crate) fn rmse(a: &[f32], b: &[f32]) -> f64 {
     (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
 }
 
-fn quantize_linear(l: &Linear, scheme: Scheme) -> Result<Linear> {
+/// The group a weight-only layer of width `k` gets: the requested one, else the largest multiple of 32 below
+/// it that divides `k` (with a note saying so).
+fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, String)> {
+    if k % requested == 0 {
+        return Ok((requested, String::new()));
+    }
+    let g = (1..=requested / 32).rev().map(|i| 32 * i).find(|g| k % g == 0).ok_or_else(|| {
+        Error::Unsupported(format!("layer `{name}`: input width {k} is not a multiple of 32 (weight-only groups)"))
+    })?;
+    Ok((g, format!("group {requested} does not divide {k}: group {g}")))
+}
+
+fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str) -> Result<(Linear, String)> {
     match scheme {
-        Scheme::Keep => Ok(l.clone()),
+        Scheme::Keep => Ok((l.clone(), String::new())),
         Scheme::W8A8Dynamic => {
             let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
             let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
-            Ok(Linear::int8_dynamic(p, l.bias.clone())?)
+            Ok((Linear::int8_dynamic(p, l.bias.clone())?, String::new()))
+        }
+        Scheme::WeightOnly { bits } => {
+            let (m, k) = (l.out_features(), l.in_features());
+            if k % 32 != 0 {
+                return Ok((
+                    l.clone(),
+                    format!("input width {k} is not a multiple of 32: kept in {}", l.storage_name()),
+                ));
+            }
+            let (group, note) = group_for(plan.group_size, k, name)?;
+            let rtn = whittle_core::Rtn { bits, group, zero_point: plan.zero_point };
+            let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
+            Ok((Linear::rtn(&rtn.quantize(&w, m, k), rtn, l.bias.clone())?, note))
         }
     }
 }
@@ -165,11 +203,12 @@ pub fn quantize(
             if w.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(name.clone()));
             }
-            let q = quantize_linear(lin, scheme)?;
+            let (q, note) = quantize_linear(lin, scheme, plan, name)?;
             let wq: Vec<f32> = q.dequantize()?.flatten_all()?.to_vec1()?;
             layers.push(LayerReport {
                 name: name.clone(),
-                scheme: scheme.name().into(),
+                scheme: q.storage_name(),
+                note,
                 params: lin.in_features() * lin.out_features(),
                 bpw: q.bits_per_weight(),
                 weight_rmse: rmse(&w, &wq),
