@@ -60,7 +60,10 @@ impl Rtn {
     /// of 32.
     pub fn quantize(&self, w: &[f32], m: usize, k: usize) -> BlockWeights {
         let (g, bits) = (self.group, self.bits);
-        assert!(k % g == 0 && g % 32 == 0 && w.len() == m * k, "group {g} must divide {k} and be a multiple of 32");
+        assert!(
+            k.is_multiple_of(g) && g % 32 == 0 && w.len() == m * k,
+            "group {g} must divide {k} and be a multiple of 32"
+        );
         let per = g / 32; // kernel sub-blocks of 32 per group
         let nsb = k / 32;
         let mut q = vec![0u8; m * k];
@@ -138,7 +141,8 @@ impl Rtn {
         zero: Option<&[u8]>,
     ) -> Option<BlockWeights> {
         let (g, bits) = (self.group, self.bits);
-        if k % g != 0 || g % 32 != 0 || packed.len() * 8 != m * k * bits as usize || scale.len() != m * k / g {
+        if !k.is_multiple_of(g) || g % 32 != 0 || packed.len() * 8 != m * k * bits as usize || scale.len() != m * k / g
+        {
             return None;
         }
         if zero.is_some_and(|z| z.len() != scale.len()) || zero.is_some() != self.zero_point {

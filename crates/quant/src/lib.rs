@@ -146,10 +146,10 @@ pub(crate) fn rmse(a: &[f32], b: &[f32]) -> f64 {
 /// The group a weight-only layer of width `k` gets: the requested one, else the largest multiple of 32 below
 /// it that divides `k` (with a note saying so).
 fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, String)> {
-    if k % requested == 0 {
+    if k.is_multiple_of(requested) {
         return Ok((requested, String::new()));
     }
-    let g = (1..=requested / 32).rev().map(|i| 32 * i).find(|g| k % g == 0).ok_or_else(|| {
+    let g = (1..=requested / 32).rev().map(|i| 32 * i).find(|g| k.is_multiple_of(*g)).ok_or_else(|| {
         Error::Unsupported(format!("layer `{name}`: input width {k} is not a multiple of 32 (weight-only groups)"))
     })?;
     Ok((g, format!("group {requested} does not divide {k}: group {g}")))
