@@ -117,6 +117,8 @@ enum Cmd {
         /// Asymmetric groups for w4a16/w8a16: a zero point per group
         #[arg(long)]
         zero_point: bool,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
@@ -247,6 +249,30 @@ struct BenchArgs {
     /// Timed repetitions (median reported)
     #[arg(long, default_value_t = 5)]
     reps: usize,
+}
+
+/// Calibration options of `quantize`.
+#[derive(clap::Args, Clone)]
+struct CalibArgs {
+    /// Calibration text (default: data/wikitext-2/wiki.valid.tokens, never the test split)
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration samples: windows of --calib-seq-len tokens (decoders, default 16) or sentences (encoders,
+    /// default 256)
+    #[arg(long)]
+    calib_samples: Option<usize>,
+    /// Tokens per calibration sample (default 512 for decoders, 128 for encoders)
+    #[arg(long)]
+    calib_seq_len: Option<usize>,
+    /// SmoothQuant strength alpha in [0, 1] (e.g. 0.5): migrate activation outliers into the weights first
+    #[arg(long)]
+    smoothquant: Option<f32>,
+    /// w8a8-static activation range observer: minmax, percentile, mse, entropy
+    #[arg(long, default_value = "minmax")]
+    observer: String,
+    /// Percentile for --observer percentile
+    #[arg(long, default_value_t = 99.99)]
+    percentile: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -714,16 +740,20 @@ fn cmd_compare(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmd_quantize(
-    m: &ModelArg,
-    scheme: &str,
-    output: &std::path::Path,
-    overrides: &[String],
+/// The options of `quantize` besides the model, scheme and output.
+struct QuantArgs {
+    overrides: Vec<String>,
     force: bool,
     allow_requantize: bool,
-    (group_size, zero_point): (usize, bool),
+    group_size: usize,
+    zero_point: bool,
+    calib: CalibArgs,
     json: bool,
-) -> Result<()> {
+}
+
+fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantArgs) -> Result<()> {
+    let QuantArgs { overrides, force, allow_requantize, group_size, zero_point, calib, json } = q;
+    let (force, allow_requantize, json) = (*force, *allow_requantize, *json);
     let to_gguf = output.extension().is_some_and(|e| e == "gguf");
     let ftype = whittle_quant::gguf_out::Ftype::parse(scheme);
     if to_gguf && ftype.is_none() {
@@ -733,6 +763,7 @@ fn cmd_quantize(
             whittle_quant::gguf_out::GGUF_SCHEMES
         );
     }
+    let overrides = overrides.as_slice();
     if !to_gguf && ftype.is_some() {
         bail!("--scheme {scheme} is a GGUF file type: write it with -o NAME.gguf (got {})", output.display());
     }
@@ -757,11 +788,51 @@ fn cmd_quantize(
         );
     }
     let mut plan = whittle_quant::Plan::new(scheme, overrides)?;
-    plan.group_size = group_size;
-    plan.zero_point = zero_point;
+    plan.group_size = *group_size;
+    plan.zero_point = *zero_point;
+    plan.observer = whittle_quant::Observer::parse(&calib.observer, calib.percentile)?;
+    let statics = std::iter::once(plan.default)
+        .chain(plan.overrides.iter().map(|o| o.1))
+        .any(|s| s == whittle_quant::Scheme::W8A8Static);
     let mut l = open(m)?;
+    let stats = if statics || calib.smoothquant.is_some() || calib.calib.is_some() {
+        let (src, text) = whittle_eval::data::read_text(calib.calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+        let decoder = matches!(l.model, whittle_models::Model::Llama(_));
+        let co = whittle_quant::calib::CalibOptions {
+            samples: calib.calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+            seq_len: calib.calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
+            source: src.clone(),
+        };
+        if co.samples == 0 || co.seq_len == 0 {
+            bail!("--calib-samples and --calib-seq-len must be at least 1");
+        }
+        let mut pb = progress_bar("calibrate");
+        let mut cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;
+        eprintln!("calibrated on {} tokens of {src} in {:.1}s", cal.tokens, cal.seconds);
+        if let Some(alpha) = calib.smoothquant {
+            let r = whittle_quant::smooth::smooth(&mut l.model, &mut cal.stats, alpha)?;
+            let worst = r.iter().max_by(|a, b| a.act_absmax_before.total_cmp(&b.act_absmax_before));
+            if let Some(w) = worst {
+                eprintln!(
+                    "smoothquant alpha {alpha}: {} groups; largest input max |x| {:.1} -> {:.1} ({})",
+                    r.len(),
+                    w.act_absmax_before,
+                    w.act_absmax_after,
+                    w.layers[0]
+                );
+            }
+            if statics {
+                // Static ranges must describe the smoothed inputs: observe again.
+                let mut pb = progress_bar("recalibrate");
+                cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;
+            }
+        }
+        Some(cal.stats)
+    } else {
+        None
+    };
     let mut pb = progress_bar("quantize");
-    let report = whittle_quant::quantize(&mut l.model, &plan, allow_requantize, &mut pb)?;
+    let report = whittle_quant::quantize_calibrated(&mut l.model, &plan, allow_requantize, stats.as_ref(), &mut pb)?;
     whittle_models::save::save_hf_dir(&l, output, DType::F32)
         .with_context(|| format!("writing {}", output.display()))?;
     print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
@@ -779,17 +850,17 @@ fn print_quant_report(
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<44} {:>14} {:>6} {:>11} {:>8}", "layer", "scheme", "bpw", "weight RMSE", "ms")?;
+    let with_mse = report.layers.iter().any(|r| r.output_mse.is_some());
+    write!(out, "{:<44} {:>16} {:>6} {:>11}", "layer", "scheme", "bpw", "weight RMSE")?;
+    writeln!(out, "{}{:>8}", if with_mse { format!(" {:>11}", "output MSE") } else { String::new() }, "ms")?;
     for r in &report.layers {
-        writeln!(
-            out,
-            "{:<44} {:>14} {:>6.2} {:>11.3e} {:>8.1}",
-            r.name,
-            r.scheme,
-            r.bpw,
-            r.weight_rmse,
-            r.seconds * 1e3
-        )?;
+        write!(out, "{:<44} {:>16} {:>6.2} {:>11.3e}", r.name, r.scheme, r.bpw, r.weight_rmse)?;
+        let mse = match (with_mse, r.output_mse) {
+            (true, Some(v)) => format!(" {v:>11.3e}"),
+            (true, None) => format!(" {:>11}", "-"),
+            _ => String::new(),
+        };
+        writeln!(out, "{mse}{:>8.1}", r.seconds * 1e3)?;
     }
     let notes: Vec<String> =
         report.layers.iter().filter(|r| !r.note.is_empty()).map(|r| format!("{}: {}", r.name, r.note)).collect();
@@ -830,11 +901,23 @@ fn bench_bytes(dir: &std::path::Path) -> u64 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Quantize { m, scheme, output, overrides, force, allow_requantize, group_size, zero_point, json } => {
+        Cmd::Quantize {
+            m,
+            scheme,
+            output,
+            overrides,
+            force,
+            allow_requantize,
+            group_size,
+            zero_point,
+            calib,
+            json,
+        } => {
             if group_size == 0 || group_size % 32 != 0 {
                 bail!("--group-size {group_size}: must be a positive multiple of 32");
             }
-            cmd_quantize(&m, &scheme, &output, &overrides, force, allow_requantize, (group_size, zero_point), json)
+            let q = QuantArgs { overrides, force, allow_requantize, group_size, zero_point, calib, json };
+            cmd_quantize(&m, &scheme, &output, &q)
         }
         Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
             let l = open(&m)?;

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod linear;
+pub mod observe;
 pub mod ops;
 
 pub use candle_core;

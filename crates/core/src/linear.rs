@@ -19,6 +19,9 @@ pub enum LinearWeight {
     /// int8 weights, symmetric per output channel; activations quantized per token (asymmetric u8) at run time
     /// (`w8a8-dynamic`). Packed once for the int8 GEMM.
     Int8Dynamic(Arc<PackedI8>),
+    /// int8 weights as `Int8Dynamic`; activations with one scale and zero point fixed by calibration
+    /// (`w8a8-static`).
+    Int8Static { p: Arc<PackedI8>, scale: f32, zero: i32 },
     /// Block-quantized weights (llama.cpp's Q8_0 … Q6_K, grouped int4/int8): codes with a scale (and a min)
     /// per sub-block; activations quantized to int8 per 32-block at run time, as llama.cpp does.
     Block(Arc<BlockLinear>),
@@ -171,6 +174,8 @@ pub struct Linear {
     in_features: usize,
     /// A dense f32 weight packed for whittle's f32 kernel, built on first use where the CPU has it.
     packed_f32: std::sync::OnceLock<Arc<PackedF32>>,
+    /// Records input statistics during calibration.
+    observer: Option<Arc<std::sync::Mutex<crate::observe::ActStats>>>,
 }
 
 /// A tensor as it is written to disk: a candle tensor, or int8 data candle has no dtype for.
@@ -242,6 +247,7 @@ impl Linear {
             out_features,
             in_features,
             packed_f32: Default::default(),
+            observer: None,
         })
     }
 
@@ -255,6 +261,7 @@ impl Linear {
             out_features,
             in_features,
             packed_f32: Default::default(),
+            observer: None,
         })
     }
 
@@ -269,6 +276,7 @@ impl Linear {
             out_features: w.m,
             in_features: w.k,
             packed_f32: Default::default(),
+            observer: None,
         })
     }
 
@@ -279,6 +287,35 @@ impl Linear {
             Arc::get_mut(b).expect("just built").rtn = Some(rtn);
         }
         Ok(l)
+    }
+
+    /// A w8a8-static Linear: packed int8 weights and the calibrated activation scale and zero point.
+    pub fn int8_static(p: PackedI8, scale: f32, zero: i32, bias: Option<Tensor>) -> Result<Self> {
+        let mut l = Self::int8_dynamic(p, bias)?;
+        if let LinearWeight::Int8Dynamic(p) = l.weight {
+            l.weight = LinearWeight::Int8Static { p, scale, zero };
+        }
+        Ok(l)
+    }
+
+    /// Starts recording input statistics (calibration); returns the shared record.
+    pub fn observe(&mut self) -> Arc<std::sync::Mutex<crate::observe::ActStats>> {
+        let o = Arc::new(std::sync::Mutex::new(crate::observe::ActStats::new(self.in_features)));
+        self.observer = Some(o.clone());
+        o
+    }
+
+    /// Stops recording.
+    pub fn unobserve(&mut self) {
+        self.observer = None;
+    }
+
+    fn record(&self, x: &Tensor) -> Result<()> {
+        if let Some(o) = &self.observer {
+            let x2 = x.reshape(((), self.in_features))?;
+            with_f32_slice(&x2, |xs| o.lock().expect("observer lock").observe(xs))?;
+        }
+        Ok(())
     }
 
     fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
@@ -312,6 +349,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             LinearWeight::Int8Dynamic(p) => p.stored_bytes(),
+            LinearWeight::Int8Static { p, .. } => p.stored_bytes() + 8,
             LinearWeight::Block(b) => (b.bpw * (self.out_features * self.in_features) as f64 / 8.0).round() as usize,
         };
         w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
@@ -328,6 +366,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             LinearWeight::Int8Dynamic(_) => "w8a8-dynamic".into(),
+            LinearWeight::Int8Static { .. } => "w8a8-static".into(),
             LinearWeight::Block(b) => b.format.clone(),
         }
     }
@@ -340,7 +379,7 @@ impl Linear {
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
-            LinearWeight::Int8Dynamic(p) => {
+            LinearWeight::Int8Dynamic(p) | LinearWeight::Int8Static { p, .. } => {
                 let v: Vec<f32> = p.q.iter().enumerate().map(|(i, &q)| q as f32 * p.scale[i / p.k]).collect();
                 Ok(Tensor::from_vec(v, (p.m, p.k), &Device::Cpu)?)
             }
@@ -357,6 +396,12 @@ impl Linear {
             LinearWeight::Int8Dynamic(p) => vec![
                 ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
                 ("weight_scale", Stored::Tensor(Tensor::from_vec(p.scale.clone(), p.m, &Device::Cpu)?)),
+            ],
+            LinearWeight::Int8Static { p, scale, zero } => vec![
+                ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
+                ("weight_scale", Stored::Tensor(Tensor::from_vec(p.scale.clone(), p.m, &Device::Cpu)?)),
+                ("input_scale", Stored::Tensor(Tensor::new(&[*scale], &Device::Cpu)?)),
+                ("input_zero_point", Stored::Tensor(Tensor::new(&[*zero as f32], &Device::Cpu)?)),
             ],
             LinearWeight::Block(b) => match b.rtn {
                 Some(rtn) => {
@@ -391,6 +436,9 @@ impl Linear {
     /// # Shapes
     /// - `x`: (..., in_features); returns one (..., out_features_i) per layer
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        if layers.iter().any(|l| l.observer.is_some()) {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
         let in_f = *x.dims().last().unwrap_or(&0);
         let ab = layers.first().and_then(|l| l.act_block());
         let all_block = layers.iter().all(|l| l.act_block().is_some() && l.act_block() == ab && l.in_features == in_f);
@@ -446,6 +494,7 @@ impl Linear {
             });
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        self.record(x)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features;
         let x2 = x.reshape((rows, in_f))?; // (N, in)
@@ -484,6 +533,19 @@ impl Linear {
                     whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, block_isa(), &CandlePool)
                 })?;
                 return self.block_forward(&acts, x.dims());
+            }
+            LinearWeight::Int8Static { p, scale, zero } => {
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
+                };
+                let y = with_f32_slice(&x2, |xs| {
+                    let xa = whittle_kernels::int8::quantize_activations_static(xs, rows, p.k, p.kp, *scale, *zero);
+                    whittle_kernels::filled(rows * self.out_features, |y| {
+                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, kernel(), &CandlePool)
+                    })
+                })?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
             LinearWeight::Int8Dynamic(p) => {
                 let bias: Option<Vec<f32>> = match &self.bias {

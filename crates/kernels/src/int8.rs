@@ -257,6 +257,19 @@ pub fn quantize_activations(x: &[f32], n: usize, k: usize, kp: usize, par: &dyn 
     QuantizedActs { xu, scale, zero }
 }
 
+/// Static activation quantization: every row with the same calibrated `scale` and `zero` (values outside the
+/// calibrated range clip to 0 or 255).
+pub fn quantize_activations_static(x: &[f32], n: usize, k: usize, kp: usize, scale: f32, zero: i32) -> QuantizedActs {
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut xu = vec![zero.clamp(0, 255) as u8; n * kp];
+    for r in 0..n {
+        for (d, &v) in xu[r * kp..r * kp + k].iter_mut().zip(&x[r * k..(r + 1) * k]) {
+            *d = (round_i8_wide(v * inv) + zero).clamp(0, 255) as u8;
+        }
+    }
+    QuantizedActs { xu, scale: vec![scale; n], zero: vec![zero; n] }
+}
+
 /// The specification: `y[n,m] = s_x[n]·s_w[m]·Σ_k (x_u[n,k] − z[n])·w_q[m,k] + b[m]` on unpacked data.
 pub fn gemm_ref(w: &PackedI8, xa: &QuantizedActs, n: usize, bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     let (m, k, kp) = (w.m, w.k, w.kp);

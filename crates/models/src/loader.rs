@@ -153,6 +153,19 @@ impl Weights<'_> {
             }
             let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[shape[0]])?) } else { None };
             let p = whittle_kernels::int8::PackedI8::new(q, scale, shape[0], shape[1]);
+            // `.input_scale` + `.input_zero_point`: activations with calibrated (static) parameters.
+            if self.contains(&format!("{name}.input_scale")) {
+                let s: Vec<f32> = self.get(&format!("{name}.input_scale"), &[1])?.to_vec1()?;
+                let z: Vec<f32> = self.get(&format!("{name}.input_zero_point"), &[1])?.to_vec1()?;
+                if !(s[0].is_finite() && s[0] >= 0.0 && (0.0..=255.0).contains(&z[0])) {
+                    return Err(Error::Config {
+                        path: self.path.clone(),
+                        field: self.source_name(&format!("{name}.input_scale")),
+                        msg: format!("scale {} / zero point {} out of range", s[0], z[0]),
+                    });
+                }
+                return Ok(Linear::int8_static(p, s[0], z[0] as i32, b)?);
+            }
             return Ok(Linear::int8_dynamic(p, b)?);
         }
         let w = self.get(&wname, &expect)?;

@@ -22,7 +22,10 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         .named_tensors()?
         .into_iter()
         .map(|(n, t)| match t {
-            Stored::Tensor(t) if !n.ends_with(".weight_scale") && t.dtype().is_float() => {
+            Stored::Tensor(t)
+                if ![".weight_scale", ".input_scale", ".input_zero_point"].iter().any(|s| n.ends_with(s))
+                    && t.dtype().is_float() =>
+            {
                 Ok((n, Stored::Tensor(t.to_dtype(dtype)?)))
             }
             other => Ok((n, other)),
@@ -45,6 +48,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             "quant_method": "whittle",
             "formats": {
                 "w8a8-dynamic": "`.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token (asymmetric u8) at run time",
+                "w8a8-static": "as w8a8-dynamic, plus `.input_scale` f32 [1] and `.input_zero_point` f32 [1]: activations x_u = clamp(round(x / scale) + zero, 0, 255) with the calibrated values",
                 "wNa16-gG[-asym]": "`.weight_packed` u8 (out, in·N/8): N-bit codes, lowest bits first; `.weight_scale` f32 (out, in/G); `.weight_zero_point` u8 (out, in/G) when asymmetric (w = s·(q − z)), else w = s·(q − 2^(N−1)); `.weight_shape` i64 [out, in]",
             },
             "layers": layers,

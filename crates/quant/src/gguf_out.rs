@@ -379,6 +379,7 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
                 bpw: 8.0 * bytes.len() as f64 / params as f64,
                 weight_rmse: rmse,
                 seconds: secs,
+                output_mse: None,
                 note: String::new(),
             });
         }

@@ -5,7 +5,13 @@
 //! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
 //! them, as users of those tools expect.
 
+pub mod calib;
 pub mod gguf_out;
+pub mod smooth;
+
+use std::collections::BTreeMap;
+
+use whittle_core::observe::ActStats;
 
 use std::time::Instant;
 
@@ -49,6 +55,8 @@ pub enum Scheme {
     Keep,
     /// int8 weights per output channel, int8 activations per token at run time.
     W8A8Dynamic,
+    /// int8 weights per output channel; activations with one scale and zero point from calibration.
+    W8A8Static,
     /// Grouped weight-only integers (`w8a16`, `w4a16`): round-to-nearest per group of `--group-size`.
     WeightOnly { bits: u32 },
 }
@@ -60,6 +68,7 @@ impl Scheme {
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "w8a8-dynamic" | "w8a8" | "int8-dynamic" => Ok(Scheme::W8A8Dynamic),
+            "w8a8-static" | "int8-static" => Ok(Scheme::W8A8Static),
             "w8a16" | "int8-weight-only" => Ok(Scheme::WeightOnly { bits: 8 }),
             "w4a16" | "int4-weight-only" => Ok(Scheme::WeightOnly { bits: 4 }),
             "keep" | "f32" | "none" => Ok(Scheme::Keep),
@@ -71,6 +80,7 @@ impl Scheme {
         match self {
             Scheme::Keep => "keep",
             Scheme::W8A8Dynamic => "w8a8-dynamic",
+            Scheme::W8A8Static => "w8a8-static",
             Scheme::WeightOnly { bits: 8 } => "w8a16",
             Scheme::WeightOnly { .. } => "w4a16",
         }
@@ -87,6 +97,61 @@ pub struct Plan {
     pub group_size: usize,
     /// Asymmetric weight-only groups (a zero point per group).
     pub zero_point: bool,
+    /// How `w8a8-static` picks each activation range from the calibration statistics.
+    pub observer: Observer,
+}
+
+/// Range observers of `w8a8-static`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observer {
+    /// The observed minimum and maximum.
+    MinMax,
+    /// The given percentile at each end (e.g. 99.99).
+    Percentile(f64),
+    /// The range (a shrink of min/max) with the least expected quantization MSE.
+    Mse,
+    /// TensorRT's entropy calibration: the |x| threshold minimising KL divergence.
+    Entropy,
+}
+
+impl Observer {
+    pub fn parse(s: &str, percentile: f64) -> Result<Self> {
+        match s {
+            "minmax" => Ok(Observer::MinMax),
+            "percentile" if percentile > 50.0 && percentile <= 100.0 => Ok(Observer::Percentile(percentile)),
+            "percentile" => Err(Error::Unsupported(format!("--percentile {percentile}: must be in (50, 100]"))),
+            "mse" => Ok(Observer::Mse),
+            "entropy" | "kl" => Ok(Observer::Entropy),
+            _ => Err(Error::Unsupported(format!("--observer {s}: valid: minmax, percentile, mse, entropy"))),
+        }
+    }
+
+    /// The activation range [lo, hi] (lo ≤ 0 ≤ hi) for the statistics `s`.
+    pub fn range(self, s: &ActStats) -> (f32, f32) {
+        let (lo, hi) = (s.min.min(0.0), s.max.max(0.0));
+        match self {
+            Observer::MinMax => (lo, hi),
+            Observer::Percentile(p) => {
+                let q = p / 100.0;
+                (s.quantile(1.0 - q).clamp(lo, 0.0), s.quantile(q).clamp(0.0, hi))
+            }
+            Observer::Mse => {
+                let mut best = (f64::INFINITY, lo, hi);
+                for i in 0..100 {
+                    let f = 1.0 - i as f32 * 0.01;
+                    let e = s.quant_mse(lo * f, hi * f);
+                    if e < best.0 {
+                        best = (e, lo * f, hi * f);
+                    }
+                }
+                (best.1, best.2)
+            }
+            Observer::Entropy => {
+                let t = s.entropy_threshold();
+                (lo.max(-t), hi.min(t))
+            }
+        }
+    }
 }
 
 impl Plan {
@@ -100,7 +165,7 @@ impl Plan {
                 .map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
             ov.push((re, Scheme::parse(scheme)?));
         }
-        Ok(Self { default, overrides: ov, group_size: 128, zero_point: false })
+        Ok(Self { default, overrides: ov, group_size: 128, zero_point: false, observer: Observer::MinMax })
     }
 
     /// The scheme for layer `name`; heads keep their precision unless overridden.
@@ -125,6 +190,9 @@ pub struct LayerReport {
     /// Root-mean-square error of the dequantized weight against the original.
     pub weight_rmse: f64,
     pub seconds: f64,
+    /// Mean squared error of the layer's output against the float layer on calibration rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_mse: Option<f64>,
     /// What the pass had to change (e.g. a smaller group where the requested one does not divide the width).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub note: String,
@@ -155,9 +223,26 @@ fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, String)> 
     Ok((g, format!("group {requested} does not divide {k}: group {g}")))
 }
 
-fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str) -> Result<(Linear, String)> {
+fn quantize_linear(
+    l: &Linear,
+    scheme: Scheme,
+    plan: &Plan,
+    name: &str,
+    stats: Option<&ActStats>,
+) -> Result<(Linear, String)> {
     match scheme {
         Scheme::Keep => Ok((l.clone(), String::new())),
+        Scheme::W8A8Static => {
+            let s = stats
+                .filter(|s| s.rows > 0 && s.range > 0.0)
+                .ok_or_else(|| Error::Unsupported(format!("w8a8-static: no calibration statistics for `{name}`")))?;
+            let (lo, hi) = plan.observer.range(s);
+            let scale = (hi - lo) / 255.0;
+            let zero = if scale > 0.0 { (-lo / scale).round().clamp(0.0, 255.0) as i32 } else { 0 };
+            let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
+            let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
+            Ok((Linear::int8_static(p, scale, zero, l.bias.clone())?, String::new()))
+        }
         Scheme::W8A8Dynamic => {
             let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
             let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
@@ -179,11 +264,33 @@ fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str) -> Resul
     }
 }
 
+/// Mean squared difference of two layers' outputs on the sample rows of `s`.
+fn output_mse(a: &Linear, b: &Linear, s: &ActStats) -> Result<f64> {
+    if s.sample.is_empty() {
+        return Ok(0.0);
+    }
+    let x = candle_core::Tensor::from_vec(s.sample.clone(), (s.sample.len() / s.k, s.k), &candle_core::Device::Cpu)?;
+    let d = (a.forward(&x)? - b.forward(&x)?)?;
+    Ok(d.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
+}
+
 /// Applies `plan` to every Linear of `model`, in place.
 pub fn quantize(
     model: &mut Model,
     plan: &Plan,
     allow_requantize: bool,
+    progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    quantize_calibrated(model, plan, allow_requantize, None, progress)
+}
+
+/// [`quantize`] with calibration statistics: needed by `w8a8-static`; with them every layer's report also
+/// gets its output error on the calibration rows.
+pub fn quantize_calibrated(
+    model: &mut Model,
+    plan: &Plan,
+    allow_requantize: bool,
+    stats: Option<&BTreeMap<String, ActStats>>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Report> {
     let t0 = Instant::now();
@@ -203,11 +310,17 @@ pub fn quantize(
             if w.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(name.clone()));
             }
-            let (q, note) = quantize_linear(lin, scheme, plan, name)?;
+            let st = stats.and_then(|s| s.get(name.as_str()));
+            let (q, note) = quantize_linear(lin, scheme, plan, name, st)?;
             let wq: Vec<f32> = q.dequantize()?.flatten_all()?.to_vec1()?;
+            let output_mse = match st {
+                Some(s) => Some(output_mse(lin, &q, s)?),
+                None => None,
+            };
             layers.push(LayerReport {
                 name: name.clone(),
                 scheme: q.storage_name(),
+                output_mse,
                 note,
                 params: lin.in_features() * lin.out_features(),
                 bpw: q.bits_per_weight(),

@@ -97,3 +97,62 @@ fn llama_weight_only_roundtrip_is_bit_exact() {
         assert_eq!(logits(&back), got, "{scheme}: bit for bit after save/load");
     }
 }
+
+/// Calibration text for the tiny models (their word tokenizer knows `w0`..`w49`).
+fn tiny_text() -> String {
+    (0..400)
+        .map(|i| format!("w{} w{} w{} w{} w{} w{}", i % 50, (i * 7) % 50, (i * 3) % 50, 5, 9, i % 13))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// SmoothQuant rewrites the float model exactly (same outputs), evens out the inputs it smooths, and
+/// w8a8-static with calibrated ranges saves and reloads bit for bit, for both families.
+#[test]
+fn smoothquant_is_exact_and_static_roundtrips() {
+    use whittle_quant::calib::{calibrate, CalibOptions};
+    for family in ["llama", "bert"] {
+        let d = tempfile::tempdir().unwrap();
+        if family == "llama" {
+            tiny_llama(d.path());
+        } else {
+            tiny_bert(d.path());
+        }
+        let run = |l: &whittle_models::Loaded| -> Vec<f32> {
+            match &l.model {
+                Model::Llama(m) => {
+                    let x = Tensor::new(&[1u32, 5, 9, 3, 7], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                    m.forward(&x, &mut KvCache::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                }
+                Model::Bert(_) => text::embed_texts(l, &["w3 w4 w5", "w9 w10"], 16, 2).unwrap().concat(),
+            }
+        };
+        let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let before = run(&l);
+        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+        let mut cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
+        assert!(cal.stats.values().all(|s| s.rows > 0), "{family}: every Linear observed");
+        let r = whittle_quant::smooth::smooth(&mut l.model, &mut cal.stats, 0.5).unwrap();
+        assert!(!r.is_empty());
+        let after = run(&l);
+        let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(err <= 1e-4 * scale.max(1.0), "{family}: smoothing changed the float model by {err}");
+        // Static: recalibrate on the smoothed model, quantize, save, reload.
+        let cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
+        let mut plan = Plan::new("w8a8-static", &[]).unwrap();
+        plan.observer = whittle_quant::Observer::Percentile(99.9);
+        let rep = whittle_quant::quantize_calibrated(&mut l.model, &plan, false, Some(&cal.stats), |_, _| {}).unwrap();
+        assert!(rep.layers.iter().all(|x| x.output_mse.is_some_and(|m| m > 0.0) && x.scheme == "w8a8-static"));
+        let q = run(&l);
+        let out = d.path().join("static");
+        whittle_models::save::save_hf_dir(&l, &out, candle_core::DType::F32).unwrap();
+        let back = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        assert!(back.source.tensors.iter().any(|t| t.name.ends_with("input_scale")));
+        assert_eq!(run(&back), q, "{family}: bit for bit after save/load");
+        // Without statistics, static quantization names the layer it cannot calibrate.
+        let mut fresh = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let e = quantize(&mut fresh.model, &Plan::new("w8a8-static", &[]).unwrap(), false, |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("no calibration statistics for"), "{e}");
+    }
+}
