@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # whittle and its peers measured back to back in one run on this machine (machines here are noisy: compare
 # within one run, as ratios). Prints one JSON line per configuration. Needs ../shared/peers/setup.sh done.
-#   scripts/bench_vs_peers.sh [minilm] [smollm2]
+#   scripts/bench_vs_peers.sh [minilm] [smollm2] [smollm2-quant]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${WHITTLE_MODELS:-$HOME/.cache/whittle/models}
@@ -27,6 +27,24 @@ for w in $what; do
       $PY "$PEERS/llamacpp_peers.py" "$M/SmolLM2-135M-Instruct.Q4_1.gguf" data/wikitext-2/wiki.test.raw "$OUT" 16 F16 2>/dev/null | grep '^{'
       $W eval "$OUT/base-F16.gguf" --chunks 16 --json
       $W bench "$OUT/base-F16.gguf" --reps 3 --json
+      ;;
+    smollm2-quant)
+      # llama.cpp makes Q8_0 and Q4_K_M from the F16 (PPL, pp512, tg128); whittle runs the very same files,
+      # writes its own from the F16 (time, peak memory), and llama.cpp scores whittle's files.
+      $PY "$PEERS/llamacpp_peers.py" "$M/SmolLM2-135M-Instruct.Q4_1.gguf" data/wikitext-2/wiki.test.raw "$OUT" 16 F16,Q8_0,Q4_K_M 2>/dev/null | grep '^{'
+      for t in Q8_0 Q4_K_M; do
+        $W eval "$OUT/$t.gguf" --chunks 16 --json
+        $W bench "$OUT/$t.gguf" --reps 3 --json
+        lower=$(echo $t | tr A-Z a-z)
+        /usr/bin/time -f "{\"whittle_quantize\": \"$lower\", \"wall_s\": %e, \"peak_rss_kb\": %M}" \
+          $W quantize "$OUT/base-F16.gguf" --scheme "$lower" -o "$OUT/whittle-$lower.gguf" --force --json >/dev/null
+        $PY scripts/llamacpp_ppl.py "$OUT/whittle-$lower.gguf" data/wikitext-2/wiki.test.raw 16 2>/dev/null | grep '^{'
+      done
+      for sq in "" "--smoothquant 0.6"; do
+        $W quantize "$OUT/base-F16.gguf" --scheme w8a8-dynamic $sq -o "$OUT/smollm2-w8a8" --force >/dev/null
+        $W eval "$OUT/smollm2-w8a8" --chunks 16 --json
+        $W bench "$OUT/smollm2-w8a8" --reps 3 --json
+      done
       ;;
   esac
 done

@@ -267,6 +267,15 @@ struct CalibArgs {
     /// SmoothQuant strength alpha in [0, 1] (e.g. 0.5): migrate activation outliers into the weights first
     #[arg(long)]
     smoothquant: Option<f32>,
+    /// How weight-only schemes round: rtn (plain rounding) or gptq (layer by layer, Hessian error feedback)
+    #[arg(long, default_value = "rtn")]
+    method: String,
+    /// GPTQ dampening, a fraction of the Hessian's mean diagonal
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// GPTQ act-order: columns by decreasing Hessian diagonal (static groups)
+    #[arg(long)]
+    act_order: bool,
     /// w8a8-static activation range observer: minmax, percentile, mse, entropy
     #[arg(long, default_value = "minmax")]
     observer: String,
@@ -791,6 +800,11 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     plan.group_size = *group_size;
     plan.zero_point = *zero_point;
     plan.observer = whittle_quant::Observer::parse(&calib.observer, calib.percentile)?;
+    match calib.method.as_str() {
+        "rtn" => {}
+        "gptq" => return cmd_quantize_gptq(m, &plan, output, calib, allow_requantize, json),
+        other => bail!("--method {other}: valid: rtn, gptq"),
+    }
     let statics = std::iter::once(plan.default)
         .chain(plan.overrides.iter().map(|o| o.1))
         .any(|s| s == whittle_quant::Scheme::W8A8Static);
@@ -838,6 +852,60 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
 }
 
+fn cmd_quantize_gptq(
+    m: &ModelArg,
+    plan: &whittle_quant::Plan,
+    output: &std::path::Path,
+    calib: &CalibArgs,
+    allow_requantize: bool,
+    json: bool,
+) -> Result<()> {
+    use whittle_quant::Scheme;
+    if !(calib.damp > 0.0 && calib.damp < 1.0) {
+        bail!("--damp {}: must be in (0, 1)", calib.damp);
+    }
+    if !matches!(plan.default, Scheme::WeightOnly { .. }) {
+        bail!(
+            "--method gptq applies to the weight-only schemes (w8a16, w4a16, w3a16, w2a16), not {}",
+            plan.default.name()
+        );
+    }
+    let mut l = open(m)?;
+    if !allow_requantize {
+        if let Some((n, lin)) = l.model.linears().into_iter().find(|(_, l)| l.is_quantized()) {
+            bail!("layer `{n}` is already quantized ({}); pass --allow-requantize", lin.storage_name());
+        }
+    }
+    let (src, text) = whittle_eval::data::read_text(calib.calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+    let co = whittle_quant::calib::CalibOptions {
+        samples: calib.calib_samples.unwrap_or(16),
+        seq_len: calib.calib_seq_len.unwrap_or(512),
+        source: src.clone(),
+    };
+    let scheme_for = |name: &str, k: usize| -> Option<whittle_core::Rtn> {
+        match plan.scheme_for(name) {
+            Scheme::WeightOnly { bits } if k % 32 == 0 => {
+                let (group, _) = whittle_quant::group_for(plan.group_size, k, name).ok()?;
+                Some(whittle_core::Rtn { bits, group, zero_point: plan.zero_point })
+            }
+            _ => None,
+        }
+    };
+    let go = whittle_quant::gptq::GptqOptions { damp: calib.damp, act_order: calib.act_order };
+    let mut pb = progress_bar("gptq");
+    let r = whittle_quant::layerwise::gptq_llama(&mut l, &text, &co, scheme_for, go, &mut pb)?;
+    eprintln!(
+        "gptq: {} tokens of {src}, {} layers, {:.1}s; calibration activations {:.1} MB",
+        r.tokens,
+        r.report.layers.len(),
+        r.report.seconds,
+        r.activation_bytes as f64 / 1e6
+    );
+    whittle_models::save::save_hf_dir(&l, output, DType::F32)
+        .with_context(|| format!("writing {}", output.display()))?;
+    print_quant_report(&r.report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
+}
+
 fn print_quant_report(
     report: &whittle_quant::Report,
     output: &std::path::Path,
@@ -851,16 +919,18 @@ fn print_quant_report(
     }
     let mut out = std::io::stdout().lock();
     let with_mse = report.layers.iter().any(|r| r.output_mse.is_some());
-    write!(out, "{:<44} {:>16} {:>6} {:>11}", "layer", "scheme", "bpw", "weight RMSE")?;
-    writeln!(out, "{}{:>8}", if with_mse { format!(" {:>11}", "output MSE") } else { String::new() }, "ms")?;
+    let with_rtn = report.layers.iter().any(|r| r.rtn_output_mse.is_some());
+    let col = |on: bool, v: Option<f64>| match (on, v) {
+        (true, Some(v)) => format!(" {v:>11.3e}"),
+        (true, None) => format!(" {:>11}", "-"),
+        _ => String::new(),
+    };
+    write!(out, "{:<44} {:>20} {:>6} {:>11}", "layer", "scheme", "bpw", "weight RMSE")?;
+    let h = |on: bool, s: &str| if on { format!(" {s:>11}") } else { String::new() };
+    writeln!(out, "{}{}{:>8}", h(with_mse, "output MSE"), h(with_rtn, "RTN out MSE"), "ms")?;
     for r in &report.layers {
-        write!(out, "{:<44} {:>16} {:>6.2} {:>11.3e}", r.name, r.scheme, r.bpw, r.weight_rmse)?;
-        let mse = match (with_mse, r.output_mse) {
-            (true, Some(v)) => format!(" {v:>11.3e}"),
-            (true, None) => format!(" {:>11}", "-"),
-            _ => String::new(),
-        };
-        writeln!(out, "{mse}{:>8.1}", r.seconds * 1e3)?;
+        write!(out, "{:<44} {:>20} {:>6.2} {:>11.3e}", r.name, r.scheme, r.bpw, r.weight_rmse)?;
+        writeln!(out, "{}{}{:>8.1}", col(with_mse, r.output_mse), col(with_rtn, r.rtn_output_mse), r.seconds * 1e3)?;
     }
     let notes: Vec<String> =
         report.layers.iter().filter(|r| !r.note.is_empty()).map(|r| format!("{}: {}", r.name, r.note)).collect();

@@ -108,15 +108,20 @@ impl Rtn {
         BlockWeights { m, k, sb: 32, q, scale, min, off: if self.zero_point { 0 } else { -half }, act_block: 32 }
     }
 
-    /// The stored tensors of `w` (from [`Rtn::quantize`]): codes packed little-end first into bytes
-    /// (m, k·bits/8), scales (m, k/group) and, asymmetric, zero points (m, k/group) u8.
+    /// The stored tensors of `w` (from [`Rtn::quantize`]): codes packed as a little-endian bit stream (each row
+    /// k·bits/8 bytes), scales (m, k/group) and, asymmetric, zero points (m, k/group) u8.
     pub fn pack(&self, w: &BlockWeights) -> (Vec<u8>, Vec<f32>, Option<Vec<u8>>) {
         let (m, k, g) = (w.m, w.k, self.group);
-        let per_byte = (8 / self.bits) as usize;
-        let packed: Vec<u8> =
-            w.q.chunks(per_byte)
-                .map(|c| c.iter().enumerate().fold(0u8, |acc, (i, &v)| acc | (v << (i as u32 * self.bits))))
-                .collect();
+        let bits = self.bits as usize;
+        let mut packed = vec![0u8; w.q.len() * bits / 8];
+        for (i, &v) in w.q.iter().enumerate() {
+            let bit = i * bits;
+            let word = (v as u16) << (bit % 8);
+            packed[bit / 8] |= word as u8;
+            if bit % 8 + bits > 8 {
+                packed[bit / 8 + 1] |= (word >> 8) as u8;
+            }
+        }
         let nsb = k / 32;
         let scale: Vec<f32> = (0..m * k / g).map(|i| w.scale[(i / (k / g)) * nsb + (i % (k / g)) * (g / 32)]).collect();
         let zero = w.min.as_ref().map(|mn| {
@@ -151,10 +156,15 @@ impl Rtn {
         if zero.is_some_and(|z| z.len() != scale.len()) || zero.is_some() != self.zero_point {
             return None;
         }
-        let per_byte = (8 / bits) as usize;
-        let mask = ((1u32 << bits) - 1) as u8;
-        let q: Vec<u8> =
-            packed.iter().flat_map(|&b| (0..per_byte).map(move |i| (b >> (i as u32 * bits)) & mask)).collect();
+        let (b, mask) = (bits as usize, (1u16 << bits) - 1);
+        let q: Vec<u8> = (0..m * k)
+            .map(|i| {
+                let bit = i * b;
+                let lo = packed[bit / 8] as u16;
+                let hi = if bit % 8 + b > 8 { (packed[bit / 8 + 1] as u16) << 8 } else { 0 };
+                (((lo | hi) >> (bit % 8)) & mask) as u8
+            })
+            .collect();
         let nsb = k / 32;
         let at = |i: usize| (i / nsb) * (k / g) + (i % nsb) / (g / 32);
         let sc: Vec<f32> = (0..m * nsb).map(|i| scale[at(i)]).collect();
@@ -301,6 +311,13 @@ impl Linear {
     /// Starts recording input statistics (calibration); returns the shared record.
     pub fn observe(&mut self) -> Arc<std::sync::Mutex<crate::observe::ActStats>> {
         let o = Arc::new(std::sync::Mutex::new(crate::observe::ActStats::new(self.in_features)));
+        self.observer = Some(o.clone());
+        o
+    }
+
+    /// Starts recording into `stats` (e.g. [`crate::observe::ActStats::hessian`]).
+    pub fn observe_with(&mut self, stats: crate::observe::ActStats) -> Arc<std::sync::Mutex<crate::observe::ActStats>> {
+        let o = Arc::new(std::sync::Mutex::new(stats));
         self.observer = Some(o.clone());
         o
     }
@@ -722,7 +739,9 @@ mod tests {
     fn rtn_groups_roundtrip_and_bound_the_error() {
         let (m, k) = (5, 128);
         let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-        for (bits, group, zero_point) in [(4, 32, false), (4, 64, true), (8, 128, false), (8, 32, true)] {
+        for (bits, group, zero_point) in
+            [(4, 32, false), (4, 64, true), (8, 128, false), (8, 32, true), (3, 64, true), (2, 32, false)]
+        {
             let rtn = Rtn { bits, group, zero_point };
             let bw = rtn.quantize(&w, m, k);
             let d = bw.dequantize();

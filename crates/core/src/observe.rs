@@ -25,6 +25,9 @@ pub struct ActStats {
     pub sample: Vec<f32>,
     /// Set when an input held NaN or Inf.
     pub non_finite: bool,
+    /// Σ xᵀx (k × k, row-major), when asked for ([`ActStats::hessian`]): GPTQ's and SVD-LLM's statistic.
+    /// Only the per-channel statistics and this are gathered then (no histogram, no samples).
+    pub xtx: Option<Vec<f64>>,
 }
 
 impl ActStats {
@@ -40,7 +43,19 @@ impl ActStats {
             range: 0.0,
             sample: Vec::new(),
             non_finite: false,
+            xtx: None,
         }
+    }
+
+    /// Statistics that accumulate Σ xᵀx (and per-channel max |x|, Σ x²), skipping histograms and samples.
+    pub fn hessian(k: usize) -> Self {
+        Self { xtx: Some(vec![0.0; k * k]), ..Self::new(k) }
+    }
+
+    /// H = 2·Σ xᵀx / rows (GPTQ's Hessian of the layer's squared output error).
+    pub fn mean_hessian(&self) -> Option<Vec<f64>> {
+        let n = self.rows.max(1) as f64;
+        self.xtx.as_ref().map(|x| x.iter().map(|v| 2.0 * v / n).collect())
     }
 
     /// Adds `x` (rows × k, row-major).
@@ -48,6 +63,25 @@ impl ActStats {
         let k = self.k;
         if x.iter().any(|v| !v.is_finite()) {
             self.non_finite = true;
+            return;
+        }
+        if let Some(acc) = self.xtx.as_mut() {
+            // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
+            let rows = x.len() / k;
+            let t = candle_core::Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)
+                .and_then(|t| t.t()?.matmul(&t))
+                .and_then(|p| p.flatten_all()?.to_vec1::<f32>());
+            match t {
+                Ok(p) => acc.iter_mut().zip(p).for_each(|(a, v)| *a += v as f64),
+                Err(_) => self.non_finite = true,
+            }
+            for row in x.chunks_exact(k) {
+                for (j, &v) in row.iter().enumerate() {
+                    self.absmax[j] = self.absmax[j].max(v.abs());
+                    self.sumsq[j] += (v as f64) * (v as f64);
+                }
+            }
+            self.rows += rows;
             return;
         }
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -526,6 +526,25 @@ impl Llama {
         Ok((a.cos()?, a.sin()?))
     }
 
+    /// Token embeddings of `ids` (B, T) -> (B, T, C): the input of block 0.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        embed(&self.embed_tokens, ids)
+    }
+
+    /// RoPE tables and causal mask for a fresh sequence of `t` tokens, as [`LlamaBlock::forward`] takes them:
+    /// for running blocks one at a time (layer-wise calibration).
+    pub fn block_inputs(&self, t: usize) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (cos, sin) = self.rope_tables(0, t)?;
+        let mask = if t > 1 {
+            let m: Vec<f32> =
+                (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+            Some(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+        } else {
+            None
+        };
+        Ok((cos, sin, mask))
+    }
+
     /// Runs `ids` after the positions already in `cache`, appending to it; returns final hidden states.
     ///
     /// # Shapes

@@ -203,7 +203,7 @@ impl Weights<'_> {
             None
         };
         let bits = if k > 0 && pm == m { (pk * 8 / k) as u32 } else { 0 };
-        if ng == 0 || k % ng != 0 || !matches!(bits, 4 | 8) {
+        if ng == 0 || k % ng != 0 || !matches!(bits, 2 | 3 | 4 | 8) {
             return Err(bad("weight_packed", format!("({pm}, {pk}) packed with {ng} groups does not fit ({m}, {k})")));
         }
         let rtn = whittle_core::Rtn { bits, group: k / ng, zero_point: zero.is_some() };

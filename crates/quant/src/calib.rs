@@ -61,31 +61,9 @@ pub fn calibrate(
 fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(usize, usize)) -> Result<usize> {
     match &l.model {
         Model::Llama(m) => {
-            // Enough text for the windows (about 4 characters a token), tokenized once.
-            let want = o.samples * o.seq_len;
-            let mut end = text.len().min(want * 8);
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            let enc = l
-                .tokenizer
-                .encode(&text[..end], false)
-                .map_err(|e| Error::Unsupported(format!("tokenizing {}: {e}", o.source)))?;
-            let ids = enc.get_ids();
-            if ids.len() < o.seq_len {
-                return Err(Error::Unsupported(format!(
-                    "calibration text {} has {} tokens, fewer than one sample of {} (--calib-seq-len)",
-                    o.source,
-                    ids.len(),
-                    o.seq_len
-                )));
-            }
-            let n = (ids.len() / o.seq_len).min(o.samples);
-            for i in 0..n {
-                let mut w: Vec<u32> = ids[i * o.seq_len..(i + 1) * o.seq_len].to_vec();
-                if let (true, Some(b)) = (l.add_bos, l.bos_token_id) {
-                    w[0] = b; // as the perplexity protocol: each window starts with BOS
-                }
+            let windows = decoder_windows(l, text, o)?;
+            let n = windows.len();
+            for (i, w) in windows.iter().enumerate() {
                 let x = Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
                 m.forward(&x, &mut KvCache::default())?;
                 progress(i + 1, n);
@@ -109,4 +87,38 @@ fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(
             Ok(tokens)
         }
     }
+}
+
+/// Up to `o.samples` windows of `o.seq_len` tokens from the start of `text`, each starting with BOS when
+/// the model's tokenizer adds one (as the perplexity protocol does).
+pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<Vec<u32>>> {
+    // Enough text for the windows (about 4 characters a token), tokenized once.
+    let want = o.samples * o.seq_len;
+    let mut end = text.len().min(want * 8);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let enc = l
+        .tokenizer
+        .encode(&text[..end], false)
+        .map_err(|e| Error::Unsupported(format!("tokenizing {}: {e}", o.source)))?;
+    let ids = enc.get_ids();
+    if ids.len() < o.seq_len {
+        return Err(Error::Unsupported(format!(
+            "calibration text {} has {} tokens, fewer than one sample of {} (--calib-seq-len)",
+            o.source,
+            ids.len(),
+            o.seq_len
+        )));
+    }
+    let n = (ids.len() / o.seq_len).min(o.samples);
+    Ok((0..n)
+        .map(|i| {
+            let mut w: Vec<u32> = ids[i * o.seq_len..(i + 1) * o.seq_len].to_vec();
+            if let (true, Some(b)) = (l.add_bos, l.bos_token_id) {
+                w[0] = b;
+            }
+            w
+        })
+        .collect())
 }

@@ -380,6 +380,7 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
                 weight_rmse: rmse,
                 seconds: secs,
                 output_mse: None,
+                rtn_output_mse: None,
                 note: String::new(),
             });
         }

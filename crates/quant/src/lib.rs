@@ -7,6 +7,8 @@
 
 pub mod calib;
 pub mod gguf_out;
+pub mod gptq;
+pub mod layerwise;
 pub mod smooth;
 
 use std::collections::BTreeMap;
@@ -71,6 +73,8 @@ impl Scheme {
             "w8a8-static" | "int8-static" => Ok(Scheme::W8A8Static),
             "w8a16" | "int8-weight-only" => Ok(Scheme::WeightOnly { bits: 8 }),
             "w4a16" | "int4-weight-only" => Ok(Scheme::WeightOnly { bits: 4 }),
+            "w3a16" => Ok(Scheme::WeightOnly { bits: 3 }),
+            "w2a16" => Ok(Scheme::WeightOnly { bits: 2 }),
             "keep" | "f32" | "none" => Ok(Scheme::Keep),
             _ => Err(Error::UnknownScheme(s.into())),
         }
@@ -82,6 +86,8 @@ impl Scheme {
             Scheme::W8A8Dynamic => "w8a8-dynamic",
             Scheme::W8A8Static => "w8a8-static",
             Scheme::WeightOnly { bits: 8 } => "w8a16",
+            Scheme::WeightOnly { bits: 3 } => "w3a16",
+            Scheme::WeightOnly { bits: 2 } => "w2a16",
             Scheme::WeightOnly { .. } => "w4a16",
         }
     }
@@ -193,6 +199,9 @@ pub struct LayerReport {
     /// Mean squared error of the layer's output against the float layer on calibration rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_mse: Option<f64>,
+    /// The same error with plain round-to-nearest, for methods that improve on it (GPTQ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtn_output_mse: Option<f64>,
     /// What the pass had to change (e.g. a smaller group where the requested one does not divide the width).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub note: String,
@@ -213,7 +222,7 @@ pub(crate) fn rmse(a: &[f32], b: &[f32]) -> f64 {
 
 /// The group a weight-only layer of width `k` gets: the requested one, else the largest multiple of 32 below
 /// it that divides `k` (with a note saying so).
-fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, String)> {
+pub fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, String)> {
     if k.is_multiple_of(requested) {
         return Ok((requested, String::new()));
     }
@@ -321,6 +330,7 @@ pub fn quantize_calibrated(
                 name: name.clone(),
                 scheme: q.storage_name(),
                 output_mse,
+                rtn_output_mse: None,
                 note,
                 params: lin.in_features() * lin.out_features(),
                 bpw: q.bits_per_weight(),
