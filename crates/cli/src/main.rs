@@ -884,7 +884,7 @@ fn cmd_quantize_gptq(
     };
     let scheme_for = |name: &str, k: usize| -> Option<whittle_core::Rtn> {
         match plan.scheme_for(name) {
-            Scheme::WeightOnly { bits } if k % 32 == 0 => {
+            Scheme::WeightOnly { bits } if k.is_multiple_of(32) => {
                 let (group, _) = whittle_quant::group_for(plan.group_size, k, name).ok()?;
                 Some(whittle_core::Rtn { bits, group, zero_point: plan.zero_point })
             }

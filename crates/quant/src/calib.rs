@@ -89,8 +89,9 @@ fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(
     }
 }
 
-/// Up to `o.samples` windows of `o.seq_len` tokens from the start of `text`, each starting with BOS when
-/// the model's tokenizer adds one (as the perplexity protocol does).
+/// Up to `o.samples` windows of `o.seq_len` tokens from the start of `text`, each starting with BOS when the
+/// model has one (as the perplexity protocol's chunks do: the attention sink's huge activations at BOS must be
+/// in the statistics).
 pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<Vec<u32>>> {
     // Enough text for the windows (about 4 characters a token), tokenized once.
     let want = o.samples * o.seq_len;
@@ -115,8 +116,8 @@ pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<V
     Ok((0..n)
         .map(|i| {
             let mut w: Vec<u32> = ids[i * o.seq_len..(i + 1) * o.seq_len].to_vec();
-            if let (true, Some(b)) = (l.add_bos, l.bos_token_id) {
-                w[0] = b;
+            if let Some(b) = l.bos_token_id {
+                w[0] = b; // as the perplexity protocol: the first token of every chunk is BOS
             }
             w
         })

@@ -33,7 +33,7 @@ fn cholesky(a: &mut [f64], n: usize) -> std::result::Result<(), usize> {
         let (before, rest) = a.split_at_mut(j * n);
         let rowj = &mut rest[..n];
         let s = rowj[j] - rowj[..j].iter().map(|v| v * v).sum::<f64>();
-        if !(s > 0.0) || !s.is_finite() {
+        if s.is_nan() || s <= 0.0 || !s.is_finite() {
             return Err(j);
         }
         let d = s.sqrt();
@@ -102,7 +102,7 @@ pub fn hinv_upper(h: &[f64], n: usize, damp: f64, layer: &str) -> Result<Vec<f64
 /// accumulated XᵀX). Returns the quantized weights.
 pub fn gptq(w: &[f32], m: usize, k: usize, h: &[f64], rtn: Rtn, o: GptqOptions, layer: &str) -> Result<BlockWeights> {
     let g = rtn.group;
-    assert!(k % g == 0 && w.len() == m * k && h.len() == k * k);
+    assert!(k.is_multiple_of(g) && w.len() == m * k && h.len() == k * k);
     // Dead inputs (never active): H_ii = 1 and the column zeroed, as the reference does.
     let mut h = h.to_vec();
     let mut wt = vec![0f32; k * m]; // Wᵀ: row i = column i of W
@@ -160,7 +160,7 @@ pub fn gptq(w: &[f32], m: usize, k: usize, h: &[f64], rtn: Rtn, o: GptqOptions, 
     for i in 0..k {
         let c = perm[i];
         let gi = c / g;
-        if !o.act_order && c % g == 0 {
+        if !o.act_order && c.is_multiple_of(g) {
             // Group parameters from the current (error-updated) weights of the group's columns.
             group_params(&wp[i * m..(i + g) * m], gi, &mut scale, &mut zero);
         }
@@ -272,7 +272,7 @@ mod tests {
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-8, "[{i},{j}] {v}");
             }
         }
-        assert!(hinv_upper(&vec![0.0; 4], 2, 0.0, "zeros").is_err());
+        assert!(hinv_upper(&[0.0; 4], 2, 0.0, "zeros").is_err());
     }
 
     /// On correlated inputs GPTQ's output error is well below round-to-nearest's, for both group formats.
