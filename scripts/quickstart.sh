@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the real default models: fetch them if missing, build whittle, then inspect, embed and
 # generate with all-MiniLM-L6-v2 (BERT) and SmolLM2-135M-Instruct (LLaMA, Q4_1 GGUF); then quantize MiniLM to
-# w8a8-dynamic and compare it with the original (STS-B, embedding cosine, size, sentences/s, latency).
+# w8a8-dynamic and compare it with the original (STS-B, embedding cosine, size, sentences/s, latency), and write
+# SmolLM2 as a llama.cpp Q4_K_M GGUF and compare it with the original (perplexity, KL, size, pp/tg speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh
@@ -17,3 +18,5 @@ $W generate "$M/SmolLM2-135M-Instruct.Q4_1.gguf" --chat --prompt "What is the ca
 OUT=${TMPDIR:-/tmp}/whittle-quickstart
 $W quantize "$M/all-MiniLM-L6-v2" --scheme w8a8-dynamic -o "$OUT/minilm-w8a8" --force | tail -3
 $W compare "$M/all-MiniLM-L6-v2" "$OUT/minilm-w8a8" --reps 1
+$W quantize "$M/SmolLM2-135M-Instruct.Q4_1.gguf" --scheme q4_k_m --allow-requantize -o "$OUT/smollm2-q4_k_m.gguf" --force | tail -2
+$W compare "$M/SmolLM2-135M-Instruct.Q4_1.gguf" "$OUT/smollm2-q4_k_m.gguf" --chunks 4 --reps 1
