@@ -12,5 +12,7 @@ pub mod ops;
 pub use candle_core;
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
-pub use linear::{kernel, set_fine_activations, set_kernel, BlockLinear, Linear, LinearWeight, Rtn, Stored};
+pub use linear::{
+    kernel, set_fine_activations, set_kernel, with_f32_slice, BlockLinear, Linear, LinearWeight, Rtn, Stored,
+};
 pub use whittle_kernels::Isa;

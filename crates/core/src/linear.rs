@@ -229,7 +229,7 @@ pub fn kernel() -> Isa {
 }
 
 /// The contiguous f32 data of a CPU tensor, without copying when possible.
-pub(crate) fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (st, layout) = t.storage_and_layout();
     match &*st {

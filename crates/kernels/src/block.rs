@@ -337,14 +337,23 @@ fn gemm_vnni(w: &PackedBlock, a: &BlockActs, bias: Option<&[f32]>, y: &mut [Mayb
     let n = a.n;
     let t = Tile { w, a, bias: &bvec, y: yp.0 as *mut f32 };
     if n == 1 {
-        // Decoding: one row, four panels per micro-tile, tasks over panel groups.
-        let groups = w.npanels / 4;
-        par.for_each(groups, &|range: Range<usize>| {
-            for g in range {
-                // SAFETY: AVX-512 VNNI checked by `gemm`; the tile writes row 0, panels 4g..4g+4 only.
-                unsafe { t.dispatch::<1, 4>(0, 4 * g) };
-            }
-        });
+        // Decoding: one row, tasks over panel groups: four panels per micro-tile when that splits evenly over
+        // two threads, else two (an odd count of 4-panel tasks leaves one thread idle at the end).
+        if (w.npanels / 4) % 2 == 0 {
+            par.for_each(w.npanels / 4, &|range: Range<usize>| {
+                for g in range {
+                    // SAFETY: AVX-512 VNNI checked by `gemm`; the tile writes row 0, panels 4g..4g+4 only.
+                    unsafe { t.dispatch::<1, 4>(0, 4 * g) };
+                }
+            });
+        } else {
+            par.for_each(w.npanels / 2, &|range: Range<usize>| {
+                for g in range {
+                    // SAFETY: as above, panels 2g..2g+2.
+                    unsafe { t.dispatch::<1, 2>(0, 2 * g) };
+                }
+            });
+        }
         return;
     }
     let row_tasks = n.div_ceil(ROWS_PER_TASK);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use whittle_core::{Linear, LinearWeight, Stored};
+use whittle_core::{with_f32_slice, Linear, LinearWeight, Stored};
 use whittle_formats::gguf::Gguf;
 
 use crate::bert::push_linear;
@@ -379,6 +379,18 @@ impl LlamaBlock {
             None => (k, v.contiguous()?),
         };
         *cache = Some((k.clone(), v.clone()));
+        if b == 1 && t == 1 {
+            // Decoding one token: fused single-query attention over the cache.
+            let s = k.dim(2)?;
+            let a = with_f32_slice(&q, |qv| {
+                with_f32_slice(&k, |kv| {
+                    with_f32_slice(&v, |vv| crate::nn::decode_attention(qv, kv, vv, h, kvh, s, head_dim))
+                })
+            })???;
+            let a = Tensor::from_vec(a, (1, 1, h * head_dim), x.device())?;
+            let x = (x + self.o.forward(&a)?)?;
+            return self.mlp(&x);
+        }
         let rep = h / kvh;
         let repeat = |t: &Tensor| -> Result<Tensor> {
             if rep == 1 {
@@ -391,7 +403,12 @@ impl LlamaBlock {
         let a = attention(&q, &repeat(&k)?, &repeat(&v)?, mask)?; // (B, H, T, D)
         let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?;
         let x = (x + self.o.forward(&a)?)?;
-        let hx = self.mlp_norm.forward(&x)?;
+        self.mlp(&x)
+    }
+
+    /// The MLP half with its residual: x + down(silu(gate(n)) · up(n)), n = mlp_norm(x).
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let hx = self.mlp_norm.forward(x)?;
         let [g, u]: [Tensor; 2] =
             Linear::forward_shared(&[&self.gate, &self.up], &hx)?.try_into().expect("two outputs");
         let m = (g.silu()? * u)?; // (B, T, F)

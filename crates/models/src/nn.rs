@@ -64,6 +64,55 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     Ok(p.matmul(&v.contiguous()?)?)
 }
 
+/// One query position against cached keys and values (decoding), fused: per head, scores = q·kᵀ/√d, softmax,
+/// weighted sum of v. Grouped-query heads share their kv head (h / (H / KV)).
+///
+/// # Shapes
+/// - `q`: (H, D); `k`, `v`: (KV, S, D); returns (H·D), heads in order (the layout `o_proj` reads)
+pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], h: usize, kvh: usize, s: usize, d: usize) -> Vec<f32> {
+    let rep = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; h * d];
+    let mut p = vec![0f32; s];
+    for hi in 0..h {
+        let kv = hi / rep;
+        let qh = &q[hi * d..(hi + 1) * d];
+        let (kh, vh) = (&k[kv * s * d..(kv + 1) * s * d], &v[kv * s * d..(kv + 1) * s * d]);
+        let mut max = f32::NEG_INFINITY;
+        for (pt, kt) in p.iter_mut().zip(kh.chunks_exact(d)) {
+            *pt = dot(qh, kt) * scale;
+            max = max.max(*pt);
+        }
+        let mut sum = 0f32;
+        for pt in p.iter_mut() {
+            *pt = (*pt - max).exp();
+            sum += *pt;
+        }
+        let o = &mut out[hi * d..(hi + 1) * d];
+        for (pt, vt) in p.iter().zip(vh.chunks_exact(d)) {
+            let w = pt / sum;
+            for (a, b) in o.iter_mut().zip(vt) {
+                *a += w * b;
+            }
+        }
+    }
+    out
+}
+
+/// Dot product with eight independent partial sums (so the compiler vectorizes it).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
 /// Mean of `x` over the positions where `mask` is 1, then L2-normalised: sentence-transformers'
 /// mean pooling followed by its `Normalize` module.
 ///
