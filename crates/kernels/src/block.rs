@@ -339,7 +339,7 @@ fn gemm_vnni(w: &PackedBlock, a: &BlockActs, bias: Option<&[f32]>, y: &mut [Mayb
     if n == 1 {
         // Decoding: one row, tasks over panel groups: four panels per micro-tile when that splits evenly over
         // two threads, else two (an odd count of 4-panel tasks leaves one thread idle at the end).
-        if (w.npanels / 4) % 2 == 0 {
+        if (w.npanels / 4).is_multiple_of(2) {
             par.for_each(w.npanels / 4, &|range: Range<usize>| {
                 for g in range {
                     // SAFETY: AVX-512 VNNI checked by `gemm`; the tile writes row 0, panels 4g..4g+4 only.
