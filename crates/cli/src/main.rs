@@ -267,7 +267,8 @@ struct CalibArgs {
     /// SmoothQuant strength alpha in [0, 1] (e.g. 0.5): migrate activation outliers into the weights first
     #[arg(long)]
     smoothquant: Option<f32>,
-    /// How weight-only schemes round: rtn (plain rounding) or gptq (layer by layer, Hessian error feedback)
+    /// How weight-only schemes round: rtn (plain rounding), gptq (layer by layer, Hessian error feedback) or
+    /// awq (activation-aware per-channel scales searched per layer group, then rounding), awq-gptq (both)
     #[arg(long, default_value = "rtn")]
     method: String,
     /// GPTQ dampening, a fraction of the Hessian's mean diagonal
@@ -800,16 +801,18 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     plan.group_size = *group_size;
     plan.zero_point = *zero_point;
     plan.observer = whittle_quant::Observer::parse(&calib.observer, calib.percentile)?;
-    match calib.method.as_str() {
-        "rtn" => {}
-        "gptq" => return cmd_quantize_gptq(m, &plan, output, calib, allow_requantize, json),
-        other => bail!("--method {other}: valid: rtn, gptq"),
-    }
+    let awq = match calib.method.as_str() {
+        "rtn" => false,
+        "awq" if matches!(plan.default, whittle_quant::Scheme::WeightOnly { .. }) => true,
+        "awq" => bail!("--method awq applies to the weight-only schemes (w8a16, w4a16, w3a16, w2a16)"),
+        "gptq" | "awq-gptq" => return cmd_quantize_gptq(m, &plan, output, calib, allow_requantize, json),
+        other => bail!("--method {other}: valid: rtn, gptq, awq, awq-gptq"),
+    };
     let statics = std::iter::once(plan.default)
         .chain(plan.overrides.iter().map(|o| o.1))
         .any(|s| s == whittle_quant::Scheme::W8A8Static);
     let mut l = open(m)?;
-    let stats = if statics || calib.smoothquant.is_some() || calib.calib.is_some() {
+    let stats = if statics || awq || calib.smoothquant.is_some() || calib.calib.is_some() {
         let (src, text) = whittle_eval::data::read_text(calib.calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
         let decoder = matches!(l.model, whittle_models::Model::Llama(_));
         let co = whittle_quant::calib::CalibOptions {
@@ -841,6 +844,21 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
                 cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;
             }
         }
+        if awq {
+            let rtn_for = |name: &str, k: usize| weight_only_format(&plan, name, k);
+            let mut pb = progress_bar("awq");
+            let r = whittle_quant::awq::awq(&mut l.model, &mut cal.stats, rtn_for, 20, &mut pb)?;
+            let (e0, e1): (f64, f64) = r.iter().fold((0.0, 0.0), |(a, b), g| (a + g.rtn_error, b + g.awq_error));
+            let alphas: Vec<String> = r.iter().take(6).map(|g| format!("{:.2}", g.alpha)).collect();
+            eprintln!(
+                "awq: {} groups; output error on calibration rows {:.4e} -> {:.4e} ({:.1}% of plain rounding); alpha {} …",
+                r.len(),
+                e0,
+                e1,
+                100.0 * e1 / e0.max(f64::MIN_POSITIVE),
+                alphas.join(" ")
+            );
+        }
         Some(cal.stats)
     } else {
         None
@@ -850,6 +868,17 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     whittle_models::save::save_hf_dir(&l, output, DType::F32)
         .with_context(|| format!("writing {}", output.display()))?;
     print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
+}
+
+/// The grouped format `plan` gives layer `name` (input width `k`), if it is a weight-only scheme.
+fn weight_only_format(plan: &whittle_quant::Plan, name: &str, k: usize) -> Option<whittle_core::Rtn> {
+    match plan.scheme_for(name) {
+        whittle_quant::Scheme::WeightOnly { bits } if k.is_multiple_of(32) => {
+            let (group, _) = whittle_quant::group_for(plan.group_size, k, name).ok()?;
+            Some(whittle_core::Rtn { bits, group, zero_point: plan.zero_point })
+        }
+        _ => None,
+    }
 }
 
 fn cmd_quantize_gptq(
@@ -882,15 +911,15 @@ fn cmd_quantize_gptq(
         seq_len: calib.calib_seq_len.unwrap_or(512),
         source: src.clone(),
     };
-    let scheme_for = |name: &str, k: usize| -> Option<whittle_core::Rtn> {
-        match plan.scheme_for(name) {
-            Scheme::WeightOnly { bits } if k.is_multiple_of(32) => {
-                let (group, _) = whittle_quant::group_for(plan.group_size, k, name).ok()?;
-                Some(whittle_core::Rtn { bits, group, zero_point: plan.zero_point })
-            }
-            _ => None,
-        }
-    };
+    let scheme_for = |name: &str, k: usize| weight_only_format(plan, name, k);
+    if calib.method == "awq-gptq" {
+        // AWQ's scales first (a float rewrite), then GPTQ rounds the scaled weights.
+        let mut pb = progress_bar("calibrate");
+        let mut cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;
+        let mut pb = progress_bar("awq");
+        let r = whittle_quant::awq::awq(&mut l.model, &mut cal.stats, scheme_for, 20, &mut pb)?;
+        eprintln!("awq: {} groups scaled", r.len());
+    }
     let go = whittle_quant::gptq::GptqOptions { damp: calib.damp, act_order: calib.act_order };
     let mut pb = progress_bar("gptq");
     let r = whittle_quant::layerwise::gptq_llama(&mut l, &text, &co, scheme_for, go, &mut pb)?;

@@ -5,7 +5,7 @@
 /// Bins of the signed histogram.
 const BINS: usize = 8192;
 /// Rows kept to measure a quantized layer's output error.
-const SAMPLE_ROWS: usize = 128;
+const SAMPLE_ROWS: usize = 256;
 
 /// Statistics of one Linear input (rows of `k` features).
 #[derive(Debug, Clone)]
@@ -21,7 +21,7 @@ pub struct ActStats {
     /// Histogram of x over [-range, range), 8192 bins; the range doubles (merging bin pairs) when exceeded.
     pub hist: Vec<u64>,
     pub range: f32,
-    /// The first rows seen (up to 128), for output-error reports.
+    /// The first rows seen (up to 256), for output-error reports and AWQ's scale search.
     pub sample: Vec<f32>,
     /// Set when an input held NaN or Inf.
     pub non_finite: bool,
@@ -91,7 +91,12 @@ impl ActStats {
         while amax >= self.range && self.range > 0.0 {
             self.grow();
         }
-        for row in x.chunks_exact(k) {
+        // Sample rows spread over the batches: up to 32 per call, evenly strided (row 0 included).
+        let stride = (x.len() / k / 32).max(1);
+        for (ri, row) in x.chunks_exact(k).enumerate() {
+            if ri % stride == 0 && self.sample.len() < SAMPLE_ROWS * k {
+                self.sample.extend_from_slice(row);
+            }
             for (j, &v) in row.iter().enumerate() {
                 self.absmax[j] = self.absmax[j].max(v.abs());
                 self.sumsq[j] += (v as f64) * (v as f64);
@@ -101,9 +106,6 @@ impl ActStats {
                     let b = (((v / self.range) + 1.0) * 0.5 * BINS as f32) as usize;
                     self.hist[b.min(BINS - 1)] += 1;
                 }
-            }
-            if self.sample.len() < SAMPLE_ROWS * k {
-                self.sample.extend_from_slice(row);
             }
         }
         self.rows += x.len() / k;

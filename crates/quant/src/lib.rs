@@ -5,6 +5,7 @@
 //! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
 //! them, as users of those tools expect.
 
+pub mod awq;
 pub mod calib;
 pub mod gguf_out;
 pub mod gptq;

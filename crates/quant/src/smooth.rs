@@ -46,19 +46,37 @@ fn scales(x_absmax: &[f32], consumers: &[&Linear], alpha: f32) -> Result<Vec<f32
 }
 
 /// Multiplies the columns of `l` by `s`.
-fn scale_columns(l: &Linear, s: &Tensor) -> Result<Linear> {
+pub(crate) fn scale_columns(l: &Linear, s: &Tensor) -> Result<Linear> {
     let w = l.dequantize()?.broadcast_mul(&s.unsqueeze(0)?)?;
     Ok(Linear::dense(w, l.bias.clone())?)
 }
 
 /// Divides the rows (outputs) of `l` by `s`.
-fn divide_rows(l: &Linear, s: &Tensor) -> Result<Linear> {
+pub(crate) fn divide_rows(l: &Linear, s: &Tensor) -> Result<Linear> {
     let w = l.dequantize()?.broadcast_div(&s.unsqueeze(1)?)?;
     let b = match &l.bias {
         Some(b) => Some(b.div(s)?),
         None => None,
     };
     Ok(Linear::dense(w, b)?)
+}
+
+/// The statistics of layers whose inputs were divided per channel by `s`: maxima, sums of squares and
+/// sample rows follow; the histograms no longer apply (marked stale).
+pub(crate) fn rescale_stats(stats: &mut BTreeMap<String, ActStats>, names: &[String], s: &[f32]) {
+    for n in names {
+        if let Some(st) = stats.get_mut(n) {
+            for (j, &sj) in s.iter().enumerate() {
+                st.absmax[j] /= sj;
+                st.sumsq[j] /= (sj as f64) * (sj as f64);
+            }
+            let k = st.k;
+            for (i, v) in st.sample.iter_mut().enumerate() {
+                *v /= s[i % k];
+            }
+            st.range = 0.0; // histogram stale
+        }
+    }
 }
 
 fn stat<'a>(stats: &'a BTreeMap<String, ActStats>, name: &str) -> Result<&'a ActStats> {
@@ -79,19 +97,7 @@ pub fn smooth(model: &mut Model, stats: &mut BTreeMap<String, ActStats>, alpha: 
     let mut reports = Vec::new();
     let mut record = |stats: &mut BTreeMap<String, ActStats>, names: Vec<String>, s: &[f32]| {
         let before = stats[&names[0]].absmax.iter().fold(0f32, |a, &b| a.max(b));
-        for n in &names {
-            if let Some(st) = stats.get_mut(n) {
-                for (j, &sj) in s.iter().enumerate() {
-                    st.absmax[j] /= sj;
-                    st.sumsq[j] /= (sj as f64) * (sj as f64);
-                }
-                let k = st.k;
-                for (i, v) in st.sample.iter_mut().enumerate() {
-                    *v /= s[i % k];
-                }
-                st.range = 0.0; // histogram stale
-            }
-        }
+        rescale_stats(stats, &names, s);
         let after = stats[&names[0]].absmax.iter().fold(0f32, |a, &b| a.max(b));
         reports.push(SmoothReport { layers: names, act_absmax_before: before, act_absmax_after: after });
     };

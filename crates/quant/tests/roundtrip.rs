@@ -156,3 +156,30 @@ fn smoothquant_is_exact_and_static_roundtrips() {
         assert!(e.to_string().contains("no calibration statistics for"), "{e}");
     }
 }
+
+/// AWQ rewrites the float model exactly (it only moves scales between ops) and never raises the output error
+/// of plain rounding on the calibration rows (α = 0 is in its grid).
+#[test]
+fn awq_is_exact_and_not_worse_than_rounding() {
+    use whittle_quant::calib::{calibrate, CalibOptions};
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let x = Tensor::new(&[1u32, 5, 9, 3, 7], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let run = |l: &whittle_models::Loaded| -> Vec<f32> {
+        let Model::Llama(m) = &l.model else { panic!() };
+        m.forward(&x, &mut KvCache::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let before = run(&l);
+    let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+    let mut cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
+    let rtn = whittle_core::Rtn { bits: 4, group: 32, zero_point: false };
+    let r = whittle_quant::awq::awq(&mut l.model, &mut cal.stats, |_, k| (k % 32 == 0).then_some(rtn), 10, |_, _| {})
+        .unwrap();
+    assert!(!r.is_empty());
+    assert!(r.iter().all(|g| g.awq_error <= g.rtn_error && (0.0..=1.0).contains(&g.alpha)), "{r:?}");
+    let after = run(&l);
+    let scale = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-4 * scale.max(1.0), "awq changed the float model by {err}");
+}
