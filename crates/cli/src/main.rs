@@ -123,6 +123,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Collect an importance matrix (Σx² per input channel of every Linear) on calibration text, written in
+    /// llama.cpp's GGUF imatrix format
+    Imatrix {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Output file (imatrix.gguf), written atomically
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Windows of --calib-seq-len tokens
+        #[arg(long, default_value_t = 16)]
+        calib_samples: usize,
+        #[arg(long, default_value_t = 512)]
+        calib_seq_len: usize,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+    },
     /// Measure quality: perplexity / KL divergence, cloze, STS-B or SST-2 probe accuracy
     Eval {
         #[command(flatten)]
@@ -1017,6 +1037,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             let q = QuantArgs { overrides, force, allow_requantize, group_size, zero_point, calib, json };
             cmd_quantize(&m, &scheme, &output, &q)
+        }
+        Cmd::Imatrix { m, output, calib, calib_samples, calib_seq_len, force } => {
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to replace it", output.display());
+            }
+            if calib_samples == 0 || calib_seq_len == 0 {
+                bail!("--calib-samples and --calib-seq-len must be at least 1");
+            }
+            let mut l = open(&m)?;
+            if !matches!(l.model, whittle_models::Model::Llama(_)) {
+                bail!("imatrix: llama.cpp's imatrix names GGUF tensors of decoders; {} is an encoder", m.model);
+            }
+            let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+            let co = whittle_quant::calib::CalibOptions {
+                samples: calib_samples,
+                seq_len: calib_seq_len,
+                source: src.clone(),
+            };
+            let mut pb = progress_bar("imatrix");
+            let cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;
+            let chunks = cal.tokens / calib_seq_len;
+            let n = whittle_quant::imatrix::write_imatrix(&cal.stats, &output, &src, chunks, calib_seq_len)?;
+            eprintln!("{n} tensors, {} tokens of {src}, {:.1}s", cal.tokens, cal.seconds);
+            println!("wrote {}", output.display());
+            Ok(())
         }
         Cmd::Eval { m, task, data, base, ctx, chunks, max_len, json, save } => {
             let l = open(&m)?;

@@ -9,6 +9,7 @@ pub mod awq;
 pub mod calib;
 pub mod gguf_out;
 pub mod gptq;
+pub mod imatrix;
 pub mod layerwise;
 pub mod smooth;
 

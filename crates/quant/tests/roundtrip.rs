@@ -183,3 +183,28 @@ fn awq_is_exact_and_not_worse_than_rounding() {
     let err = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err <= 1e-4 * scale.max(1.0), "awq changed the float model by {err}");
 }
+
+/// `whittle imatrix`'s file: llama.cpp's GGUF imatrix layout, Σx² and token counts per block weight.
+#[test]
+fn imatrix_file_has_llama_cpp_layout() {
+    use whittle_formats::gguf::Gguf;
+    use whittle_quant::calib::{calibrate, CalibOptions};
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let o = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    let cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
+    let out = d.path().join("imatrix.gguf");
+    let n = whittle_quant::imatrix::write_imatrix(&cal.stats, &out, "tiny", 4, 16).unwrap();
+    assert_eq!(n, 14); // 7 Linears × 2 blocks; the head is left out as llama-imatrix does
+    let g = Gguf::open(&out).unwrap();
+    assert_eq!(g.get("general.type").and_then(|v| v.as_str()), Some("imatrix"));
+    let t = g.tensor("blk.1.ffn_down.weight.in_sum2").unwrap();
+    let c = g.tensor("blk.1.ffn_down.weight.counts").unwrap();
+    assert_eq!((t.type_name, c.ne.clone()), ("f32", vec![1, 1]));
+    let counts: Vec<f32> = g.dequantize(c).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(counts, vec![64.0]);
+    let s = &cal.stats["model.layers.1.mlp.down_proj"];
+    let sums: Vec<f32> = g.dequantize(t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(sums, s.sumsq.iter().map(|&v| v as f32).collect::<Vec<_>>());
+}
