@@ -66,6 +66,41 @@ fn search(st: &ActStats, consumers: &[(&Linear, Rtn)], grid: usize) -> Result<(f
     Ok((best.0, best.1, base, best.2))
 }
 
+fn stat(stats: &BTreeMap<String, ActStats>, name: &str) -> Result<ActStats> {
+    stats
+        .get(name)
+        .filter(|s| s.rows > 0 && !s.sample.is_empty())
+        .cloned()
+        .ok_or_else(|| Error::Unsupported(format!("--method awq: no calibration statistics for `{name}`")))
+}
+
+/// AWQ for Linears `ls` (named `names` under the block prefix) that read a norm's output: the norm's
+/// weight takes 1/s. Skipped unless every one of them gets a grouped format.
+fn norm_group(
+    (p, rtn_for, grid): (&str, &dyn Fn(&str, usize) -> Option<Rtn>, usize),
+    norm: &mut Tensor,
+    ls: &mut [&mut Linear],
+    names: &[&str],
+    stats: &mut BTreeMap<String, ActStats>,
+    out: &mut Vec<AwqReport>,
+) -> Result<()> {
+    let full: Vec<String> = names.iter().map(|n| format!("{p}{n}")).collect();
+    let c: Vec<(&Linear, Rtn)> =
+        ls.iter().zip(&full).filter_map(|(l, n)| rtn_for(n, l.in_features()).map(|r| (&**l, r))).collect();
+    if c.len() != ls.len() {
+        return Ok(());
+    }
+    let (a, s, e0, e1) = search(&stat(stats, &full[0])?, &c, grid)?;
+    let st = Tensor::from_vec(s.clone(), s.len(), &Device::Cpu)?;
+    *norm = norm.div(&st)?;
+    for l in ls.iter_mut() {
+        **l = scale_columns(l, &st)?;
+    }
+    rescale_stats(stats, &full, &s);
+    out.push(AwqReport { layers: full, alpha: a, rtn_error: e0, awq_error: e1 });
+    Ok(())
+}
+
 /// Applies AWQ scaling to every LLaMA block whose Linears `rtn_for` maps to a grouped format; the model stays
 /// a float model (quantize it afterwards with the same formats). `stats` must come from calibration on this
 /// model and are updated to describe the scaled inputs.
@@ -84,52 +119,16 @@ pub fn awq(
     let nb = m.blocks.len();
     for (i, b) in m.blocks.iter_mut().enumerate() {
         let p = format!("model.layers.{i}.");
-        let get = |stats: &BTreeMap<String, ActStats>, n: &str| -> Result<ActStats> {
-            stats
-                .get(&format!("{p}{n}"))
-                .filter(|s| s.rows > 0 && !s.sample.is_empty())
-                .cloned()
-                .ok_or_else(|| Error::Unsupported(format!("--method awq: no calibration statistics for `{p}{n}`")))
-        };
-        // q/k/v ← input_layernorm
-        let names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-        let c: Vec<(&Linear, Rtn)> = [&b.q, &b.k, &b.v]
-            .into_iter()
-            .zip(names)
-            .filter_map(|(l, n)| rtn_for(&format!("{p}{n}"), l.in_features()).map(|r| (l, r)))
-            .collect();
-        if c.len() == 3 {
-            let (a, s, e0, e1) = search(&get(stats, names[0])?, &c, grid)?;
-            let st = Tensor::from_vec(s.clone(), s.len(), &dev)?;
-            b.attn_norm.weight = b.attn_norm.weight.div(&st)?;
-            b.q = scale_columns(&b.q, &st)?;
-            b.k = scale_columns(&b.k, &st)?;
-            b.v = scale_columns(&b.v, &st)?;
-            let full: Vec<String> = names.iter().map(|n| format!("{p}{n}")).collect();
-            rescale_stats(stats, &full, &s);
-            out.push(AwqReport { layers: full, alpha: a, rtn_error: e0, awq_error: e1 });
-        }
-        // gate/up ← post_attention_layernorm
-        let names = ["mlp.gate_proj", "mlp.up_proj"];
-        let c: Vec<(&Linear, Rtn)> = [&b.gate, &b.up]
-            .into_iter()
-            .zip(names)
-            .filter_map(|(l, n)| rtn_for(&format!("{p}{n}"), l.in_features()).map(|r| (l, r)))
-            .collect();
-        if c.len() == 2 {
-            let (a, s, e0, e1) = search(&get(stats, names[0])?, &c, grid)?;
-            let st = Tensor::from_vec(s.clone(), s.len(), &dev)?;
-            b.mlp_norm.weight = b.mlp_norm.weight.div(&st)?;
-            b.gate = scale_columns(&b.gate, &st)?;
-            b.up = scale_columns(&b.up, &st)?;
-            let full: Vec<String> = names.iter().map(|n| format!("{p}{n}")).collect();
-            rescale_stats(stats, &full, &s);
-            out.push(AwqReport { layers: full, alpha: a, rtn_error: e0, awq_error: e1 });
-        }
+        // q/k/v ← input_layernorm; gate/up ← post_attention_layernorm
+        let attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+        let ctx: (&str, &dyn Fn(&str, usize) -> Option<Rtn>, usize) = (p.as_str(), &rtn_for, grid);
+        norm_group(ctx, &mut b.attn_norm.weight, &mut [&mut b.q, &mut b.k, &mut b.v], &attn, stats, &mut out)?;
+        let mlp = ["mlp.gate_proj", "mlp.up_proj"];
+        norm_group(ctx, &mut b.mlp_norm.weight, &mut [&mut b.gate, &mut b.up], &mlp, stats, &mut out)?;
         // down ← up_proj rows
         let n = format!("{p}mlp.down_proj");
         if let Some(r) = rtn_for(&n, b.down.in_features()) {
-            let (a, s, e0, e1) = search(&get(stats, "mlp.down_proj")?, &[(&b.down, r)], grid)?;
+            let (a, s, e0, e1) = search(&stat(stats, &n)?, &[(&b.down, r)], grid)?;
             let st = Tensor::from_vec(s.clone(), s.len(), &dev)?;
             b.up = divide_rows(&b.up, &st)?;
             b.down = scale_columns(&b.down, &st)?;
