@@ -66,6 +66,9 @@ fn search(st: &ActStats, consumers: &[(&Linear, Rtn)], grid: usize) -> Result<(f
     Ok((best.0, best.1, base, best.2))
 }
 
+/// What every group of a block shares: the block's name prefix, the format chooser and the α grid size.
+type GroupCtx<'a> = (&'a str, &'a dyn Fn(&str, usize) -> Option<Rtn>, usize);
+
 fn stat(stats: &BTreeMap<String, ActStats>, name: &str) -> Result<ActStats> {
     stats
         .get(name)
@@ -77,7 +80,7 @@ fn stat(stats: &BTreeMap<String, ActStats>, name: &str) -> Result<ActStats> {
 /// AWQ for Linears `ls` (named `names` under the block prefix) that read a norm's output: the norm's
 /// weight takes 1/s. Skipped unless every one of them gets a grouped format.
 fn norm_group(
-    (p, rtn_for, grid): (&str, &dyn Fn(&str, usize) -> Option<Rtn>, usize),
+    (p, rtn_for, grid): GroupCtx,
     norm: &mut Tensor,
     ls: &mut [&mut Linear],
     names: &[&str],
@@ -121,7 +124,7 @@ pub fn awq(
         let p = format!("model.layers.{i}.");
         // q/k/v ← input_layernorm; gate/up ← post_attention_layernorm
         let attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-        let ctx: (&str, &dyn Fn(&str, usize) -> Option<Rtn>, usize) = (p.as_str(), &rtn_for, grid);
+        let ctx: GroupCtx = (p.as_str(), &rtn_for, grid);
         norm_group(ctx, &mut b.attn_norm.weight, &mut [&mut b.q, &mut b.k, &mut b.v], &attn, stats, &mut out)?;
         let mlp = ["mlp.gate_proj", "mlp.up_proj"];
         norm_group(ctx, &mut b.mlp_norm.weight, &mut [&mut b.gate, &mut b.up], &mlp, stats, &mut out)?;
