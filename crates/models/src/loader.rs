@@ -66,6 +66,11 @@ pub struct Weights<'a> {
     pub dequantize: bool,
 }
 
+/// Whether a stored 2-D `shape` matches `expect` (0 = any size).
+fn fits(shape: &[usize], expect: &[usize; 2]) -> bool {
+    shape.len() == 2 && shape.iter().zip(expect).all(|(a, b)| *b == 0 || a == b)
+}
+
 fn identity(n: &str) -> Option<String> {
     Some(n.to_string())
 }
@@ -120,8 +125,7 @@ impl Weights<'_> {
         if let Some((type_id, shape, raw)) = self.src.raw_block(&self.source_name(&wname)).filter(|_| !self.dequantize)
         {
             if let Some((fmt, qk, bb)) = whittle_kernels::ggml::type_info(type_id) {
-                let ok = shape.len() == 2 && shape.iter().zip(&expect).all(|(a, b)| *b == 0 || a == b);
-                if !ok {
+                if !fits(&shape, &expect) {
                     return Err(self.shape_err(&wname, &expect, &shape));
                 }
                 let bw = whittle_kernels::ggml::unpack(type_id, raw, shape[0], shape[1])
@@ -138,8 +142,7 @@ impl Weights<'_> {
         // An int8 `.weight` with a `.weight_scale` is a w8a8-dynamic layer (whittle's saved format).
         if self.src.dtype_of(&self.source_name(&wname)).as_deref() == Some("i8") {
             let (shape, q) = self.src.load_i8(&self.source_name(&wname))?;
-            let ok = shape.len() == 2 && shape.iter().zip(&expect).all(|(a, b)| *b == 0 || a == b);
-            if !ok {
+            if !fits(&shape, &expect) {
                 return Err(self.shape_err(&wname, &expect, &shape));
             }
             let sname = format!("{name}.weight_scale");

@@ -10,7 +10,6 @@ use std::sync::Mutex;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
-use regex::Regex;
 use whittle_formats::gguf::{write, Gguf, Value};
 use whittle_models::names;
 
@@ -232,11 +231,14 @@ fn ggml_dtype(t: u32) -> GgmlDType {
     }
 }
 
-/// Encodes one 2-D f32 tensor (rows × cols) as ggml type `t`; returns the bytes and the RMSE of the
-/// stored values against the input.
-fn encode(w: &Tensor, t: u32) -> Result<(Vec<u8>, f64)> {
+/// Encodes one 2-D f32 tensor (rows × cols, named `name` in errors) as ggml type `t`; returns the bytes and
+/// the RMSE of the stored values against the input.
+fn encode(w: &Tensor, t: u32, name: &str) -> Result<(Vec<u8>, f64)> {
     let (rows, cols) = w.dims2()?;
     let vals: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite(format!("{name} (element {i})")));
+    }
     let (bytes, deq): (Vec<u8>, Vec<f32>) = match t {
         ty::F32 => (vals.iter().flat_map(|v| v.to_le_bytes()).collect(), vals.clone()),
         ty::F16 | ty::BF16 => {
@@ -275,10 +277,7 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
     let cfg = whittle_models::llama::LlamaConfig::from_gguf(src)?;
     let mut overrides = Vec::new();
     for s in o.overrides {
-        let (pat, tname) = s.rsplit_once('=').ok_or_else(|| Error::BadOverride(s.clone()))?;
-        let pat = pat.strip_prefix("re:").unwrap_or(pat);
-        let re = Regex::new(&format!("^(?:{pat})$"))
-            .map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
+        let (re, tname) = crate::parse_override(s)?;
         let t = parse_type(tname).ok_or_else(|| {
             Error::Unsupported(format!(
                 "--override `{s}`: `{tname}` is not a GGUF tensor type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
@@ -345,11 +344,8 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
                 let t = std::time::Instant::now();
                 let r = (|| {
                     let w = src.dequantize(&src.tensors[i])?;
-                    if let Some(i) = w.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite()) {
-                        return Err(Error::NonFinite(format!("{} (element {i})", job.hf)));
-                    }
                     let w2 = if w.dims().len() == 1 { w.unsqueeze(0)? } else { w };
-                    let (bytes, rmse) = encode(&w2, job.t)?;
+                    let (bytes, rmse) = encode(&w2, job.t, &job.hf)?;
                     Ok((bytes, rmse, t.elapsed().as_secs_f64()))
                 })();
                 results.lock().unwrap()[i] = Some(r);

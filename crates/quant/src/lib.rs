@@ -95,6 +95,16 @@ impl Scheme {
     }
 }
 
+/// Splits an `--override` `REGEX=VALUE` into the regex, anchored to the whole layer name (a `re:` prefix is
+/// accepted and ignored), and the value.
+pub(crate) fn parse_override(o: &str) -> Result<(Regex, &str)> {
+    let (pat, value) = o.rsplit_once('=').ok_or_else(|| Error::BadOverride(o.into()))?;
+    let pat = pat.strip_prefix("re:").unwrap_or(pat);
+    let re =
+        Regex::new(&format!("^(?:{pat})$")).map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
+    Ok((re, value))
+}
+
 /// Which scheme each Linear gets: `default` for block Linears, overrides by regex on the layer name
 /// (the last matching override wins; a `re:` prefix is accepted and ignored).
 #[derive(Debug, Clone)]
@@ -167,10 +177,7 @@ impl Plan {
         let default = Scheme::parse(default)?;
         let mut ov = Vec::new();
         for o in overrides {
-            let (pat, scheme) = o.rsplit_once('=').ok_or_else(|| Error::BadOverride(o.clone()))?;
-            let pat = pat.strip_prefix("re:").unwrap_or(pat);
-            let re = Regex::new(&format!("^(?:{pat})$"))
-                .map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
+            let (re, scheme) = parse_override(o)?;
             ov.push((re, Scheme::parse(scheme)?));
         }
         Ok(Self { default, overrides: ov, group_size: 128, zero_point: false, observer: Observer::MinMax })
