@@ -143,6 +143,41 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Measure each block Linear's cost when it alone is quantized (KL divergence on calibration text at a
+    /// probe format, extrapolated to each candidate by its diagonal-Hessian output error), for --target-bpw
+    Sensitivity {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Output JSON (read by `quantize --target-bpw --sensitivity FILE`), written atomically
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Windows of --calib-seq-len tokens
+        #[arg(long, default_value_t = 2)]
+        calib_samples: usize,
+        #[arg(long, default_value_t = 256)]
+        calib_seq_len: usize,
+        /// Weights per group of the candidate formats
+        #[arg(long, default_value_t = 64)]
+        group_size: usize,
+        /// Asymmetric candidate formats (a zero point per group)
+        #[arg(long)]
+        zero_point: bool,
+        /// Candidate bit widths
+        #[arg(long, default_value = "8,4,3,2")]
+        candidates: String,
+        /// Bit width at which each layer's KL is measured
+        #[arg(long, default_value_t = 3)]
+        probe_bits: u32,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure quality: perplexity / KL divergence, cloze, STS-B or SST-2 probe accuracy
     Eval {
         #[command(flatten)]
@@ -303,6 +338,20 @@ struct CalibArgs {
     /// Percentile for --observer percentile
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
+    /// Mixed precision: pick a grouped format per block Linear from --candidates so the block Linears average
+    /// at most this many bits per weight, minimising the predicted KL (weight-only schemes; --override wins)
+    #[arg(long)]
+    target_bpw: Option<f64>,
+    /// Per-layer costs from `whittle sensitivity` (default: measure them now, on the calibration text)
+    #[arg(long)]
+    sensitivity: Option<PathBuf>,
+    /// Candidate bit widths for --target-bpw (grouped by --group-size, --zero-point as given)
+    #[arg(long, default_value = "8,4,3,2")]
+    candidates: String,
+    /// Importance matrix (llama.cpp's GGUF imatrix format, from `whittle imatrix` or `llama-imatrix`): GGUF
+    /// block types are quantized with ggml's importance-weighted quantizers, as llama-quantize does
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -576,16 +625,21 @@ fn print_metrics(m: &Metrics) -> Result<()> {
     Ok(())
 }
 
+/// Writes `v` as pretty JSON to `path` through a temporary file and a rename (never a half-written file).
+fn write_json_atomic(path: &std::path::Path, v: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 fn save_results(model: &str, m: &Metrics) -> Result<()> {
     let path = bench::results_path(std::path::Path::new(model));
     let mut all = read_saved(model).unwrap_or_default();
     all.merge(Metrics::default());
     let mut fresh = m.clone();
     fresh.merge(all);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&fresh)? + "\n")
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    write_json_atomic(&path, &fresh)?;
     eprintln!("saved {}", path.display());
     Ok(())
 }
@@ -704,10 +758,7 @@ fn cmd_compare(
     }
     let b0 = rows[0].clone();
     if let Some(p) = output {
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)? + "\n")
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+        write_json_atomic(p, &rows)?;
     }
     let mut out = std::io::stdout().lock();
     if json {
@@ -807,7 +858,11 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             bail!("--scheme {scheme} writes GGUF from a GGUF source (its metadata and tokenizer are copied); {} is an HF directory", m.model);
         }
         let src = whittle_formats::gguf::Gguf::open(&path)?;
-        let opts = whittle_quant::gguf_out::GgufOptions { ftype, overrides, allow_requantize };
+        let im = match &calib.imatrix {
+            Some(f) => Some(whittle_quant::imatrix::read_imatrix(f)?),
+            None => None,
+        };
+        let opts = whittle_quant::gguf_out::GgufOptions { ftype, overrides, allow_requantize, imatrix: im.as_ref() };
         let report = whittle_quant::gguf_out::write_gguf(&src, output, &opts)?;
         return print_quant_report(
             &report,
@@ -817,10 +872,18 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             std::fs::metadata(output)?.len(),
         );
     }
+    if calib.imatrix.is_some() {
+        bail!("--imatrix weights the rounding of GGUF block types (-o NAME.gguf); for directory schemes use --method awq or gptq, which measure the activations themselves");
+    }
     let mut plan = whittle_quant::Plan::new(scheme, overrides)?;
     plan.group_size = *group_size;
     plan.zero_point = *zero_point;
     plan.observer = whittle_quant::Observer::parse(&calib.observer, calib.percentile)?;
+    if let Some(target) = calib.target_bpw {
+        apply_target_bpw(m, &mut plan, calib, target)?;
+    } else if calib.sensitivity.is_some() {
+        bail!("--sensitivity is read by --target-bpw; pass --target-bpw BITS too");
+    }
     let awq = match calib.method.as_str() {
         "rtn" => false,
         "awq" if matches!(plan.default, whittle_quant::Scheme::WeightOnly { .. }) => true,
@@ -890,6 +953,147 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
 }
 
+/// `--candidates 8,4,3,2` → bit widths.
+fn parse_bits(s: &str, flag: &str) -> Result<Vec<u32>> {
+    let v: Vec<u32> =
+        s.split(',')
+            .map(|b| {
+                b.trim().parse::<u32>().ok().filter(|b| [2, 3, 4, 8].contains(b)).with_context(|| {
+                    format!("{flag} `{s}`: `{b}` is not a bit width of the grouped formats (8, 4, 3, 2)")
+                })
+            })
+            .collect::<Result<_>>()?;
+    if v.is_empty() {
+        bail!("{flag}: give at least one bit width");
+    }
+    Ok(v)
+}
+
+fn measure_sensitivity(
+    l: &mut Loaded,
+    calib: Option<&std::path::Path>,
+    samples: usize,
+    seq_len: usize,
+    o: &whittle_quant::mixed::SensitivityOptions,
+) -> Result<whittle_quant::mixed::Sensitivity> {
+    if samples == 0 || seq_len == 0 {
+        bail!("--calib-samples and --calib-seq-len must be at least 1");
+    }
+    let (src, text) = whittle_eval::data::read_text(calib, whittle_eval::data::WIKI_VALID)?;
+    let co = whittle_quant::calib::CalibOptions { samples, seq_len, source: src.clone() };
+    let mut pb = progress_bar("sensitivity");
+    let s = whittle_quant::mixed::sensitivity(l, &text, &co, o, &mut pb)?;
+    eprintln!("sensitivity: {} layers on {} tokens of {src} in {:.1}s", s.layers.len(), s.tokens, s.seconds);
+    Ok(s)
+}
+
+fn print_sensitivity(s: &whittle_quant::mixed::Sensitivity) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let Some(first) = s.layers.first() else { return Ok(()) };
+    write!(out, "{:<36} {:>11} {:>11}", "layer", "shape", format!("KL @ {} bit", first.probe_bits))?;
+    for c in &first.candidates {
+        write!(out, " {:>11}", format!("pred @ {}", c.bits))?;
+    }
+    writeln!(out)?;
+    for l in &s.layers {
+        write!(out, "{:<36} {:>11} {:>11.3e}", l.name, format!("{}x{}", l.shape[0], l.shape[1]), l.probe_kl)?;
+        for c in &l.candidates {
+            write!(out, " {:>11.3e}", c.predicted_kl)?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "\n{} ({} tokens of {}, {:.1}s)", s.method, s.tokens, s.calib, s.seconds)?;
+    Ok(())
+}
+
+/// `--target-bpw`: per-layer formats from the sensitivities (read or measured), assigned into `plan` below the
+/// user's overrides.
+fn apply_target_bpw(m: &ModelArg, plan: &mut whittle_quant::Plan, calib: &CalibArgs, target: f64) -> Result<()> {
+    use whittle_quant::mixed;
+    if !matches!(plan.default, whittle_quant::Scheme::WeightOnly { .. }) {
+        bail!(
+            "--target-bpw picks among the grouped weight-only formats: use --scheme w4a16 (its --group-size and --zero-point apply to every candidate), not {}",
+            plan.default.name()
+        );
+    }
+    let candidates = parse_bits(&calib.candidates, "--candidates")?;
+    let o = mixed::SensitivityOptions {
+        candidates: candidates.clone(),
+        group_size: plan.group_size,
+        zero_point: plan.zero_point,
+        ..Default::default()
+    };
+    let mut l = open(m)?;
+    let mut s = match &calib.sensitivity {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let s: mixed::Sensitivity = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a `whittle sensitivity` JSON file", f.display()))?;
+            s.check_matches(&l.model, &f.display().to_string())?;
+            if s.group_size != o.group_size || s.zero_point != o.zero_point {
+                bail!(
+                    "{}: measured with group {}{}, but this run quantizes with --group-size {}{}",
+                    f.display(),
+                    s.group_size,
+                    if s.zero_point { " --zero-point" } else { "" },
+                    o.group_size,
+                    if o.zero_point { " --zero-point" } else { "" }
+                );
+            }
+            s
+        }
+        None => measure_sensitivity(
+            &mut l,
+            calib.calib.as_deref(),
+            calib.calib_samples.map_or(2, |n| n.min(4)),
+            calib.calib_seq_len.unwrap_or(256),
+            &o,
+        )?,
+    };
+    for layer in s.layers.iter_mut() {
+        for b in &candidates {
+            if !layer.candidates.iter().any(|c| c.bits == *b) {
+                bail!("--candidates {}: the sensitivity of `{}` has no {b}-bit entry", calib.candidates, layer.name);
+            }
+        }
+        layer.candidates.retain(|c| candidates.contains(&c.bits));
+    }
+    let a = mixed::allocate(&s, target, |n| plan.overridden(n))?;
+    print_allocation(&a)?;
+    for c in &a.choices {
+        plan.assign(&c.name, whittle_quant::Scheme::WeightOnly { bits: c.bits });
+    }
+    Ok(())
+}
+
+/// The chosen map: blocks as rows, the block's Linears as columns, bits in the cells.
+fn print_allocation(a: &whittle_quant::mixed::Allocation) -> Result<()> {
+    let mut err = std::io::stderr().lock();
+    let mut grid: std::collections::BTreeMap<usize, Vec<(String, u32)>> = Default::default();
+    let mut counts: std::collections::BTreeMap<u32, usize> = Default::default();
+    for c in &a.choices {
+        *counts.entry(c.bits).or_default() += 1;
+        let rest = c.name.strip_prefix("model.layers.").unwrap_or(&c.name);
+        let (b, kind) = rest.split_once('.').unwrap_or(("0", rest));
+        let kind = kind.rsplit('.').next().unwrap_or(kind).trim_end_matches("_proj").to_string();
+        grid.entry(b.parse().unwrap_or(0)).or_default().push((kind, c.bits));
+    }
+    writeln!(
+        err,
+        "target-bpw {:.3}: chose {:.3} bpw, predicted KL {:.4e} (sum over layers)",
+        a.target_bpw, a.bpw, a.predicted_kl
+    )?;
+    if let Some(row) = grid.values().next() {
+        writeln!(err, "block {}", row.iter().map(|(k, _)| format!("{k:>5}")).collect::<String>())?;
+    }
+    for (b, row) in &grid {
+        writeln!(err, "{b:>5} {}", row.iter().map(|(_, bits)| format!("{bits:>5}")).collect::<String>())?;
+    }
+    let c: Vec<String> = counts.iter().rev().map(|(b, n)| format!("{n} layers at {b} bits")).collect();
+    writeln!(err, "{}", c.join(", "))?;
+    Ok(())
+}
+
 /// The grouped format `plan` gives layer `name` (input width `k`), if it is a weight-only scheme.
 fn weight_only_format(plan: &whittle_quant::Plan, name: &str, k: usize) -> Option<whittle_core::Rtn> {
     match plan.scheme_for(name) {
@@ -926,11 +1130,15 @@ fn cmd_quantize_gptq(
         }
     }
     let (src, text) = whittle_eval::data::read_text(calib.calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+    let decoder = matches!(l.model, whittle_models::Model::Llama(_));
     let co = whittle_quant::calib::CalibOptions {
-        samples: calib.calib_samples.unwrap_or(16),
-        seq_len: calib.calib_seq_len.unwrap_or(512),
+        samples: calib.calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+        seq_len: calib.calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
         source: src.clone(),
     };
+    if co.samples == 0 || co.seq_len == 0 {
+        bail!("--calib-samples and --calib-seq-len must be at least 1");
+    }
     let scheme_for = |name: &str, k: usize| weight_only_format(plan, name, k);
     if calib.method == "awq-gptq" {
         // AWQ's scales first (a float rewrite), then GPTQ rounds the scaled weights.
@@ -942,7 +1150,7 @@ fn cmd_quantize_gptq(
     }
     let go = whittle_quant::gptq::GptqOptions { damp: calib.damp, act_order: calib.act_order };
     let mut pb = progress_bar("gptq");
-    let r = whittle_quant::layerwise::gptq_llama(&mut l, &text, &co, scheme_for, go, &mut pb)?;
+    let r = whittle_quant::layerwise::gptq_model(&mut l, &text, &co, scheme_for, go, &mut pb)?;
     eprintln!(
         "gptq: {} tokens of {src}, {} layers, {:.1}s; calibration activations {:.1} MB",
         r.tokens,
@@ -1037,6 +1245,41 @@ fn run(cli: Cli) -> Result<()> {
             }
             let q = QuantArgs { overrides, force, allow_requantize, group_size, zero_point, calib, json };
             cmd_quantize(&m, &scheme, &output, &q)
+        }
+        Cmd::Sensitivity {
+            m,
+            output,
+            calib,
+            calib_samples,
+            calib_seq_len,
+            group_size,
+            zero_point,
+            candidates,
+            probe_bits,
+            force,
+            json,
+        } => {
+            if let Some(o) = output.as_ref().filter(|o| o.exists() && !force) {
+                bail!("{} exists; pass --force to replace it", o.display());
+            }
+            if group_size == 0 || group_size % 32 != 0 {
+                bail!("--group-size {group_size}: must be a positive multiple of 32");
+            }
+            let candidates = parse_bits(&candidates, "--candidates")?;
+            let probe_bits = parse_bits(&probe_bits.to_string(), "--probe-bits")?[0];
+            let o = whittle_quant::mixed::SensitivityOptions { candidates, probe_bits, group_size, zero_point };
+            let mut l = open(&m)?;
+            let s = measure_sensitivity(&mut l, calib.as_deref(), calib_samples, calib_seq_len, &o)?;
+            if let Some(o) = &output {
+                write_json_atomic(o, &s)?;
+                eprintln!("wrote {}", o.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                Ok(())
+            } else {
+                print_sensitivity(&s)
+            }
         }
         Cmd::Imatrix { m, output, calib, calib_samples, calib_seq_len, force } => {
             if output.exists() && !force {

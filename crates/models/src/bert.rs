@@ -265,6 +265,18 @@ impl Bert {
         Ok(Self { config, embeddings, blocks, pooler })
     }
 
+    /// Word + token-type + position embeddings after LayerNorm: the input of block 0.
+    ///
+    /// # Shapes
+    /// - `ids`, `type_ids`: (B, T) u32; returns (B, T, C)
+    pub fn embed(&self, ids: &Tensor, type_ids: &Tensor) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let e = &self.embeddings;
+        let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
+        let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
+        Ok(e.norm.forward(&x)?)
+    }
+
     /// Last hidden states.
     ///
     /// # Shapes
@@ -277,12 +289,9 @@ impl Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let e = &self.embeddings;
-        let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
-        let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
-        let mut x = e.norm.forward(&x)?; // (B, T, C)
-                                         // A right-padded mask (1…1 0…0 per row) takes the fused attention kernel; any other mask becomes an
-                                         // additive one: 0 where attended, the most negative f32 where padded (as transformers does).
+        let mut x = self.embed(ids, type_ids)?; // (B, T, C)
+                                                // A right-padded mask (1…1 0…0 per row) takes the fused attention kernel; any other mask becomes an
+                                                // additive one: 0 where attended, the most negative f32 where padded (as transformers does).
         let rows: Vec<Vec<u32>> = mask.to_dtype(DType::U32)?.to_vec2()?;
         let prefix = rows.iter().all(|r| r.windows(2).all(|w| w[0] >= w[1]) && r.iter().all(|&v| v <= 1));
         let lens: Vec<usize> = rows.iter().map(|r| r.iter().filter(|&&v| v == 1).count()).collect();

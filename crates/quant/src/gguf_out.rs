@@ -232,8 +232,9 @@ fn ggml_dtype(t: u32) -> GgmlDType {
 }
 
 /// Encodes one 2-D f32 tensor (rows × cols, named `name` in errors) as ggml type `t`; returns the bytes and
-/// the RMSE of the stored values against the input.
-fn encode(w: &Tensor, t: u32, name: &str) -> Result<(Vec<u8>, f64)> {
+/// the RMSE of the stored values against the input. With an importance vector (mean x² per column, from an
+/// imatrix) block types use ggml's importance-weighted quantizers, as llama-quantize does.
+fn encode(w: &Tensor, t: u32, name: &str, importance: Option<&[f32]>) -> Result<(Vec<u8>, f64)> {
     let (rows, cols) = w.dims2()?;
     let vals: Vec<f32> = w.flatten_all()?.to_vec1()?;
     if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
@@ -252,6 +253,12 @@ fn encode(w: &Tensor, t: u32, name: &str) -> Result<(Vec<u8>, f64)> {
             };
             (bytes, deq)
         }
+        _ if importance.is_some() && t != ty::Q8_0 => {
+            let bytes = crate::kquant::quantize_weighted(t, &vals, rows, cols, importance)
+                .map_err(|e| Error::Unsupported(format!("{name}: {e}")))?;
+            let deq = whittle_kernels::ggml::unpack(t, &bytes, rows, cols).map_err(Error::Unsupported)?.dequantize();
+            (bytes, deq)
+        }
         _ => {
             let q = QTensor::quantize(w, ggml_dtype(t))?;
             let bytes = q.data()?.to_vec();
@@ -268,6 +275,8 @@ pub struct GgufOptions<'a> {
     /// Per-tensor type by regex on the HF layer name (e.g. `model.layers.0.mlp.down_proj`), last match wins.
     pub overrides: &'a [String],
     pub allow_requantize: bool,
+    /// Mean x² per input channel by GGUF tensor name (`quantize --imatrix`), checked against the source.
+    pub imatrix: Option<&'a std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
 /// Writes the GGUF `src` to `out` as a GGUF of file type `o.ftype`, one tensor at a time straight from the
@@ -284,6 +293,10 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
             ))
         })?;
         overrides.push((re, t));
+    }
+    if let Some(im) = o.imatrix {
+        let widths = src.tensors.iter().map(|t| (t.name.clone(), t.ne[0])).collect();
+        crate::imatrix::check_imatrix(im, &widths, "--imatrix")?;
     }
     let n_layer = cfg.num_layers;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
@@ -345,7 +358,8 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
                 let r = (|| {
                     let w = src.dequantize(&src.tensors[i])?;
                     let w2 = if w.dims().len() == 1 { w.unsqueeze(0)? } else { w };
-                    let (bytes, rmse) = encode(&w2, job.t, &job.hf)?;
+                    let imp = o.imatrix.and_then(|im| im.get(&src.tensors[i].name)).map(Vec::as_slice);
+                    let (bytes, rmse) = encode(&w2, job.t, &job.hf, imp)?;
                     Ok((bytes, rmse, t.elapsed().as_secs_f64()))
                 })();
                 results.lock().unwrap()[i] = Some(r);

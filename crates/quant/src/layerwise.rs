@@ -9,10 +9,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
+use whittle_models::bert::AttnMask;
 use whittle_models::{Loaded, Model};
 
 use crate::calib::{decoder_windows, CalibOptions};
-use crate::gptq::{gptq, GptqOptions};
+use crate::gptq::{gptq_prepared, prepare, GptqOptions, Prepared};
 use crate::{Error, LayerReport, Report, Result};
 
 /// Per-layer error on the calibration inputs, (1/m)·Σ_rows Δw·H·Δwᵀ / 2 = mean squared output error.
@@ -33,9 +34,22 @@ pub struct LayerwiseReport {
     pub activation_bytes: usize,
 }
 
-/// GPTQ-quantizes the block Linears of a LLaMA model that `scheme_for` maps to a grouped format (others are
-/// left as they are), layer by layer on `text`.
-pub fn gptq_llama(
+/// Which of a block's Linears (in `linears_mut` order) share an input: `observed` are the ones whose input is
+/// observed, `which[i]` the observed slot Linear `i` reads.
+struct Sharing {
+    observed: &'static [usize],
+    which: &'static [usize],
+}
+
+/// LLaMA: q (shared by k, v), o, gate (shared by up), down.
+const LLAMA: Sharing = Sharing { observed: &[0, 3, 4, 6], which: &[0, 0, 0, 1, 2, 2, 3] };
+/// BERT: query (shared by key, value), attention output, intermediate, output.
+const BERT: Sharing = Sharing { observed: &[0, 3, 4, 5], which: &[0, 0, 0, 1, 2, 3] };
+
+/// GPTQ-quantizes the block Linears of a LLaMA decoder or BERT encoder that `scheme_for` maps to a grouped
+/// format (others are left as they are), layer by layer on `text`: decoder windows of `co.seq_len` tokens, or
+/// encoder sentences (one line each, at most `co.seq_len` tokens, run one by one so no padding enters H).
+pub fn gptq_model(
     l: &mut Loaded,
     text: &str,
     co: &CalibOptions,
@@ -44,61 +58,154 @@ pub fn gptq_llama(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<LayerwiseReport> {
     let t0 = Instant::now();
-    let windows = decoder_windows(l, text, co)?;
-    let Model::Llama(m) = &mut l.model else {
-        return Err(Error::Unsupported("--method gptq is implemented for LLaMA decoders".into()));
-    };
-    let t = co.seq_len;
-    let (cos, sin, mask) = m.block_inputs(t)?;
-    let mut xs: Vec<Tensor> = windows
-        .iter()
-        .map(|w| m.embed(&Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?))
-        .collect::<std::result::Result<_, _>>()?;
-    let activation_bytes = xs.len() * t * m.config.hidden_size * 4;
-    let hd = m.config.head_dim;
-    let nb = m.blocks.len();
-    let (mut layers, mut rtn_mse) = (Vec::new(), Vec::new());
-    let (mut before, mut after) = (0usize, 0usize);
-    for bi in 0..nb {
-        let p = format!("model.layers.{bi}.");
-        let blk = &mut m.blocks[bi];
-        // Observe: q (shared by k, v), o, gate (shared by up), down.
-        let obs: Vec<Arc<Mutex<ActStats>>> = [&mut blk.q, &mut blk.o, &mut blk.gate, &mut blk.down]
-            .into_iter()
-            .map(|lin| {
-                let k = lin.in_features();
-                lin.observe_with(ActStats::hessian(k))
-            })
-            .collect();
-        for x in &xs {
-            blk.forward(x, &cos, &sin, mask.as_ref(), &mut None, hd)?;
+    let (acc, tokens, activation_bytes) = match &mut l.model {
+        Model::Llama(_) => {
+            let windows = decoder_windows(l, text, co)?;
+            let Model::Llama(m) = &mut l.model else { unreachable!("matched above") };
+            let (cos, sin, mask) = m.block_inputs(co.seq_len)?;
+            let mut xs: Vec<Tensor> = windows
+                .iter()
+                .map(|w| m.embed(&Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?))
+                .collect::<std::result::Result<_, _>>()?;
+            let bytes = xs.len() * co.seq_len * m.config.hidden_size * 4;
+            let hd = m.config.head_dim;
+            let acc = run_blocks(
+                &mut m.blocks,
+                "model.layers",
+                &mut xs,
+                &LLAMA,
+                |b| b.linears_mut().into_iter().collect(),
+                |b, x| Ok(b.forward(x, &cos, &sin, mask.as_ref(), &mut None, hd)?),
+                &scheme_for,
+                go,
+                &mut progress,
+            )?;
+            (acc, windows.len() * co.seq_len, bytes)
         }
-        for lin in [&mut blk.q, &mut blk.o, &mut blk.gate, &mut blk.down] {
+        Model::Bert(_) => {
+            let mut sentences = encoder_sentences(l, text, co)?;
+            let Model::Bert(m) = &mut l.model else { unreachable!("matched above") };
+            // Batches of 16 sentences of similar length, each cut to the shortest in its batch: no padding
+            // rows reach the Hessians, and the batches keep the threads busy (one sentence at a time spent
+            // most of its time in thread synchronisation).
+            sentences.sort_by_key(Vec::len);
+            let mut xs = Vec::new();
+            let mut tokens = 0;
+            for batch in sentences.chunks(16) {
+                let t = batch.iter().map(Vec::len).min().unwrap_or(0);
+                let ids: Vec<u32> = batch.iter().flat_map(|s| s[..t].iter().copied()).collect();
+                let ids = Tensor::from_vec(ids, (batch.len(), t), &Device::Cpu)?; // (B, T)
+                xs.push(m.embed(&ids, &ids.zeros_like()?)?);
+                tokens += batch.len() * t;
+            }
+            let hd = m.config.head_dim;
+            let acc = run_blocks(
+                &mut m.blocks,
+                "encoder.layer",
+                &mut xs,
+                &BERT,
+                |b| b.linears_mut().into_iter().collect(),
+                |b, x| {
+                    let (n, t, _) = x.dims3()?;
+                    Ok(b.forward(x, &AttnMask::Lengths(&vec![t; n]), hd)?)
+                },
+                &scheme_for,
+                go,
+                &mut progress,
+            )?;
+            (acc, tokens, tokens * m.config.hidden_size * 4)
+        }
+    };
+    Ok(LayerwiseReport {
+        report: Report {
+            layers: acc.layers,
+            linear_bytes_before: acc.before,
+            linear_bytes_after: acc.after,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+        tokens,
+        rtn_output_mse: acc.rtn_mse,
+        activation_bytes,
+    })
+}
+
+/// Up to `co.samples` lines of prose (WikiText headings and short lines skipped), tokenized with the model's
+/// special tokens and cut to `co.seq_len` tokens.
+fn encoder_sentences(l: &Loaded, text: &str, co: &CalibOptions) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|s| s.len() > 20 && !s.starts_with('=')).take(co.samples) {
+        let enc =
+            l.tokenizer.encode(line, true).map_err(|e| Error::Unsupported(format!("tokenizing {}: {e}", co.source)))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.truncate(co.seq_len);
+        out.push(ids);
+    }
+    if out.is_empty() {
+        return Err(Error::Unsupported(format!("calibration text {} has no lines of prose", co.source)));
+    }
+    Ok(out)
+}
+
+/// Totals and per-layer reports across blocks.
+#[derive(Default)]
+struct Acc {
+    layers: Vec<LayerReport>,
+    rtn_mse: Vec<f64>,
+    before: usize,
+    after: usize,
+}
+
+/// The engine's loop: for each block, observe the shared inputs over every calibration input `xs` with the
+/// float block, GPTQ-solve its Linears, then replace `xs` by the quantized block's outputs.
+#[allow(clippy::too_many_arguments)]
+fn run_blocks<B>(
+    blocks: &mut [B],
+    prefix: &str,
+    xs: &mut [Tensor],
+    sharing: &Sharing,
+    linears: impl Fn(&mut B) -> Vec<(&'static str, &mut Linear)>,
+    fwd: impl Fn(&B, &Tensor) -> Result<Tensor>,
+    scheme_for: &impl Fn(&str, usize) -> Option<Rtn>,
+    go: GptqOptions,
+    progress: &mut impl FnMut(usize, usize),
+) -> Result<Acc> {
+    let nb = blocks.len();
+    let mut acc = Acc::default();
+    for (bi, blk) in blocks.iter_mut().enumerate() {
+        let p = format!("{prefix}.{bi}.");
+        let obs: Vec<Arc<Mutex<ActStats>>> = {
+            let mut ls = linears(blk);
+            sharing
+                .observed
+                .iter()
+                .map(|&i| {
+                    let k = ls[i].1.in_features();
+                    ls[i].1.observe_with(ActStats::hessian(k))
+                })
+                .collect()
+        };
+        let ran: Result<()> = xs.iter().try_for_each(|x| fwd(blk, x).map(drop));
+        for (_, lin) in linears(blk) {
             lin.unobserve();
         }
-        let hs: Vec<ActStats> = obs.into_iter().map(|o| o.lock().expect("observer").clone()).collect();
-        for s in &hs {
-            if s.non_finite {
-                return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
-            }
-        }
-        let names = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
-        let which = [0, 0, 0, 1, 2, 2, 3];
-        let hess: Vec<Vec<f64>> = hs.iter().map(|s| s.mean_hessian().expect("hessian observer")).collect();
-        for ((lin, name), &hi) in blk.linears_mut().into_iter().map(|(_, l)| l).zip(names).zip(&which) {
+        ran?;
+        let hess: Vec<Vec<f64>> = obs
+            .into_iter()
+            .map(|o| {
+                let s = o.lock().expect("observer");
+                if s.non_finite {
+                    return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
+                }
+                Ok(s.mean_hessian().expect("hessian observer"))
+            })
+            .collect::<Result<_>>()?;
+        let mut prepared: Vec<Option<Prepared>> = hess.iter().map(|_| None).collect();
+        for ((name, lin), &hi) in linears(blk).into_iter().zip(sharing.which) {
             let full = format!("{p}{name}");
-            before += lin.storage_bytes();
+            acc.before += lin.storage_bytes();
             let (mo, k) = (lin.out_features(), lin.in_features());
             let Some(rtn) = scheme_for(&full, k) else {
-                after += lin.storage_bytes();
+                acc.after += lin.storage_bytes();
                 continue;
             };
             if lin.is_quantized() {
@@ -109,14 +216,17 @@ pub fn gptq_llama(
             if w.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(full));
             }
-            let q = gptq(&w, mo, k, &hess[hi], rtn, go, &full)?;
+            if prepared[hi].is_none() {
+                prepared[hi] = Some(prepare(&hess[hi], k, go, &full)?);
+            }
+            let q = gptq_prepared(&w, mo, prepared[hi].as_ref().expect("prepared above"), rtn, go)?;
             let wq = q.dequantize();
             let plain = rtn.quantize(&w, mo, k).dequantize();
             let rtn_output_mse = output_mse(&w, &plain, mo, k, &hess[hi])?;
-            rtn_mse.push(rtn_output_mse);
+            acc.rtn_mse.push(rtn_output_mse);
             let mse = output_mse(&w, &wq, mo, k, &hess[hi])?;
             let new = Linear::rtn(&q, rtn, lin.bias.clone())?;
-            layers.push(LayerReport {
+            acc.layers.push(LayerReport {
                 name: full,
                 scheme: format!("{} gptq", rtn.name()),
                 params: mo * k,
@@ -128,23 +238,13 @@ pub fn gptq_llama(
                 note: String::new(),
             });
             *lin = new;
-            after += lin.storage_bytes();
+            acc.after += lin.storage_bytes();
         }
         // The next block sees this block's quantized outputs.
         for x in xs.iter_mut() {
-            *x = blk.forward(x, &cos, &sin, mask.as_ref(), &mut None, hd)?;
+            *x = fwd(blk, x)?;
         }
         progress(bi + 1, nb);
     }
-    Ok(LayerwiseReport {
-        report: Report {
-            layers,
-            linear_bytes_before: before,
-            linear_bytes_after: after,
-            seconds: t0.elapsed().as_secs_f64(),
-        },
-        tokens: windows.len() * t,
-        rtn_output_mse: rtn_mse,
-        activation_bytes,
-    })
+    Ok(acc)
 }

@@ -10,7 +10,9 @@ pub mod calib;
 pub mod gguf_out;
 pub mod gptq;
 pub mod imatrix;
+pub mod kquant;
 pub mod layerwise;
+pub mod mixed;
 pub mod smooth;
 
 use std::collections::BTreeMap;
@@ -181,6 +183,18 @@ impl Plan {
             ov.push((re, Scheme::parse(scheme)?));
         }
         Ok(Self { default, overrides: ov, group_size: 128, zero_point: false, observer: Observer::MinMax })
+    }
+
+    /// Gives `name` exactly `scheme`, below every existing override (so the user's `--override`s still win):
+    /// how a mixed-precision allocation is applied.
+    pub fn assign(&mut self, name: &str, scheme: Scheme) {
+        let re = Regex::new(&format!("^{}$", regex::escape(name))).expect("escaped name is a valid regex");
+        self.overrides.insert(0, (re, scheme));
+    }
+
+    /// Whether an override names `name`.
+    pub fn overridden(&self, name: &str) -> bool {
+        self.overrides.iter().any(|(re, _)| re.is_match(name))
     }
 
     /// The scheme for layer `name`; heads keep their precision unless overridden.

@@ -68,7 +68,7 @@ fn gguf_source_roundtrip_and_q8_0_output() {
 
     let out = d.path().join("tiny-q8_0.gguf");
     let src = Gguf::open(&src_path).unwrap();
-    let opts = |ftype| GgufOptions { ftype, overrides: &[], allow_requantize: false };
+    let opts = |ftype| GgufOptions { ftype, overrides: &[], allow_requantize: false, imatrix: None };
     let report = write_gguf(&src, &out, &opts(Ftype::Q8_0)).unwrap();
     // token_embd + 14 block weights; the three whose rows are not whole 32-blocks (block 0's down_proj, in 48;
     // block 1's o_proj, in 16, and down_proj, in 24) fall back to F16.
