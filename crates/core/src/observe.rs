@@ -26,6 +26,7 @@ pub struct ActStats {
     /// Set when an input held NaN or Inf.
     pub non_finite: bool,
     /// Σ xᵀx (k × k, row-major), when asked for ([`ActStats::hessian`]): GPTQ's and SVD-LLM's statistic.
+    /// `Some` of an empty vector ([`ActStats::channels`]) gathers the per-channel statistics alone.
     /// Only the per-channel statistics and this are gathered then (no histogram, no samples).
     pub xtx: Option<Vec<f64>>,
 }
@@ -47,6 +48,11 @@ impl ActStats {
         }
     }
 
+    /// Only the per-channel statistics (max |x|, Σ x²): no histogram, no samples (Wanda, importance).
+    pub fn channels(k: usize) -> Self {
+        Self { xtx: Some(Vec::new()), ..Self::new(k) }
+    }
+
     /// Statistics that accumulate Σ xᵀx (and per-channel max |x|, Σ x²), skipping histograms and samples.
     pub fn hessian(k: usize) -> Self {
         Self { xtx: Some(vec![0.0; k * k]), ..Self::new(k) }
@@ -55,7 +61,7 @@ impl ActStats {
     /// H = 2·Σ xᵀx / rows (GPTQ's Hessian of the layer's squared output error).
     pub fn mean_hessian(&self) -> Option<Vec<f64>> {
         let n = self.rows.max(1) as f64;
-        self.xtx.as_ref().map(|x| x.iter().map(|v| 2.0 * v / n).collect())
+        self.xtx.as_ref().filter(|x| !x.is_empty()).map(|x| x.iter().map(|v| 2.0 * v / n).collect())
     }
 
     /// Adds `x` (rows × k, row-major).
@@ -66,8 +72,19 @@ impl ActStats {
             return;
         }
         if let Some(acc) = self.xtx.as_mut() {
-            // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
             let rows = x.len() / k;
+            if acc.is_empty() {
+                // `channels`: per-channel statistics only.
+                for row in x.chunks_exact(k) {
+                    for (j, &v) in row.iter().enumerate() {
+                        self.absmax[j] = self.absmax[j].max(v.abs());
+                        self.sumsq[j] += (v as f64) * (v as f64);
+                    }
+                }
+                self.rows += rows;
+                return;
+            }
+            // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
             let t = candle_core::Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)
                 .and_then(|t| t.t()?.matmul(&t))
                 .and_then(|p| p.flatten_all()?.to_vec1::<f32>());

@@ -63,7 +63,12 @@ pub fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
 
 /// A 1-block BERT (vocab 40, width 16, 2 heads); `w1`/`w2` act as [CLS]/[SEP].
 pub fn tiny_bert(dir: &Path) {
-    let (v, c, f) = (40, 16, 24);
+    tiny_bert_sized(dir, 16, 24);
+}
+
+/// [`tiny_bert`] with hidden width `c` and FFN width `f` (e.g. multiples of 32 for grouped formats).
+pub fn tiny_bert_sized(dir: &Path, c: usize, f: usize) {
+    let v = 40;
     let mut t = vec![
         ("embeddings.word_embeddings.weight".to_string(), rand(&[v, c], 1)),
         ("embeddings.position_embeddings.weight".into(), rand(&[32, c], 2)),

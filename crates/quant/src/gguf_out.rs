@@ -1,14 +1,14 @@
 //! GGUF output: a LLaMA model written in one of llama.cpp's file types (`Q8_0`, `Q4_K_M`, …) with the same
 //! per-tensor type choices as `llama-quantize` (its `llama_tensor_get_type`: more bits for `attn_v` and
 //! `ffn_down` in some layers, Q8_0/Q6_K for the output/tied embedding table, and its fallback when a row width
-//! is not a multiple of 256). Blocks are quantized with ggml's reference quantizers (via candle), norms stay
+//! is not a multiple of 256). Blocks are quantized with ggml's quantizers ported in `kquant` (the reference
+//! ones, or the importance-weighted ones with an imatrix), norms stay
 //! F32. Metadata and tokenizer come from the source GGUF; tensors are read in the source's own layout (Q/K rows stay
 //! in llama.cpp's RoPE order), one at a time.
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use whittle_formats::gguf::{write, Gguf, Value};
 use whittle_models::names;
@@ -215,22 +215,6 @@ fn fallback(t: u32, ne0: usize) -> u32 {
     }
 }
 
-fn ggml_dtype(t: u32) -> GgmlDType {
-    match t {
-        ty::Q4_0 => GgmlDType::Q4_0,
-        ty::Q4_1 => GgmlDType::Q4_1,
-        ty::Q5_0 => GgmlDType::Q5_0,
-        ty::Q5_1 => GgmlDType::Q5_1,
-        ty::Q8_0 => GgmlDType::Q8_0,
-        ty::Q2_K => GgmlDType::Q2K,
-        ty::Q3_K => GgmlDType::Q3K,
-        ty::Q4_K => GgmlDType::Q4K,
-        ty::Q5_K => GgmlDType::Q5K,
-        ty::Q6_K => GgmlDType::Q6K,
-        _ => unreachable!("block types only"),
-    }
-}
-
 /// Encodes one 2-D f32 tensor (rows × cols, named `name` in errors) as ggml type `t`; returns the bytes and
 /// the RMSE of the stored values against the input. With an importance vector (mean x² per column, from an
 /// imatrix) block types use ggml's importance-weighted quantizers, as llama-quantize does.
@@ -253,15 +237,11 @@ fn encode(w: &Tensor, t: u32, name: &str, importance: Option<&[f32]>) -> Result<
             };
             (bytes, deq)
         }
-        _ if importance.is_some() && t != ty::Q8_0 => {
+        _ => {
+            // ggml's quantizers (kquant.rs): the `_ref` ones without an importance vector (byte-identical to
+            // llama-quantize without an imatrix), the importance-weighted `_impl` ones with it.
             let bytes = crate::kquant::quantize_weighted(t, &vals, rows, cols, importance)
                 .map_err(|e| Error::Unsupported(format!("{name}: {e}")))?;
-            let deq = whittle_kernels::ggml::unpack(t, &bytes, rows, cols).map_err(Error::Unsupported)?.dequantize();
-            (bytes, deq)
-        }
-        _ => {
-            let q = QTensor::quantize(w, ggml_dtype(t))?;
-            let bytes = q.data()?.to_vec();
             let deq = whittle_kernels::ggml::unpack(t, &bytes, rows, cols).map_err(Error::Unsupported)?.dequantize();
             (bytes, deq)
         }

@@ -46,15 +46,30 @@ const LLAMA: Sharing = Sharing { observed: &[0, 3, 4, 6], which: &[0, 0, 0, 1, 2
 /// BERT: query (shared by key, value), attention output, intermediate, output.
 const BERT: Sharing = Sharing { observed: &[0, 3, 4, 5], which: &[0, 0, 0, 1, 2, 3] };
 
-/// GPTQ-quantizes the block Linears of a LLaMA decoder or BERT encoder that `scheme_for` maps to a grouped
-/// format (others are left as they are), layer by layer on `text`: decoder windows of `co.seq_len` tokens, or
-/// encoder sentences (one line each, at most `co.seq_len` tokens, run one by one so no padding enters H).
-pub fn gptq_model(
+/// What a solver sees of one Linear: its block, the statistics of its input on the calibration text (per-channel
+/// Σx², max |x|, and Σxᵀx when the engine was asked for Hessians) and that Hessian, 2·XᵀX/n.
+pub struct LayerInput<'a> {
+    pub block: usize,
+    /// The observed input this Linear reads (shared by q/k/v, by gate/up): solvers may cache per slot.
+    pub slot: usize,
+    pub stats: &'a ActStats,
+    pub hessian: Option<&'a [f64]>,
+}
+
+/// A solver: given a Linear's name, the Linear and its input, the replacement and its report (or `None` to
+/// leave the layer as it is).
+pub type Solved = Option<(Linear, LayerReport)>;
+
+/// The engine (module doc) over a LLaMA decoder or BERT encoder: `solve` is called for every block Linear with
+/// the block's float inputs observed (with Hessians when `hessian`); the next block sees the solved block's
+/// outputs. Decoders run windows of `co.seq_len` tokens; encoders sentences (one line each, at most
+/// `co.seq_len` tokens, batched by length so no padding enters the statistics).
+pub fn run_layerwise(
     l: &mut Loaded,
     text: &str,
     co: &CalibOptions,
-    scheme_for: impl Fn(&str, usize) -> Option<Rtn>,
-    go: GptqOptions,
+    hessian: bool,
+    mut solve: impl FnMut(&str, &Linear, &LayerInput) -> Result<Solved>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<LayerwiseReport> {
     let t0 = Instant::now();
@@ -74,10 +89,10 @@ pub fn gptq_model(
                 "model.layers",
                 &mut xs,
                 &LLAMA,
+                hessian,
                 |b| b.linears_mut().into_iter().collect(),
                 |b, x| Ok(b.forward(x, &cos, &sin, mask.as_ref(), &mut None, hd)?),
-                &scheme_for,
-                go,
+                &mut solve,
                 &mut progress,
             )?;
             (acc, windows.len() * co.seq_len, bytes)
@@ -104,13 +119,13 @@ pub fn gptq_model(
                 "encoder.layer",
                 &mut xs,
                 &BERT,
+                hessian,
                 |b| b.linears_mut().into_iter().collect(),
                 |b, x| {
                     let (n, t, _) = x.dims3()?;
                     Ok(b.forward(x, &AttnMask::Lengths(&vec![t; n]), hd)?)
                 },
-                &scheme_for,
-                go,
+                &mut solve,
                 &mut progress,
             )?;
             (acc, tokens, tokens * m.config.hidden_size * 4)
@@ -127,6 +142,65 @@ pub fn gptq_model(
         rtn_output_mse: acc.rtn_mse,
         activation_bytes,
     })
+}
+
+/// GPTQ-quantizes the block Linears of a LLaMA decoder or BERT encoder that `scheme_for` maps to a grouped
+/// format (others are left as they are), layer by layer on `text`.
+pub fn gptq_model(
+    l: &mut Loaded,
+    text: &str,
+    co: &CalibOptions,
+    scheme_for: impl Fn(&str, usize) -> Option<Rtn>,
+    go: GptqOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<LayerwiseReport> {
+    // One factorisation per observed input and block (q/k/v share one, gate/up another).
+    let mut prepared: Option<(usize, Vec<Option<Prepared>>)> = None;
+    let mut rtn_mse = Vec::new();
+    let solve = |full: &str, lin: &Linear, x: &LayerInput| -> Result<Solved> {
+        let (mo, k) = (lin.out_features(), lin.in_features());
+        let Some(rtn) = scheme_for(full, k) else { return Ok(None) };
+        if lin.is_quantized() {
+            return Err(Error::AlreadyQuantized(full.into(), lin.storage_name()));
+        }
+        let h = x.hessian.expect("the engine observes Hessians for GPTQ");
+        let ts = Instant::now();
+        let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
+        if w.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(full.into()));
+        }
+        if prepared.as_ref().is_none_or(|p| p.0 != x.block) {
+            prepared = Some((x.block, Vec::new()));
+        }
+        let slots = &mut prepared.as_mut().expect("set above").1;
+        if slots.len() <= x.slot {
+            slots.resize_with(x.slot + 1, || None);
+        }
+        if slots[x.slot].is_none() {
+            slots[x.slot] = Some(prepare(h, k, go, full)?);
+        }
+        let q = gptq_prepared(&w, mo, slots[x.slot].as_ref().expect("prepared above"), rtn, go)?;
+        let wq = q.dequantize();
+        let plain = rtn.quantize(&w, mo, k).dequantize();
+        let rtn_output_mse = output_mse(&w, &plain, mo, k, h)?;
+        rtn_mse.push(rtn_output_mse);
+        let mse = output_mse(&w, &wq, mo, k, h)?;
+        let report = LayerReport {
+            name: full.into(),
+            scheme: format!("{} gptq", rtn.name()),
+            params: mo * k,
+            bpw: rtn.bpw(),
+            weight_rmse: crate::rmse(&w, &wq),
+            seconds: ts.elapsed().as_secs_f64(),
+            output_mse: Some(mse),
+            rtn_output_mse: Some(rtn_output_mse),
+            note: String::new(),
+        };
+        Ok(Some((Linear::rtn(&q, rtn, lin.bias.clone())?, report)))
+    };
+    let mut r = run_layerwise(l, text, co, true, solve, progress)?;
+    r.rtn_output_mse = rtn_mse;
+    Ok(r)
 }
 
 /// Up to `co.samples` lines of prose (WikiText headings and short lines skipped), tokenized with the model's
@@ -156,17 +230,17 @@ struct Acc {
 }
 
 /// The engine's loop: for each block, observe the shared inputs over every calibration input `xs` with the
-/// float block, GPTQ-solve its Linears, then replace `xs` by the quantized block's outputs.
+/// float block, solve its Linears, then replace `xs` by the solved block's outputs.
 #[allow(clippy::too_many_arguments)]
 fn run_blocks<B>(
     blocks: &mut [B],
     prefix: &str,
     xs: &mut [Tensor],
     sharing: &Sharing,
+    hessian: bool,
     linears: impl Fn(&mut B) -> Vec<(&'static str, &mut Linear)>,
     fwd: impl Fn(&B, &Tensor) -> Result<Tensor>,
-    scheme_for: &impl Fn(&str, usize) -> Option<Rtn>,
-    go: GptqOptions,
+    solve: &mut impl FnMut(&str, &Linear, &LayerInput) -> Result<Solved>,
     progress: &mut impl FnMut(usize, usize),
 ) -> Result<Acc> {
     let nb = blocks.len();
@@ -180,7 +254,7 @@ fn run_blocks<B>(
                 .iter()
                 .map(|&i| {
                     let k = ls[i].1.in_features();
-                    ls[i].1.observe_with(ActStats::hessian(k))
+                    ls[i].1.observe_with(if hessian { ActStats::hessian(k) } else { ActStats::channels(k) })
                 })
                 .collect()
         };
@@ -189,58 +263,28 @@ fn run_blocks<B>(
             lin.unobserve();
         }
         ran?;
-        let hess: Vec<Vec<f64>> = obs
+        let stats: Vec<ActStats> = obs
             .into_iter()
             .map(|o| {
-                let s = o.lock().expect("observer");
+                let s = o.lock().expect("observer").clone();
                 if s.non_finite {
                     return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
                 }
-                Ok(s.mean_hessian().expect("hessian observer"))
+                Ok(s)
             })
             .collect::<Result<_>>()?;
-        let mut prepared: Vec<Option<Prepared>> = hess.iter().map(|_| None).collect();
-        for ((name, lin), &hi) in linears(blk).into_iter().zip(sharing.which) {
+        let hess: Vec<Option<Vec<f64>>> = stats.iter().map(|s| s.mean_hessian()).collect();
+        for ((name, lin), &slot) in linears(blk).into_iter().zip(sharing.which) {
             let full = format!("{p}{name}");
             acc.before += lin.storage_bytes();
-            let (mo, k) = (lin.out_features(), lin.in_features());
-            let Some(rtn) = scheme_for(&full, k) else {
-                acc.after += lin.storage_bytes();
-                continue;
-            };
-            if lin.is_quantized() {
-                return Err(Error::AlreadyQuantized(full, lin.storage_name()));
+            let input = LayerInput { block: bi, slot, stats: &stats[slot], hessian: hess[slot].as_deref() };
+            if let Some((new, report)) = solve(&full, lin, &input)? {
+                acc.layers.push(report);
+                *lin = new;
             }
-            let ts = Instant::now();
-            let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
-            if w.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite(full));
-            }
-            if prepared[hi].is_none() {
-                prepared[hi] = Some(prepare(&hess[hi], k, go, &full)?);
-            }
-            let q = gptq_prepared(&w, mo, prepared[hi].as_ref().expect("prepared above"), rtn, go)?;
-            let wq = q.dequantize();
-            let plain = rtn.quantize(&w, mo, k).dequantize();
-            let rtn_output_mse = output_mse(&w, &plain, mo, k, &hess[hi])?;
-            acc.rtn_mse.push(rtn_output_mse);
-            let mse = output_mse(&w, &wq, mo, k, &hess[hi])?;
-            let new = Linear::rtn(&q, rtn, lin.bias.clone())?;
-            acc.layers.push(LayerReport {
-                name: full,
-                scheme: format!("{} gptq", rtn.name()),
-                params: mo * k,
-                bpw: rtn.bpw(),
-                weight_rmse: crate::rmse(&w, &wq),
-                seconds: ts.elapsed().as_secs_f64(),
-                output_mse: Some(mse),
-                rtn_output_mse: Some(rtn_output_mse),
-                note: String::new(),
-            });
-            *lin = new;
             acc.after += lin.storage_bytes();
         }
-        // The next block sees this block's quantized outputs.
+        // The next block sees this block's solved outputs.
         for x in xs.iter_mut() {
             *x = fwd(blk, x)?;
         }

@@ -190,6 +190,11 @@ pub fn sensitivity(
                 (format!("model.layers.{bi}.{n}"), lin.clone())
             };
             let (mo, k) = (orig.out_features(), orig.in_features());
+            if !k.is_multiple_of(32) {
+                // No grouped format fits (the quantizer keeps such layers as they are): nothing to choose.
+                progress(bi * 7 + li + 1, total);
+                continue;
+            }
             let w: Vec<f32> = orig.dequantize()?.flatten_all()?.to_vec1()?;
             if w.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(lname));

@@ -116,7 +116,7 @@ fn smoothquant_is_exact_and_static_roundtrips() {
         if family == "llama" {
             tiny_llama(d.path());
         } else {
-            tiny_bert(d.path());
+            whittle_models::testing::tiny_bert_sized(d.path(), 32, 64);
         }
         let run = |l: &whittle_models::Loaded| -> Vec<f32> {
             match &l.model {
@@ -207,4 +207,81 @@ fn imatrix_file_has_llama_cpp_layout() {
     let s = &cal.stats["model.layers.1.mlp.down_proj"];
     let sums: Vec<f32> = g.dequantize(t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(sums, s.sumsq.iter().map(|&v| v as f32).collect::<Vec<_>>());
+}
+
+/// The layer-wise GPTQ engine runs on both families, and every solved layer's output error on the
+/// calibration inputs is at most plain rounding's (up to float noise).
+#[test]
+fn layerwise_gptq_runs_on_both_families_and_beats_rounding() {
+    use whittle_quant::calib::CalibOptions;
+    use whittle_quant::gptq::GptqOptions;
+    let rtn = whittle_core::Rtn { bits: 3, group: 32, zero_point: true };
+    for family in ["llama", "bert"] {
+        let d = tempfile::tempdir().unwrap();
+        if family == "llama" {
+            tiny_llama(d.path());
+        } else {
+            whittle_models::testing::tiny_bert_sized(d.path(), 32, 64);
+        }
+        let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+        let r = whittle_quant::layerwise::gptq_model(
+            &mut l,
+            &tiny_text(),
+            &o,
+            |_, k| (k % 32 == 0).then_some(rtn),
+            GptqOptions::default(),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(!r.report.layers.is_empty(), "{family}");
+        for lr in &r.report.layers {
+            let (g, p) = (lr.output_mse.unwrap(), lr.rtn_output_mse.unwrap());
+            assert!(g <= p * 1.01 + 1e-12, "{family} {}: gptq {g} > rtn {p}", lr.name);
+        }
+        let fits = |(n, l): &&(String, &whittle_core::Linear)| n.contains("layer") && l.in_features() % 32 == 0;
+        assert!(l.model.linears().iter().filter(fits).all(|(_, l)| l.is_quantized()), "{family}");
+    }
+}
+
+/// Sensitivity on a tiny decoder: one entry per block Linear, costs that fall with more bits, and an
+/// allocation that meets its budget and names every layer.
+#[test]
+fn sensitivity_and_target_bpw_on_a_tiny_decoder() {
+    use whittle_quant::calib::CalibOptions;
+    use whittle_quant::mixed::{allocate, sensitivity, SensitivityOptions};
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let before: Vec<(String, Vec<f32>)> = l
+        .model
+        .linears()
+        .into_iter()
+        .map(|(n, l)| (n, l.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    let o = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into() };
+    let so = SensitivityOptions { group_size: 32, ..Default::default() };
+    let s = sensitivity(&mut l, &tiny_text(), &o, &so, |_, _| {}).unwrap();
+    let fit = l.model.linears().iter().filter(|(n, l)| n.contains("layers") && l.in_features() % 32 == 0).count();
+    assert_eq!(s.layers.len(), fit, "one entry per block Linear a grouped format fits");
+    for ls in &s.layers {
+        assert!(ls.probe_kl > 0.0, "{}: {}", ls.name, ls.probe_kl);
+        let kl: Vec<f64> = ls.candidates.iter().map(|c| c.predicted_kl).collect(); // bits 8, 4, 3, 2
+        assert!(kl.windows(2).all(|w| w[0] <= w[1]), "{}: {kl:?}", ls.name);
+    }
+    // The model is restored after every probe.
+    for ((n, w), (_, lin)) in before.iter().zip(l.model.linears()) {
+        let now: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(w, &now, "{n} changed");
+    }
+    s.check_matches(&l.model, "s.json").unwrap();
+    let a = allocate(&s, 4.0, |_| false).unwrap();
+    assert!(a.bpw <= 4.0 && a.bpw > 3.5, "{}", a.bpw);
+    assert_eq!(a.choices.len(), fit);
+    // A model with other widths is refused, naming the layer.
+    let d2 = tempfile::tempdir().unwrap();
+    tiny_bert(d2.path());
+    let other = load(d2.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let e = s.check_matches(&other.model, "s.json").unwrap_err().to_string();
+    assert!(e.contains("s.json") && e.contains("model.layers.0"), "{e}");
 }
