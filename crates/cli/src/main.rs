@@ -143,6 +143,66 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Prune a model: unstructured or N:M (--method magnitude|wanda|sparsegpt --sparsity S [--pattern 2:4]) or
+    /// structured, really removing heads, FFN neurons and blocks (--structured heads=0.25,ffn=0.3,layers=2)
+    Prune {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Output directory (written atomically)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Unstructured / N:M criterion: magnitude, wanda, sparsegpt
+        #[arg(long)]
+        method: Option<String>,
+        /// Fraction of each block Linear's weights set to zero, in [0, 1) (unstructured)
+        #[arg(long)]
+        sparsity: Option<f64>,
+        /// unstructured, or N:M (N kept in every M consecutive inputs): 2:4, 4:8
+        #[arg(long, default_value = "unstructured")]
+        pattern: String,
+        /// Magnitude threshold per layer, or one over all block Linears
+        #[arg(long, default_value = "layer")]
+        scope: String,
+        /// Structured removal: fractions of each block's heads (KV groups) and FFN neurons, and a number of
+        /// blocks chosen by block influence, e.g. heads=0.25,ffn=0.3,layers=2
+        #[arg(long)]
+        structured: Option<String>,
+        /// Blocks to remove, e.g. 10,11 (instead of layers=N)
+        #[arg(long)]
+        drop_layers: Option<String>,
+        /// Unit importance for --structured: activation (|W|·‖X‖ on calibration text), l2 or l1 (weight norms)
+        #[arg(long, default_value = "activation")]
+        importance: String,
+        /// --structured: rank heads and neurons over all blocks (widths then differ per block) instead of
+        /// removing the same fraction from each
+        #[arg(long)]
+        global: bool,
+        /// SparseGPT: quantize the kept weights in the same pass to this grouped format (e.g. w4a16; stored
+        /// dequantized)
+        #[arg(long)]
+        then_quantize: Option<String>,
+        /// Weights per group for --then-quantize
+        #[arg(long, default_value_t = 64)]
+        group_size: usize,
+        /// SparseGPT dampening
+        #[arg(long, default_value_t = 0.01)]
+        damp: f64,
+        /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration windows (decoders, default 16) or sentences (encoders, default 256)
+        #[arg(long)]
+        calib_samples: Option<usize>,
+        /// Tokens per calibration sample (default 512 decoders, 128 encoders)
+        #[arg(long)]
+        calib_seq_len: Option<usize>,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure each block Linear's cost when it alone is quantized (KL divergence on calibration text at a
     /// probe format, extrapolated to each candidate by its diagonal-Hessian output error), for --target-bpw
     Sensitivity {
@@ -1245,6 +1305,180 @@ fn run(cli: Cli) -> Result<()> {
             }
             let q = QuantArgs { overrides, force, allow_requantize, group_size, zero_point, calib, json };
             cmd_quantize(&m, &scheme, &output, &q)
+        }
+        Cmd::Prune {
+            m,
+            output,
+            method,
+            sparsity,
+            pattern,
+            scope,
+            structured,
+            drop_layers,
+            importance,
+            global,
+            then_quantize,
+            group_size,
+            damp,
+            calib,
+            calib_samples,
+            calib_seq_len,
+            force,
+            json,
+        } => {
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to replace it", output.display());
+            }
+            let mut l = open(&m)?;
+            let decoder = matches!(l.model, Model::Llama(_));
+            let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+            let co = whittle_quant::calib::CalibOptions {
+                samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+                seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
+                source: src.clone(),
+            };
+            if co.samples == 0 || co.seq_len == 0 {
+                bail!("--calib-samples and --calib-seq-len must be at least 1");
+            }
+            let bytes_in = whittle_eval::bench::model_bytes(&l);
+            let params_in = l.model.linears().iter().map(|(_, l)| l.num_params()).sum::<usize>();
+            match (method, structured.is_some() || drop_layers.is_some()) {
+                (Some(_), true) => bail!("--method (unstructured / N:M) and --structured / --drop-layers are separate passes: run one, then the other"),
+                (None, false) => bail!("prune needs --method magnitude|wanda|sparsegpt --sparsity S, or --structured heads=..,ffn=..,layers=N"),
+                (Some(method), false) => {
+                    let method = whittle_compress::pass::Method::parse(&method)?;
+                    let pattern = whittle_compress::parse_pattern(&pattern)?;
+                    let sparsity = match (sparsity, pattern) {
+                        (Some(s), _) => s,
+                        (None, whittle_compress::Pattern::NM { n, m }) => 1.0 - n as f64 / m as f64,
+                        (None, _) => bail!("--sparsity S is needed for unstructured pruning (e.g. 0.5)"),
+                    };
+                    let global = match scope.as_str() {
+                        "layer" => false,
+                        "global" => true,
+                        s => bail!("--scope {s}: valid: layer, global"),
+                    };
+                    let quant = match &then_quantize {
+                        Some(sch) => match whittle_quant::Scheme::parse(sch)? {
+                            whittle_quant::Scheme::WeightOnly { bits } => {
+                                Some(whittle_core::Rtn { bits, group: group_size, zero_point: false })
+                            }
+                            _ => bail!("--then-quantize {sch}: a grouped weight-only scheme (w8a16, w4a16, w3a16, w2a16)"),
+                        },
+                        None => None,
+                    };
+                    let o = whittle_compress::pass::PruneOptions { method, sparsity, pattern, global, damp, quant };
+                    let mut pb = progress_bar(method.name());
+                    let r = whittle_compress::pass::prune_model(&mut l, &o, &text, &co, &mut pb)?;
+                    if r.tokens > 0 {
+                        eprintln!("{}: {} calibration tokens of {src}", method.name(), r.tokens);
+                    }
+                    whittle_models::save::save_hf_dir(&l, &output, DType::F32)
+                        .with_context(|| format!("writing {}", output.display()))?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        return Ok(());
+                    }
+                    let rep = whittle_quant::Report {
+                        layers: r.layers.clone(),
+                        linear_bytes_before: 4 * r.params,
+                        linear_bytes_after: 4 * r.params,
+                        seconds: r.seconds,
+                    };
+                    print_quant_report(&rep, &output, false, bytes_in, bench_bytes(&output))?;
+                    println!(
+                        "{} {}: {:.2}% of the {} block-Linear weights are zero ({:.1}s); stored dense (zeros are not yet stored compactly)",
+                        r.method,
+                        r.pattern,
+                        100.0 * r.zeros as f64 / r.params.max(1) as f64,
+                        human(r.params),
+                        r.seconds
+                    );
+                    Ok(())
+                }
+                (None, true) => {
+                    let t0 = std::time::Instant::now();
+                    let s = match &structured {
+                        Some(s) => whittle_compress::structured::Structured::parse(s)?,
+                        None => Default::default(),
+                    };
+                    let imp = whittle_compress::structured::Importance::parse(&importance)?;
+                    let mut drop: Vec<usize> = match &drop_layers {
+                        Some(d) => d
+                            .split(',')
+                            .map(|v| v.trim().parse::<usize>().with_context(|| format!("--drop-layers `{d}`: `{v}` is not a block index")))
+                            .collect::<Result<_>>()?,
+                        None => Vec::new(),
+                    };
+                    if s.layers > 0 && !drop.is_empty() {
+                        bail!("--structured layers={} and --drop-layers both choose blocks: give one", s.layers);
+                    }
+                    if s.layers >= l.model.n_blocks() {
+                        bail!("--structured layers={}: the model has {} blocks; at least one must stay", s.layers, l.model.n_blocks());
+                    }
+                    let mut influence = None;
+                    if s.layers > 0 {
+                        let Model::Llama(mm) = &l.model else {
+                            bail!("--structured layers=N ranks blocks by influence on decoders; for encoders name them with --drop-layers");
+                        };
+                        let windows = whittle_quant::calib::decoder_windows(&l, &text, &co)?;
+                        let xs: Vec<candle_core::Tensor> = windows
+                            .iter()
+                            .map(|w| mm.embed(&candle_core::Tensor::new(w.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?))
+                            .collect::<std::result::Result<_, _>>()?;
+                        let bi = whittle_compress::structured::block_influence_llama(mm, &xs)?;
+                        drop = whittle_compress::structured::least_influential(&bi, s.layers);
+                        influence = Some(bi);
+                    }
+                    let stats = if imp == whittle_compress::structured::Importance::Activation {
+                        let mut pb = progress_bar("calibrate");
+                        Some(whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?.stats)
+                    } else {
+                        None
+                    };
+                    let r = whittle_compress::structured::prune_structured(&mut l.model, &s, imp, global, stats.as_ref(), &drop, influence.as_deref())?;
+                    whittle_models::save::save_hf_dir(&l, &output, DType::F32)
+                        .with_context(|| format!("writing {}", output.display()))?;
+                    let params_out = l.model.linears().iter().map(|(_, l)| l.num_params()).sum::<usize>();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        return Ok(());
+                    }
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{:>5} {:>13} {:>13} {:>13} {:>10} {:>10} {:>9}", "block", "heads", "kv heads", "ffn", "params", "after", "influence")?;
+                    for b in &r.blocks {
+                        let inf = b.influence.map_or("-".to_string(), |v| format!("{v:.4}"));
+                        let what = |a: usize, z: usize| if b.dropped { format!("{a} -> 0") } else { format!("{a} -> {z}") };
+                        writeln!(
+                            out,
+                            "{:>5} {:>13} {:>13} {:>13} {:>10} {:>10} {:>9}{}",
+                            b.block,
+                            what(b.heads_before, b.heads_after),
+                            what(b.kv_heads_before, b.kv_heads_after),
+                            what(b.ffn_before, b.ffn_after),
+                            human(b.params_before),
+                            human(b.params_after),
+                            inf,
+                            if b.note.is_empty() { String::new() } else { format!("  ({})", b.note) }
+                        )?;
+                    }
+                    let bytes_out = bench_bytes(&output);
+                    writeln!(
+                        out,
+                        "\nblock Linears {} -> {} params ({:.1}% removed); all Linears {} -> {}; file {:.2} MB (f32); {:.1}s",
+                        human(r.params_before),
+                        human(r.params_after),
+                        100.0 * (1.0 - r.params_after as f64 / r.params_before.max(1) as f64),
+                        human(params_in),
+                        human(params_out),
+                        bytes_out as f64 / 1e6,
+                        t0.elapsed().as_secs_f64()
+                    )?;
+                    let _ = bytes_in;
+                    writeln!(out, "wrote {}", output.display())?;
+                    Ok(())
+                }
+            }
         }
         Cmd::Sensitivity {
             m,

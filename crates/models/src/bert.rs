@@ -95,7 +95,13 @@ impl BertConfig {
 
     /// The `config.json` that reproduces this model in transformers.
     pub fn to_hf_json(&self, blocks: &[BertBlock]) -> serde_json::Value {
-        let heads = blocks.first().map_or(self.num_heads, |b| b.n_head);
+        // The head count that gives back head_dim (hidden / heads): pruned blocks with fewer heads take their
+        // widths from their tensors when loaded.
+        let heads = if blocks.iter().all(|b| b.query.out_features() == self.hidden_size) {
+            blocks.first().map_or(self.num_heads, |b| b.n_head)
+        } else {
+            self.hidden_size / self.head_dim
+        };
         let inter = blocks.first().map_or(self.intermediate_size, |b| b.intermediate.out_features());
         serde_json::json!({
             "architectures": ["BertModel"],
@@ -274,7 +280,7 @@ impl Bert {
         let e = &self.embeddings;
         let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
         let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
-        Ok(e.norm.forward(&x)?)
+        e.norm.forward(&x)
     }
 
     /// Last hidden states.

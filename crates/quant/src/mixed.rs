@@ -183,8 +183,8 @@ pub fn sensitivity(
 
     let total = nb * 7;
     let mut layers = Vec::with_capacity(total);
-    for bi in 0..nb {
-        for li in 0..7 {
+    for (bi, block_diag) in diag.iter().enumerate() {
+        for (li, d) in block_diag.iter().enumerate() {
             let (lname, orig) = {
                 let (n, lin) = m.blocks[bi].linears()[li];
                 (format!("model.layers.{bi}.{n}"), lin.clone())
@@ -199,7 +199,6 @@ pub fn sensitivity(
             if w.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(lname));
             }
-            let d = &diag[bi][li];
             let mut candidates = Vec::new();
             let mut probe_proxy = 0.0;
             let mut probe_w = Vec::new();

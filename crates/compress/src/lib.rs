@@ -1,0 +1,47 @@
+//! whittle-compress: weight pruning of one Linear at a time, as pure functions over row-major weights.
+//!
+//! - [`prune::magnitude`]: the smallest |w| per output row (or per N:M group); [`prune::global_threshold`]
+//!   for one magnitude threshold over many layers.
+//! - [`prune::wanda`] (Sun et al. 2023): |w|·‖X_j‖₂ per output row.
+//! - [`prune::sparsegpt`] (Frantar & Alistarh 2023): OBS mask selection with weight reconstruction through
+//!   the layer Hessian, optionally quantizing the kept weights in the same pass.
+//! - [`pass`]: those solvers over a whole model (layer by layer on calibration text for Wanda and SparseGPT,
+//!   through the shared layer-wise engine of `whittle_quant::layerwise`).
+//! - [`structured`]: removal of whole heads, FFN neurons and blocks.
+
+pub mod pass;
+pub mod prune;
+pub mod structured;
+
+pub use prune::{global_threshold, magnitude, parse_pattern, sparsegpt, threshold, wanda, Pattern};
+
+/// Errors of the pruning solvers, naming the flag or layer at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--sparsity {0}: must be in [0, 1)")]
+    BadSparsity(f64),
+    #[error("--damp {0}: must be finite and ≥ 0")]
+    BadDamp(f64),
+    #[error("invalid sparsity pattern `{0}`: expected N:M with 0 < N < M (2:4, 4:8) or `unstructured`")]
+    BadPattern(String),
+    #[error("layer `{layer}`: {n}:{m} sparsity needs the input features k = {k} to be a multiple of M = {m}")]
+    PatternMismatch { layer: String, k: usize, n: usize, m: usize },
+    #[error("layer `{layer}`: {what} has {got} values, expected {want}")]
+    Shape { layer: String, what: &'static str, got: usize, want: usize },
+    #[error("layer `{layer}`: {what} holds a negative, NaN or infinite value")]
+    BadStats { layer: String, what: &'static str },
+    #[error("layer `{layer}`: quantization {format} needs 2–8 bits and a group dividing k = {k}")]
+    BadQuant { layer: String, format: String, k: usize },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Quant(#[from] whittle_quant::Error),
+    #[error(transparent)]
+    Core(#[from] whittle_core::Error),
+    #[error(transparent)]
+    Model(#[from] whittle_models::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,204 @@
+//! Unstructured and N:M pruning of a whole model: every block Linear (embeddings and heads stay dense), by
+//! magnitude (per layer or with one global threshold), or layer by layer on calibration text with Wanda
+//! (per-channel ‖X‖₂) or SparseGPT (the layer Hessian), through the layer-wise engine that GPTQ uses: each
+//! block sees the outputs of the blocks already pruned.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use whittle_core::{Linear, Rtn};
+use whittle_models::Loaded;
+use whittle_quant::calib::CalibOptions;
+use whittle_quant::layerwise::{run_layerwise, LayerInput};
+use whittle_quant::LayerReport;
+
+use crate::prune::{self, Pattern};
+use crate::{Error, Result};
+
+/// The pruning criterion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Method {
+    Magnitude,
+    Wanda,
+    SparseGpt,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "magnitude" => Ok(Self::Magnitude),
+            "wanda" => Ok(Self::Wanda),
+            "sparsegpt" => Ok(Self::SparseGpt),
+            _ => Err(Error::Usage(format!("--method {s}: valid: magnitude, wanda, sparsegpt"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Magnitude => "magnitude",
+            Self::Wanda => "wanda",
+            Self::SparseGpt => "sparsegpt",
+        }
+    }
+}
+
+/// Options of [`prune_model`].
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    pub method: Method,
+    /// Fraction of each layer's weights removed (unstructured; N:M patterns fix it at 1 − N/M).
+    pub sparsity: f64,
+    pub pattern: Pattern,
+    /// Magnitude only: one threshold over all block Linears instead of one per layer.
+    pub global: bool,
+    /// SparseGPT dampening (fraction of the Hessian's mean diagonal).
+    pub damp: f64,
+    /// SparseGPT: quantize the kept weights in the same pass (stored dequantized).
+    pub quant: Option<Rtn>,
+}
+
+/// The pass's report: per layer (`scheme` says the method and pattern, `note` the sparsity reached) and totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub method: &'static str,
+    pub pattern: String,
+    pub layers: Vec<LayerReport>,
+    /// Parameters of the pruned Linears, and how many of them are now zero.
+    pub params: usize,
+    pub zeros: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+fn is_block_linear(name: &str) -> bool {
+    name.starts_with("model.layers.") || name.starts_with("encoder.layer.")
+}
+
+fn layer_report(name: &str, o: &PruneOptions, w: &[f32], p: &[f32], secs: f64, out_mse: Option<f64>) -> LayerReport {
+    let zeros = p.iter().filter(|v| **v == 0.0).count();
+    let rmse = (w.iter().zip(p).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / w.len().max(1) as f64).sqrt();
+    LayerReport {
+        name: name.into(),
+        scheme: format!("{} {}", o.method.name(), o.pattern),
+        params: w.len(),
+        bpw: 32.0,
+        weight_rmse: rmse,
+        seconds: secs,
+        output_mse: out_mse,
+        rtn_output_mse: None,
+        note: format!("{:.1}% zeros", 100.0 * zeros as f64 / w.len().max(1) as f64),
+    }
+}
+
+fn dense(p: Vec<f32>, m: usize, k: usize, bias: Option<Tensor>) -> Result<Linear> {
+    Ok(Linear::dense(Tensor::from_vec(p, (m, k), &Device::Cpu)?, bias)?)
+}
+
+/// Mean squared output error Δw·H·Δwᵀ / (2m) of a pruned layer on its calibration inputs (H = 2XᵀX/n).
+fn output_mse(w: &[f32], p: &[f32], m: usize, k: usize, h: &[f64]) -> Result<f64> {
+    let d: Vec<f32> = w.iter().zip(p).map(|(a, b)| a - b).collect();
+    let dt = Tensor::from_vec(d, (m, k), &Device::Cpu)?;
+    let ht = Tensor::from_vec(h.iter().map(|&v| v as f32).collect::<Vec<_>>(), (k, k), &Device::Cpu)?;
+    Ok((dt.matmul(&ht)? * &dt)?.sum_all()?.to_scalar::<f32>()? as f64 / 2.0 / m as f64)
+}
+
+/// Prunes every block Linear of `l` (see the module doc). `text`/`co` are the calibration text (Wanda,
+/// SparseGPT).
+pub fn prune_model(
+    l: &mut Loaded,
+    o: &PruneOptions,
+    text: &str,
+    co: &CalibOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<PruneReport> {
+    let t0 = Instant::now();
+    if !(0.0..1.0).contains(&o.sparsity) {
+        return Err(Error::BadSparsity(o.sparsity));
+    }
+    if o.quant.is_some() && o.method != Method::SparseGpt {
+        return Err(Error::Usage("--then-quantize needs --method sparsegpt (pruning and GPTQ in one pass)".into()));
+    }
+    let mut layers = Vec::new();
+    let mut tokens = 0;
+    match o.method {
+        Method::Magnitude => {
+            let thr = if o.global {
+                if o.pattern != Pattern::Unstructured {
+                    return Err(Error::Usage("--scope global applies to unstructured sparsity, not N:M".into()));
+                }
+                let ws: Vec<Vec<f32>> = l
+                    .model
+                    .linears()
+                    .into_iter()
+                    .filter(|(n, _)| is_block_linear(n))
+                    .map(|(_, lin)| Ok(lin.dequantize()?.flatten_all()?.to_vec1()?))
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
+                Some(prune::global_threshold(&refs, o.sparsity)?)
+            } else {
+                None
+            };
+            let mut lins: Vec<(String, &mut Linear)> =
+                l.model.linears_mut().into_iter().filter(|(n, _)| is_block_linear(n)).collect();
+            let total = lins.len();
+            for (i, (name, lin)) in lins.iter_mut().enumerate() {
+                let ts = Instant::now();
+                let (m, k) = (lin.out_features(), lin.in_features());
+                let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
+                let p = match thr {
+                    Some(t) => prune::threshold(&w, t),
+                    None => prune::magnitude(&w, m, k, o.sparsity, o.pattern, name)?,
+                };
+                layers.push(layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), None));
+                **lin = dense(p, m, k, lin.bias.clone())?;
+                progress(i + 1, total);
+            }
+        }
+        Method::Wanda | Method::SparseGpt => {
+            let hessian = o.method == Method::SparseGpt;
+            let solve = |name: &str, lin: &Linear, x: &LayerInput| -> whittle_quant::Result<_> {
+                let ts = Instant::now();
+                let (m, k) = (lin.out_features(), lin.in_features());
+                let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
+                let wrap = |e: Error| whittle_quant::Error::Unsupported(e.to_string());
+                let p = if hessian {
+                    let h = x.hessian.expect("the engine observes Hessians for SparseGPT");
+                    prune::sparsegpt(&w, m, k, h, o.sparsity, o.pattern, o.damp, o.quant, name).map_err(wrap)?
+                } else {
+                    prune::wanda(&w, m, k, &x.stats.sumsq, o.sparsity, o.pattern, name).map_err(wrap)?
+                };
+                let mse = match x.hessian {
+                    Some(h) => Some(output_mse(&w, &p, m, k, h).map_err(wrap)?),
+                    None => None,
+                };
+                let r = layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), mse);
+                let new = dense(p, m, k, lin.bias.clone()).map_err(wrap)?;
+                Ok(Some((new, r)))
+            };
+            let r = run_layerwise(l, text, co, hessian, solve, &mut progress)?;
+            tokens = r.tokens;
+            layers = r.report.layers;
+        }
+    }
+    let params = layers.iter().map(|r| r.params).sum();
+    let zeros = l
+        .model
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| is_block_linear(n))
+        .map(|(_, lin)| -> Result<usize> {
+            let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
+            Ok(w.iter().filter(|v| **v == 0.0).count())
+        })
+        .sum::<Result<usize>>()?;
+    Ok(PruneReport {
+        method: o.method.name(),
+        pattern: o.pattern.to_string(),
+        layers,
+        params,
+        zeros,
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
