@@ -187,3 +187,65 @@ fn quantize_bad_input_is_a_clear_error() {
     let o = whittle(&["embed", out.to_str().unwrap(), "hello", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn prune_and_mixed_precision_bad_input_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let minilm = common::minilm();
+    let smol = common::smollm2();
+    let out = d.path().join("out");
+    let (m, o) = (minilm.to_str().unwrap(), out.to_str().unwrap());
+    let cases: &[(&[&str], &str)] = &[
+        (&["prune", m, "--method", "magnitude", "--sparsity", "1.5", "-o", o], "--sparsity 1.5"),
+        (&["prune", m, "--method", "magnitude", "--pattern", "3:7", "-o", o], "multiple of M = 7"),
+        (&["prune", m, "--method", "magnitude", "--pattern", "4:4", "-o", o], "0 < N < M"),
+        (&["prune", m, "--method", "lottery", "--sparsity", "0.5", "-o", o], "magnitude, wanda, sparsegpt"),
+        (
+            &["prune", m, "--method", "wanda", "--sparsity", "0.5", "--structured", "heads=0.5", "-o", o],
+            "separate passes",
+        ),
+        (&["prune", m, "--structured", "heads=1.0", "-o", o], "[0, 1)"),
+        (&["prune", m, "--drop-layers", "0,1,2,3,4,5", "-o", o], "leave none"),
+        (&["prune", m, "--drop-layers", "9", "-o", o], "blocks 0..5"),
+        (&["prune", m, "-o", o], "--method"),
+        (&["quantize", m, "--scheme", "w8a8-dynamic", "--target-bpw", "4", "-o", o], "weight-only"),
+        (&["quantize", m, "--scheme", "w4a16", "--sensitivity", "s.json", "-o", o], "--target-bpw"),
+        (&["quantize", m, "--scheme", "w4a16", "--target-bpw", "4", "--candidates", "4,5", "-o", o], "`5`"),
+        (&["sensitivity", m], "LLaMA decoders"),
+    ];
+    for (args, want) in cases {
+        let r = whittle(args);
+        let e = stderr(&r);
+        assert!(!r.status.success() && e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?} left an output");
+    }
+    // An importance matrix of another model: refused, naming the tensor.
+    let tiny = d.path().join("tiny");
+    whittle_models::testing::tiny_llama(&tiny);
+    let text = d.path().join("t.txt");
+    std::fs::write(
+        &text,
+        (0..300).map(|i| format!("w{} w{} w{}", i % 40, (i * 7) % 40, i % 9)).collect::<Vec<_>>().join(" "),
+    )
+    .unwrap();
+    let im = d.path().join("im.gguf");
+    let (im_s, tiny_s, text_s) = (im.to_str().unwrap(), tiny.to_str().unwrap(), text.to_str().unwrap());
+    let r =
+        whittle(&["imatrix", tiny_s, "-o", im_s, "--calib", text_s, "--calib-samples", "2", "--calib-seq-len", "16"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let g = d.path().join("q.gguf");
+    let r = whittle(&[
+        "quantize",
+        smol.to_str().unwrap(),
+        "--scheme",
+        "q4_k_m",
+        "--allow-requantize",
+        "--imatrix",
+        im_s,
+        "-o",
+        g.to_str().unwrap(),
+    ]);
+    let e = stderr(&r);
+    assert!(!r.status.success() && e.contains("blk.0.") && e.contains("another model"), "{e}");
+    assert!(!g.exists());
+}

@@ -138,12 +138,13 @@ pub fn sensitivity(
             o.candidates, o.probe_bits
         )));
     }
-    let windows = decoder_windows(l, text, co)?;
-    let Model::Llama(m) = &mut l.model else {
+    if !matches!(l.model, Model::Llama(_)) {
         return Err(Error::Unsupported(
             "sensitivity: implemented for LLaMA decoders (KL of the next-token distribution)".into(),
         ));
-    };
+    }
+    let windows = decoder_windows(l, text, co)?;
+    let Model::Llama(m) = &mut l.model else { unreachable!("checked above") };
     let t = co.seq_len;
     let (cos, sin, mask) = m.block_inputs(t)?;
     let hd = m.config.head_dim;
