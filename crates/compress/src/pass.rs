@@ -10,7 +10,7 @@ use serde::Serialize;
 use whittle_core::{Linear, Rtn};
 use whittle_models::Loaded;
 use whittle_quant::calib::CalibOptions;
-use whittle_quant::layerwise::{run_layerwise, LayerInput};
+use whittle_quant::layerwise::{output_mse, run_layerwise, LayerInput};
 use whittle_quant::LayerReport;
 
 use crate::prune::{self, Pattern};
@@ -77,13 +77,12 @@ fn is_block_linear(name: &str) -> bool {
 
 fn layer_report(name: &str, o: &PruneOptions, w: &[f32], p: &[f32], secs: f64, out_mse: Option<f64>) -> LayerReport {
     let zeros = p.iter().filter(|v| **v == 0.0).count();
-    let rmse = (w.iter().zip(p).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / w.len().max(1) as f64).sqrt();
     LayerReport {
         name: name.into(),
         scheme: format!("{} {}", o.method.name(), o.pattern),
         params: w.len(),
         bpw: 32.0,
-        weight_rmse: rmse,
+        weight_rmse: whittle_quant::rmse(w, p),
         seconds: secs,
         output_mse: out_mse,
         rtn_output_mse: None,
@@ -93,14 +92,6 @@ fn layer_report(name: &str, o: &PruneOptions, w: &[f32], p: &[f32], secs: f64, o
 
 fn dense(p: Vec<f32>, m: usize, k: usize, bias: Option<Tensor>) -> Result<Linear> {
     Ok(Linear::dense(Tensor::from_vec(p, (m, k), &Device::Cpu)?, bias)?)
-}
-
-/// Mean squared output error Δw·H·Δwᵀ / (2m) of a pruned layer on its calibration inputs (H = 2XᵀX/n).
-fn output_mse(w: &[f32], p: &[f32], m: usize, k: usize, h: &[f64]) -> Result<f64> {
-    let d: Vec<f32> = w.iter().zip(p).map(|(a, b)| a - b).collect();
-    let dt = Tensor::from_vec(d, (m, k), &Device::Cpu)?;
-    let ht = Tensor::from_vec(h.iter().map(|&v| v as f32).collect::<Vec<_>>(), (k, k), &Device::Cpu)?;
-    Ok((dt.matmul(&ht)? * &dt)?.sum_all()?.to_scalar::<f32>()? as f64 / 2.0 / m as f64)
 }
 
 /// Prunes every block Linear of `l` (see the module doc). `text`/`co` are the calibration text (Wanda,
@@ -169,7 +160,7 @@ pub fn prune_model(
                     prune::wanda(&w, m, k, &x.stats.sumsq, o.sparsity, o.pattern, name).map_err(wrap)?
                 };
                 let mse = match x.hessian {
-                    Some(h) => Some(output_mse(&w, &p, m, k, h).map_err(wrap)?),
+                    Some(h) => Some(output_mse(&w, &p, m, k, h)?),
                     None => None,
                 };
                 let r = layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), mse);

@@ -17,7 +17,7 @@ use std::fmt;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use whittle_core::Rtn;
-use whittle_quant::gptq::hinv_upper;
+use whittle_quant::gptq::{hinv_upper, rtn_params};
 
 use crate::{Error, Result};
 
@@ -249,19 +249,6 @@ fn gcd(a: usize, b: usize) -> usize {
         a
     } else {
         gcd(b, a % b)
-    }
-}
-
-/// Scale and zero point (as a float code) of a group with extremes `lo` ≤ 0 ≤ `hi` and max |w| `amax`, with
-/// the formulas of [`Rtn::quantize`] (and GPTQ's).
-fn rtn_params(rtn: Rtn, lo: f32, hi: f32, amax: f32) -> (f32, f32) {
-    if rtn.zero_point {
-        let top = ((1u32 << rtn.bits) - 1) as f32;
-        let s = (hi - lo) / top;
-        let z = if s > 0.0 { (-lo / s).round().clamp(0.0, top) } else { 0.0 };
-        (s, z)
-    } else {
-        (amax / ((1i32 << (rtn.bits - 1)) - 1) as f32, 0.0)
     }
 }
 

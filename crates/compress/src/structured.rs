@@ -388,12 +388,7 @@ pub fn prune_structured(
                     note: notes[bi].join("; "),
                 });
             }
-            let mut i = 0;
-            m.blocks.retain(|_| {
-                i += 1;
-                !uniq.contains(&(i - 1))
-            });
-            m.config.num_layers = m.blocks.len();
+            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
         Model::Bert(m) => {
             let hd = m.config.head_dim;
@@ -430,12 +425,7 @@ pub fn prune_structured(
                     note: notes[bi].join("; "),
                 });
             }
-            let mut i = 0;
-            m.blocks.retain(|_| {
-                i += 1;
-                !uniq.contains(&(i - 1))
-            });
-            m.config.num_layers = m.blocks.len();
+            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
     }
     for b in blocks.iter_mut() {
@@ -448,6 +438,16 @@ pub fn prune_structured(
     let params_before = blocks.iter().map(|b| b.params_before).sum();
     let params_after = blocks.iter().map(|b| b.params_after).sum();
     Ok(StructuredReport { blocks, params_before, params_after })
+}
+
+/// Removes the blocks at (original) indices `drop`; returns how many remain.
+fn drop_blocks<B>(blocks: &mut Vec<B>, drop: &[usize]) -> usize {
+    let mut i = 0;
+    blocks.retain(|_| {
+        i += 1;
+        !drop.contains(&(i - 1))
+    });
+    blocks.len()
 }
 
 /// The `n` blocks with the least influence 1 − mean cos(x_in, x_out), given per-block influences.

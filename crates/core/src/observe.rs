@@ -73,25 +73,17 @@ impl ActStats {
         }
         if let Some(acc) = self.xtx.as_mut() {
             let rows = x.len() / k;
-            if acc.is_empty() {
-                // `channels`: per-channel statistics only.
-                for row in x.chunks_exact(k) {
-                    for (j, &v) in row.iter().enumerate() {
-                        self.absmax[j] = self.absmax[j].max(v.abs());
-                        self.sumsq[j] += (v as f64) * (v as f64);
-                    }
+            if !acc.is_empty() {
+                // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
+                let t = candle_core::Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)
+                    .and_then(|t| t.t()?.matmul(&t))
+                    .and_then(|p| p.flatten_all()?.to_vec1::<f32>());
+                match t {
+                    Ok(p) => acc.iter_mut().zip(p).for_each(|(a, v)| *a += v as f64),
+                    Err(_) => self.non_finite = true,
                 }
-                self.rows += rows;
-                return;
             }
-            // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
-            let t = candle_core::Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)
-                .and_then(|t| t.t()?.matmul(&t))
-                .and_then(|p| p.flatten_all()?.to_vec1::<f32>());
-            match t {
-                Ok(p) => acc.iter_mut().zip(p).for_each(|(a, v)| *a += v as f64),
-                Err(_) => self.non_finite = true,
-            }
+            // Per-channel statistics (all that `channels` gathers).
             for row in x.chunks_exact(k) {
                 for (j, &v) in row.iter().enumerate() {
                     self.absmax[j] = self.absmax[j].max(v.abs());

@@ -304,7 +304,7 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
 
 /// Scale and zero point (as a float code) of a group with extremes `lo` ≤ 0 ≤ `hi` and max |w| `amax`, with
 /// the same formulas as [`Rtn::quantize`].
-fn rtn_params(rtn: Rtn, lo: f32, hi: f32, amax: f32) -> (f32, f32) {
+pub fn rtn_params(rtn: Rtn, lo: f32, hi: f32, amax: f32) -> (f32, f32) {
     if rtn.zero_point {
         let top = ((1u32 << rtn.bits) - 1) as f32;
         let s = (hi - lo) / top;

@@ -17,7 +17,7 @@ use crate::gptq::{gptq_prepared, prepare, GptqOptions, Prepared};
 use crate::{Error, LayerReport, Report, Result};
 
 /// Per-layer error on the calibration inputs, (1/m)·Σ_rows Δw·H·Δwᵀ / 2 = mean squared output error.
-fn output_mse(w: &[f32], wq: &[f32], m: usize, k: usize, h: &[f64]) -> Result<f64> {
+pub fn output_mse(w: &[f32], wq: &[f32], m: usize, k: usize, h: &[f64]) -> Result<f64> {
     let d: Vec<f32> = w.iter().zip(wq).map(|(a, b)| a - b).collect();
     let dt = Tensor::from_vec(d, (m, k), &Device::Cpu)?;
     let ht = Tensor::from_vec(h.iter().map(|&v| v as f32).collect::<Vec<_>>(), (k, k), &Device::Cpu)?;

@@ -239,7 +239,8 @@ pub struct Report {
     pub seconds: f64,
 }
 
-pub(crate) fn rmse(a: &[f32], b: &[f32]) -> f64 {
+/// Root-mean-square difference of two equally long slices.
+pub fn rmse(a: &[f32], b: &[f32]) -> f64 {
     (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
 }
 
