@@ -187,6 +187,22 @@ enum Cmd {
         /// SparseGPT dampening
         #[arg(long, default_value_t = 0.01)]
         damp: f64,
+        /// How pruned Linears are stored: sparse (zeros not stored: N:M values + position codes, bitmap or
+        /// CSR, run by the sparse kernel) or dense
+        #[arg(long, default_value = "sparse")]
+        storage: String,
+        /// Progressive pruning: sparsities (unstructured) or fractions of --structured to step through, e.g.
+        /// 0.1,0.3,0.5; evaluates after each step
+        #[arg(long)]
+        schedule: Option<String>,
+        /// With --schedule: stop at the first step whose quality drops more than this (e.g. 2%) and keep the
+        /// last model within it
+        #[arg(long)]
+        max_drop: Option<String>,
+        /// With --schedule: WikiText-2 test windows of 512 tokens per evaluation (decoders); encoders use the
+        /// STS-B test set
+        #[arg(long, default_value_t = 4)]
+        eval_windows: usize,
         /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
         #[arg(long)]
         calib: Option<PathBuf>,
@@ -930,6 +946,7 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             json,
             std::fs::metadata(&path)?.len(),
             std::fs::metadata(output)?.len(),
+            "quantized",
         );
     }
     if calib.imatrix.is_some() {
@@ -1010,7 +1027,7 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
     let report = whittle_quant::quantize_calibrated(&mut l.model, &plan, allow_requantize, stats.as_ref(), &mut pb)?;
     whittle_models::save::save_hf_dir(&l, output, DType::F32)
         .with_context(|| format!("writing {}", output.display()))?;
-    print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
+    print_quant_report(&report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output), "quantized")
 }
 
 /// `--candidates 8,4,3,2` → bit widths.
@@ -1220,7 +1237,7 @@ fn cmd_quantize_gptq(
     );
     whittle_models::save::save_hf_dir(&l, output, DType::F32)
         .with_context(|| format!("writing {}", output.display()))?;
-    print_quant_report(&r.report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output))
+    print_quant_report(&r.report, output, json, whittle_eval::bench::model_bytes(&l), bench_bytes(output), "quantized")
 }
 
 fn print_quant_report(
@@ -1229,6 +1246,7 @@ fn print_quant_report(
     json: bool,
     bytes_in: u64,
     bytes_out: u64,
+    verb: &str,
 ) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
@@ -1262,7 +1280,7 @@ fn print_quant_report(
     }
     writeln!(
         out,
-        "\n{} layers quantized; weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
+        "\n{} layers {verb}; weights {:.2} MB -> {:.2} MB; model on disk {:.2} MB -> {:.2} MB; {:.2}s",
         report.layers.len(),
         report.linear_bytes_before as f64 / 1e6,
         report.linear_bytes_after as f64 / 1e6,
@@ -1272,6 +1290,94 @@ fn print_quant_report(
     )?;
     writeln!(out, "wrote {}", output.display())?;
     Ok(())
+}
+
+/// Prints the sparse-vs-dense kernel measurement and which one pays on this CPU.
+fn print_kernel_check(c: &whittle_compress::pass::KernelCheck) {
+    let verdict = |r: f64| if r < 1.0 { "sparse kernel faster" } else { "sparse kernel slower than dense" };
+    println!(
+        "kernel check on this CPU ({} sparse Linears, medians): decode 1 row {:.2} ms sparse vs {:.2} ms dense = {:.2}x time ({}); prefill {} rows (first block) {:.2} ms vs {:.2} ms = {:.2}x time ({})",
+        c.layers,
+        c.decode_sparse_ms,
+        c.decode_dense_ms,
+        c.decode_ratio(),
+        verdict(c.decode_ratio()),
+        c.prefill_rows,
+        c.prefill_sparse_ms,
+        c.prefill_dense_ms,
+        c.prefill_ratio(),
+        verdict(c.prefill_ratio())
+    );
+    if whittle_core::Isa::detect() != whittle_core::Isa::Avx512Vnni {
+        println!("this CPU has no AVX-512: sparse layers run densified (no speed-up; the file is still smaller)");
+    }
+}
+
+/// Runs a progressive schedule with `prune` per step, evaluating on WikiText-2 test (decoders, the first
+/// `windows` windows of 512) or STS-B test (encoders); prints the history as it goes (to stderr with --json).
+fn run_prune_schedule(
+    l: &mut whittle_models::Loaded,
+    steps: &[f64],
+    max_drop: Option<f64>,
+    windows: usize,
+    prune: impl FnMut(&mut whittle_models::Loaded, f64) -> whittle_compress::Result<()>,
+    json: bool,
+) -> Result<Vec<whittle_compress::schedule::Step>> {
+    use whittle_compress::schedule::{run_schedule, Quality};
+    use whittle_eval::data;
+    let decoder = matches!(l.model, Model::Llama(_));
+    let wiki = if decoder { Some(data::read_text(None, data::WIKI_TEST)?.1) } else { None };
+    let pairs = if decoder { Vec::new() } else { data::parse_sts(&data::read_text(None, data::STS_TEST)?)? };
+    let eval = |l: &whittle_models::Loaded| -> whittle_compress::Result<Quality> {
+        let t = std::time::Instant::now();
+        let wrap = |e: whittle_eval::Error| whittle_compress::Error::Usage(format!("evaluation: {e}"));
+        let mut quiet = |_: usize, _: usize| {};
+        let q = match &wiki {
+            Some(text) => {
+                let o = whittle_eval::ppl::PplOptions { ctx: 512, chunks: Some(windows) };
+                let m = whittle_eval::ppl::perplexity(l, text, &o, None, &mut quiet).map_err(wrap)?;
+                let toks = m.tokens.unwrap_or(0) as f64;
+                Quality {
+                    name: "ppl".into(),
+                    value: m.ppl.unwrap_or(f64::NAN),
+                    lower_is_better: true,
+                    per_second: toks,
+                }
+            }
+            None => {
+                let m = whittle_eval::sts::sts(l, &pairs, 128, None, &mut quiet).map_err(wrap)?;
+                let n = 2.0 * pairs.len() as f64;
+                Quality {
+                    name: "sts".into(),
+                    value: m.sts_spearman.unwrap_or(f64::NAN),
+                    lower_is_better: false,
+                    per_second: n,
+                }
+            }
+        };
+        Ok(Quality { per_second: q.per_second / t.elapsed().as_secs_f64(), ..q })
+    };
+    let unit = if decoder { "tok/s" } else { "sent/s" };
+    let mut print = |s: &whittle_compress::schedule::Step| {
+        let line = format!(
+            "step {:>2}  amount {:>5.3}  removed {:>6.2}%  Linears {:>8.2} MB  {} {:>9.4}  drop {:>+7.2}%  {:>8.1} {unit}{}",
+            s.step,
+            s.amount,
+            100.0 * s.removed,
+            s.bytes as f64 / 1e6,
+            s.quality.name,
+            s.quality.value,
+            100.0 * s.drop,
+            s.quality.per_second,
+            if s.kept { "" } else { "  -> over --max-drop: keeping the previous step" }
+        );
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    Ok(run_schedule(l, steps, max_drop, prune, eval, &mut print)?)
 }
 
 fn bench_bytes(dir: &std::path::Path) -> u64 {
@@ -1320,12 +1426,29 @@ fn run(cli: Cli) -> Result<()> {
             then_quantize,
             group_size,
             damp,
+            storage,
+            schedule,
+            max_drop,
+            eval_windows,
             calib,
             calib_samples,
             calib_seq_len,
             force,
             json,
         } => {
+            let sparse = match storage.as_str() {
+                "sparse" => true,
+                "dense" => false,
+                s => bail!("--storage {s}: valid: sparse, dense"),
+            };
+            let schedule = schedule.as_deref().map(whittle_compress::schedule::parse_schedule).transpose()?;
+            let max_drop = max_drop.as_deref().map(whittle_compress::schedule::parse_max_drop).transpose()?;
+            if max_drop.is_some() && schedule.is_none() {
+                bail!("--max-drop applies to a --schedule");
+            }
+            if eval_windows == 0 {
+                bail!("--eval-windows must be at least 1");
+            }
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
@@ -1348,8 +1471,12 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(method), false) => {
                     let method = whittle_compress::pass::Method::parse(&method)?;
                     let pattern = whittle_compress::parse_pattern(&pattern)?;
+                    if schedule.is_some() && sparsity.is_some() {
+                        bail!("--schedule gives the sparsities: drop --sparsity");
+                    }
                     let sparsity = match (sparsity, pattern) {
                         (Some(s), _) => s,
+                        (None, _) if schedule.is_some() => 0.0,
                         (None, whittle_compress::Pattern::NM { n, m }) => 1.0 - n as f64 / m as f64,
                         (None, _) => bail!("--sparsity S is needed for unstructured pruning (e.g. 0.5)"),
                     };
@@ -1367,33 +1494,59 @@ fn run(cli: Cli) -> Result<()> {
                         },
                         None => None,
                     };
-                    let o = whittle_compress::pass::PruneOptions { method, sparsity, pattern, global, damp, quant };
-                    let mut pb = progress_bar(method.name());
-                    let r = whittle_compress::pass::prune_model(&mut l, &o, &text, &co, &mut pb)?;
+                    if schedule.is_some() && pattern != whittle_compress::Pattern::Unstructured {
+                        bail!("--schedule steps through unstructured sparsities; an N:M pattern fixes the sparsity at 1 - N/M");
+                    }
+                    let mut o = whittle_compress::pass::PruneOptions { method, sparsity, pattern, global, damp, quant, sparse };
+                    let mut reports = Vec::new();
+                    let mut history = None;
+                    match &schedule {
+                        None => {
+                            let mut pb = progress_bar(method.name());
+                            reports.push(whittle_compress::pass::prune_model(&mut l, &o, &text, &co, &mut pb)?);
+                        }
+                        Some(steps) => {
+                            let prune = |l: &mut whittle_models::Loaded, a: f64| {
+                                o.sparsity = a;
+                                let mut pb = progress_bar(&format!("{} {a}", method.name()));
+                                reports.push(whittle_compress::pass::prune_model(l, &o, &text, &co, &mut pb)?);
+                                Ok(())
+                            };
+                            history = Some(run_prune_schedule(&mut l, steps, max_drop, eval_windows, prune, json)?);
+                        }
+                    }
+                    let r = reports.last().expect("at least one step ran").clone();
                     if r.tokens > 0 {
                         eprintln!("{}: {} calibration tokens of {src}", method.name(), r.tokens);
                     }
                     whittle_models::save::save_hf_dir(&l, &output, DType::F32)
                         .with_context(|| format!("writing {}", output.display()))?;
+                    let check = whittle_compress::pass::kernel_check(&l, 128)?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        let v = serde_json::json!({ "report": r, "kernel_check": check, "schedule": history });
+                        println!("{}", serde_json::to_string_pretty(&v)?);
                         return Ok(());
                     }
+                    let linear_after = l.model.linears().iter().map(|(_, l)| l.storage_bytes()).sum::<usize>();
                     let rep = whittle_quant::Report {
                         layers: r.layers.clone(),
-                        linear_bytes_before: 4 * r.params,
-                        linear_bytes_after: 4 * r.params,
+                        linear_bytes_before: 4 * params_in,
+                        linear_bytes_after: linear_after,
                         seconds: r.seconds,
                     };
-                    print_quant_report(&rep, &output, false, bytes_in, bench_bytes(&output))?;
+                    print_quant_report(&rep, &output, false, bytes_in, bench_bytes(&output), "pruned")?;
+                    let stored = if sparse { "stored sparse (zeros not stored)" } else { "stored dense" };
                     println!(
-                        "{} {}: {:.2}% of the {} block-Linear weights are zero ({:.1}s); stored dense (zeros are not yet stored compactly)",
+                        "{} {}: {:.2}% of the {} block-Linear weights are zero ({:.1}s); {stored}",
                         r.method,
                         r.pattern,
                         100.0 * r.zeros as f64 / r.params.max(1) as f64,
                         human(r.params),
                         r.seconds
                     );
+                    if let Some(c) = check {
+                        print_kernel_check(&c);
+                    }
                     Ok(())
                 }
                 (None, true) => {

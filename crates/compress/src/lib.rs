@@ -11,6 +11,7 @@
 
 pub mod pass;
 pub mod prune;
+pub mod schedule;
 pub mod structured;
 
 pub use prune::{global_threshold, magnitude, parse_pattern, sparsegpt, threshold, wanda, Pattern};

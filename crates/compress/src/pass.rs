@@ -56,6 +56,8 @@ pub struct PruneOptions {
     pub damp: f64,
     /// SparseGPT: quantize the kept weights in the same pass (stored dequantized).
     pub quant: Option<Rtn>,
+    /// Store the pruned Linears without their zeros ([`whittle_core::sparse`]) instead of dense.
+    pub sparse: bool,
 }
 
 /// The pass's report: per layer (`scheme` says the method and pattern, `note` the sparsity reached) and totals.
@@ -90,8 +92,17 @@ fn layer_report(name: &str, o: &PruneOptions, w: &[f32], p: &[f32], secs: f64, o
     }
 }
 
-fn dense(p: Vec<f32>, m: usize, k: usize, bias: Option<Tensor>) -> Result<Linear> {
-    Ok(Linear::dense(Tensor::from_vec(p, (m, k), &Device::Cpu)?, bias)?)
+/// The pruned layer, sparse (N:M when the pattern is) or dense as `o` asks.
+fn store(p: Vec<f32>, m: usize, k: usize, bias: Option<Tensor>, o: &PruneOptions) -> Result<Linear> {
+    let w = Tensor::from_vec(p, (m, k), &Device::Cpu)?;
+    if !o.sparse {
+        return Ok(Linear::dense(w, bias)?);
+    }
+    let nm = match o.pattern {
+        Pattern::NM { n, m } => Some((n, m)),
+        Pattern::Unstructured => None,
+    };
+    Ok(Linear::sparse(&w, nm, bias)?)
 }
 
 /// Prunes every block Linear of `l` (see the module doc). `text`/`co` are the calibration text (Wanda,
@@ -142,7 +153,7 @@ pub fn prune_model(
                     None => prune::magnitude(&w, m, k, o.sparsity, o.pattern, name)?,
                 };
                 layers.push(layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), None));
-                **lin = dense(p, m, k, lin.bias.clone())?;
+                **lin = store(p, m, k, lin.bias.clone(), o)?;
                 progress(i + 1, total);
             }
         }
@@ -164,7 +175,7 @@ pub fn prune_model(
                     None => None,
                 };
                 let r = layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), mse);
-                let new = dense(p, m, k, lin.bias.clone()).map_err(wrap)?;
+                let new = store(p, m, k, lin.bias.clone(), o).map_err(wrap)?;
                 Ok(Some((new, r)))
             };
             let r = run_layerwise(l, text, co, hessian, solve, &mut progress)?;
@@ -192,4 +203,71 @@ pub fn prune_model(
         tokens,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The sparse kernel against the dense one on this model's own pruned Linears, through `Linear::forward`:
+/// every sparse block Linear once per pass at 1 row (decoding: weights come from memory), and the first
+/// block's at `prefill_rows` rows (prefill: bound by arithmetic). Medians of several passes.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelCheck {
+    pub layers: usize,
+    pub decode_dense_ms: f64,
+    pub decode_sparse_ms: f64,
+    pub prefill_rows: usize,
+    pub prefill_dense_ms: f64,
+    pub prefill_sparse_ms: f64,
+}
+
+impl KernelCheck {
+    /// Sparse time over dense time (below 1: the sparse kernel is faster).
+    pub fn decode_ratio(&self) -> f64 {
+        self.decode_sparse_ms / self.decode_dense_ms
+    }
+
+    pub fn prefill_ratio(&self) -> f64 {
+        self.prefill_sparse_ms / self.prefill_dense_ms
+    }
+}
+
+/// Measures [`KernelCheck`] on `l`'s sparse block Linears; `None` when it has none.
+pub fn kernel_check(l: &Loaded, prefill_rows: usize) -> Result<Option<KernelCheck>> {
+    let sparse: Vec<(String, &Linear)> =
+        l.model.linears().into_iter().filter(|(n, lin)| is_block_linear(n) && lin.is_sparse()).collect();
+    if sparse.is_empty() {
+        return Ok(None);
+    }
+    let dense: Vec<Linear> =
+        sparse.iter().map(|(_, s)| Ok(Linear::dense(s.dequantize()?, s.bias.clone())?)).collect::<Result<_>>()?;
+    let first = sparse[0].0.split('.').take(3).collect::<Vec<_>>().join(".");
+    let median_ms = |layers: &[&Linear], rows: usize, reps: usize| -> Result<f64> {
+        let xs: Vec<Tensor> = layers
+            .iter()
+            .map(|lin| Tensor::randn(0f32, 1.0, (rows, lin.in_features()), &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let mut times = Vec::new();
+        for rep in 0..=reps {
+            let t = Instant::now();
+            for (lin, x) in layers.iter().zip(&xs) {
+                lin.forward(x)?;
+            }
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let s_all: Vec<&Linear> = sparse.iter().map(|(_, s)| *s).collect();
+    let d_all: Vec<&Linear> = dense.iter().collect();
+    let in_first = |i: &usize| sparse[*i].0.starts_with(&format!("{first}."));
+    let s_first: Vec<&Linear> = (0..sparse.len()).filter(in_first).map(|i| s_all[i]).collect();
+    let d_first: Vec<&Linear> = (0..sparse.len()).filter(in_first).map(|i| d_all[i]).collect();
+    Ok(Some(KernelCheck {
+        layers: sparse.len(),
+        decode_dense_ms: median_ms(&d_all, 1, 7)?,
+        decode_sparse_ms: median_ms(&s_all, 1, 7)?,
+        prefill_rows,
+        prefill_dense_ms: median_ms(&d_first, prefill_rows, 5)?,
+        prefill_sparse_ms: median_ms(&s_first, prefill_rows, 5)?,
+    }))
 }

@@ -58,9 +58,20 @@ fn unstructured_and_nm_on_both_families_reload_identically() {
                     tiny_bert_sized(d.path(), 32, 64);
                 }
                 let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-                let o = PruneOptions { method, sparsity: 0.5, pattern, global: false, damp: 0.01, quant: None };
+                // Sparse storage everywhere but one case, which keeps the dense path covered.
+                let sparse = !(family == "bert" && method == Method::Magnitude);
+                let o = PruneOptions { method, sparsity: 0.5, pattern, global: false, damp: 0.01, quant: None, sparse };
                 let r = prune_model(&mut l, &o, &tiny_text(), &co, |_, _| {}).unwrap();
                 assert!(!r.layers.is_empty());
+                let want_name = if pattern == Pattern::Unstructured { "sparse-bitmap" } else { "2:4-sparse" };
+                for (n, lin) in l.model.linears().into_iter().filter(|(n, _)| n.contains("layer")) {
+                    let name = lin.storage_name();
+                    assert_eq!(name, if sparse { want_name } else { "f32" }, "{family} {method:?} {n}");
+                    if sparse {
+                        // 1 bit per weight of layout + half the f32 values, instead of 32 bits per weight.
+                        assert!(lin.bits_per_weight() < 17.5, "{n}: {} bpw", lin.bits_per_weight());
+                    }
+                }
                 for z in zeros_per_row(&l) {
                     assert!((z - want).abs() < 0.02, "{family} {method:?} {pattern}: {z}");
                 }

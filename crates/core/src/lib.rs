@@ -8,6 +8,7 @@ pub mod error;
 pub mod linear;
 pub mod observe;
 pub mod ops;
+pub mod sparse;
 
 pub use candle_core;
 pub use candle_core::{DType, Device, Tensor};

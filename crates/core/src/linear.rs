@@ -25,6 +25,8 @@ pub enum LinearWeight {
     /// Block-quantized weights (llama.cpp's Q8_0 … Q6_K, grouped int4/int8): codes with a scale (and a min)
     /// per sub-block; activations quantized to int8 per 32-block at run time, as llama.cpp does.
     Block(Arc<BlockLinear>),
+    /// Pruned f32 weights without their zeros (N:M, bitmap or CSR on disk), run by the sparse kernel.
+    Sparse(Arc<crate::sparse::SparseLinear>),
 }
 
 /// A block-quantized weight with the name and size of the format it came from.
@@ -308,6 +310,24 @@ impl Linear {
         Ok(l)
     }
 
+    /// A sparse Linear from a pruned dense weight (out, in); `nm` = `Some((n, m))` for an N:M pattern,
+    /// which it checks.
+    pub fn sparse(weight: &Tensor, nm: Option<(usize, usize)>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Self::check_bias(&bias, out_features)?;
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let s = crate::sparse::SparseLinear::new(&w, out_features, in_features, nm)
+            .map_err(|msg| crate::Error::Linear { name: String::new(), msg })?;
+        Ok(Self {
+            weight: LinearWeight::Sparse(Arc::new(s)),
+            bias,
+            out_features,
+            in_features,
+            packed_f32: Default::default(),
+            observer: None,
+        })
+    }
+
     /// Starts recording input statistics (calibration); returns the shared record.
     pub fn observe(&mut self) -> Arc<std::sync::Mutex<crate::observe::ActStats>> {
         let o = Arc::new(std::sync::Mutex::new(crate::observe::ActStats::new(self.in_features)));
@@ -368,6 +388,7 @@ impl Linear {
             LinearWeight::Int8Dynamic(p) => p.stored_bytes(),
             LinearWeight::Int8Static { p, .. } => p.stored_bytes() + 8,
             LinearWeight::Block(b) => (b.bpw * (self.out_features * self.in_features) as f64 / 8.0).round() as usize,
+            LinearWeight::Sparse(s) => s.storage_bytes(),
         };
         w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
@@ -385,11 +406,17 @@ impl Linear {
             LinearWeight::Int8Dynamic(_) => "w8a8-dynamic".into(),
             LinearWeight::Int8Static { .. } => "w8a8-static".into(),
             LinearWeight::Block(b) => b.format.clone(),
+            LinearWeight::Sparse(s) => s.name(),
         }
     }
 
+    /// Whether the weight is quantized (sparse f32 weights are not: a quantization pass may take them).
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.weight, LinearWeight::Dense(_))
+        !matches!(self.weight, LinearWeight::Dense(_) | LinearWeight::Sparse(_))
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        matches!(self.weight, LinearWeight::Sparse(_))
     }
 
     /// The weight as a dense f32 tensor (out, in): the reference every representation must match.
@@ -403,6 +430,7 @@ impl Linear {
             LinearWeight::Block(b) => {
                 Ok(Tensor::from_vec(b.packed.unpack().dequantize(), (b.packed.m, b.packed.k), &Device::Cpu)?)
             }
+            LinearWeight::Sparse(s) => Ok(Tensor::from_vec(s.packed.dense(), (s.packed.m, s.packed.k), &Device::Cpu)?),
         }
     }
 
@@ -441,6 +469,7 @@ impl Linear {
                 // GGUF block formats are written by the GGUF writer; a directory gets their dequantized weights.
                 None => vec![("weight", Stored::Tensor(self.dequantize()?))],
             },
+            LinearWeight::Sparse(s) => s.stored()?,
         };
         if let Some(b) = &self.bias {
             v.push(("bias", Stored::Tensor(b.clone())));
@@ -535,6 +564,25 @@ impl Linear {
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            LinearWeight::Sparse(s) if whittle_kernels::sparse::PackedSparse::available() && x.device().is_cpu() => {
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
+                };
+                let y = with_f32_slice(&x2, |xs| {
+                    whittle_kernels::filled(rows * self.out_features, |y| {
+                        whittle_kernels::sparse::gemm(&s.packed, xs, rows, bias.as_deref(), y, &CandlePool)
+                    })
+                })?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            LinearWeight::Sparse(_) => {
+                let y = x2.matmul(&self.dequantize()?.to_device(x.device())?.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
             }
             LinearWeight::Dense(w) => {
                 let w = if w.dtype() == DType::F32 { w.clone() } else { w.to_dtype(DType::F32)? };

@@ -64,11 +64,16 @@ pub fn linear_bpw(l: &Loaded) -> Option<f64> {
             SourceFormat::Gguf => names::hf_to_gguf(&w).unwrap_or(w),
             SourceFormat::HfDir => w,
         };
-        if let Some(t) = l.source.tensors.iter().find(|t| t.name == src) {
-            // Per-channel scales of int8 layers are part of the weight's cost.
-            let scale =
-                l.source.tensors.iter().find(|t| t.name == format!("{name}.weight_scale")).map_or(0, |t| t.bytes);
-            bits += 8.0 * (t.bytes + scale) as f64;
+        // Scales, packed codes and sparse layouts (`.weight_*`) are part of the weight's cost.
+        let parts: usize = l
+            .source
+            .tensors
+            .iter()
+            .filter(|t| t.name == src || t.name.starts_with(&format!("{name}.weight_")))
+            .map(|t| t.bytes)
+            .sum();
+        if parts > 0 {
+            bits += 8.0 * parts as f64;
             params += (lin.in_features() * lin.out_features()) as f64;
         }
     }
@@ -80,7 +85,13 @@ fn common(l: &Loaded, m: &mut Metrics) {
     m.bpw = linear_bpw(l);
     m.threads = Some(threads());
     let int8 = l.model.linears().iter().any(|(_, lin)| lin.is_quantized());
-    m.kernel = Some(if int8 { format!("int8 {} + {}", whittle_core::kernel().name(), kernel()) } else { kernel() });
+    let sparse = l.model.linears().iter().any(|(_, lin)| lin.is_sparse());
+    let mut k = if int8 { format!("int8 {} + {}", whittle_core::kernel().name(), kernel()) } else { kernel() };
+    if sparse {
+        let isa = if whittle_kernels::sparse::PackedSparse::available() { "avx512" } else { "dense fallback" };
+        k = format!("sparse f32 {isa} + {k}");
+    }
+    m.kernel = Some(k);
 }
 
 /// Encoder throughput and latency on `pairs` (the STS-B corpus).

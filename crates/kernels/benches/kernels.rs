@@ -1,11 +1,14 @@
 //! `cargo bench -p whittle-kernels`: GFLOP/s (GOP/s for int8) of the Linear kernels at the shapes of
 //! all-MiniLM-L6-v2 (batch of 32 sentences ≈ 960 rows; batch 1 ≈ 16 rows) and SmolLM2 decoding (1 row),
-//! median of several runs, against the scalar reference where it is cheap enough to time.
+//! median of several runs, against the scalar reference where it is cheap enough to time. Then the sparse
+//! f32 kernel against the dense one on 50%-sparse weights (2:4 and unstructured), over 48 distinct
+//! matrices at batch 1 so the weights come from memory as they do when a model decodes.
 
 use std::time::Instant;
 
 use whittle_kernels::f32::{self as kf32, PackedF32};
 use whittle_kernels::int8::{self, PackedI8, Rayon};
+use whittle_kernels::sparse::{self, PackedSparse};
 use whittle_kernels::Isa;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -49,5 +52,48 @@ fn main() {
             ops / ti / 1e9,
             tr.map_or("-".into(), |t| format!("{:.1}", ops / t / 1e9))
         );
+    }
+
+    println!();
+    println!(
+        "{:>5} {:>5} {:>5} {:>12} | {:>8} {:>9} {:>14}",
+        "n", "m", "k", "pattern", "dense ms", "sparse ms", "sparse/dense"
+    );
+    for (n, m, k) in [(512, 1536, 576), (512, 576, 1536), (1, 1536, 576), (1, 576, 1536)] {
+        let copies = if n == 1 { 48 } else { 1 };
+        for pattern in ["2:4", "unstructured"] {
+            let ws: Vec<Vec<f32>> = (0..copies)
+                .map(|c| {
+                    (0..m * k)
+                        .map(|i| {
+                            let h = (i + c * 31usize).wrapping_mul(2654435761) % 1000;
+                            let keep = if pattern == "2:4" { (i % 4 + c) % 4 < 2 } else { h % 2 == 0 };
+                            if keep {
+                                (h as f32) / 1000.0 - 0.5
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let x: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let mut y = vec![0f32; n * m];
+            let dense: Vec<PackedF32> = ws.iter().map(|w| PackedF32::new(w, m, k)).collect();
+            let sp: Vec<PackedSparse> = ws.iter().map(|w| PackedSparse::new(w, m, k)).collect();
+            let reps = if n == 1 { 31 } else { 9 };
+            let td = time(reps, || {
+                dense.iter().for_each(|p| kf32::gemm(p, &x, n, None, whittle_kernels::as_uninit(&mut y), &Rayon))
+            });
+            let ts = time(reps, || {
+                sp.iter().for_each(|p| sparse::gemm(p, &x, n, None, whittle_kernels::as_uninit(&mut y), &Rayon))
+            });
+            println!(
+                "{n:>5} {m:>5} {k:>5} {pattern:>12} | {:>8.3} {:>9.3} {:>14.2}",
+                td * 1e3 / copies as f64,
+                ts * 1e3 / copies as f64,
+                ts / td
+            );
+        }
     }
 }

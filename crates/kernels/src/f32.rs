@@ -9,8 +9,8 @@ use std::ops::Range;
 
 use crate::int8::Parallel;
 
-const MB: usize = 16;
-const MR: usize = 6;
+pub(crate) const MB: usize = 16;
+pub(crate) const MR: usize = 6;
 const ROWS_PER_TASK: usize = 48;
 
 /// Dense f32 weights packed for [`gemm`].
@@ -76,44 +76,73 @@ pub fn gemm(w: &PackedF32, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [M
     if !PackedF32::available() || n == 0 {
         return gemm_ref(w, x, n, bias, y);
     }
-    let mp = w.nblocks * MB;
-    let mut bvec = bias.map_or_else(|| vec![0.0; w.m], |b| b.to_vec());
+    drive(w.m, w.nblocks, n, bias, y, par, &|r0, r1, b, bias, valid, yp| {
+        // SAFETY: AVX-512 checked by `available`; x holds n × k floats, each block k × 16; the tiles write
+        // rows r0..r1 and the valid channels of blocks b, b+1, which no other task writes.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tiles(&x[r0 * w.k..r1 * w.k], r1 - r0, w.k, (w.block(b), w.block(b + 1)), bias, valid, w.m, yp)
+        }
+    });
+}
+
+/// Rows `0..rows` of `x` against two packed blocks, 6 rows at a time; `y` points at row 0, block 0.
+///
+/// # Safety
+/// AVX-512F must be available; `w` holds k × 16 floats per block, `bias` 32, and `y` must be valid for
+/// the rows × valid channels written (row stride `m`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tiles(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: (&[f32], &[f32]),
+    bias: &[f32],
+    valid: (usize, usize),
+    m: usize,
+    y: *mut f32,
+) {
+    let mut r = 0;
+    while r < rows {
+        let t = (rows - r).min(MR);
+        tile_avx512(&x[r * k..(r + t) * k], t, k, w.0, w.1, bias, valid, m, y.add(r * m));
+        r += t;
+    }
+}
+
+/// One task: rows `r0..r1` of x against channel blocks `b, b+1`; `bias` starts at block `b`, `valid` counts
+/// the real channels of each block, `y` points at `y[r0, b·16]`.
+pub(crate) type Task<'a> = dyn Fn(usize, usize, usize, &[f32], (usize, usize), *mut f32) + Sync + 'a;
+
+/// The task split every packed-by-16-channels kernel shares: (48-row slab × block pair) tasks.
+pub(crate) fn drive(
+    m: usize,
+    nblocks: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+    par: &dyn Parallel,
+    task: &Task,
+) {
+    let mp = nblocks * MB;
+    let mut bvec = bias.map_or_else(|| vec![0.0; m], |b| b.to_vec());
     bvec.resize(mp, 0.0);
-    let pairs = w.nblocks / 2;
+    let pairs = nblocks / 2;
     let row_tasks = n.div_ceil(ROWS_PER_TASK);
     let yp = SendPtr(y.as_mut_ptr() as *mut f32);
-    let (m, k) = (w.m, w.k);
-    let task = |t: usize| {
+    let run = |t: usize| {
         #[allow(clippy::redundant_locals)]
         let yp = yp;
         let (rt, pair) = (t / pairs, t % pairs);
         let b = 2 * pair;
         let valid0 = m.saturating_sub(b * MB).min(MB);
         let valid1 = m.saturating_sub((b + 1) * MB).min(MB);
-        let r1 = ((rt + 1) * ROWS_PER_TASK).min(n);
-        let mut r = rt * ROWS_PER_TASK;
-        while r < r1 {
-            let rows = (r1 - r).min(MR);
-            // SAFETY: AVX-512 checked by `available`; x holds n × k floats, each block k × 16; the tile
-            // writes rows r..r+rows and the valid channels of blocks b, b+1, which no other task writes.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                tile_avx512(
-                    &x[r * k..(r + rows) * k],
-                    rows,
-                    k,
-                    w.block(b),
-                    w.block(b + 1),
-                    &bvec[b * MB..],
-                    (valid0, valid1),
-                    m,
-                    yp.0.add(r * m + b * MB),
-                );
-            }
-            r += rows;
-        }
+        let (r0, r1) = (rt * ROWS_PER_TASK, ((rt + 1) * ROWS_PER_TASK).min(n));
+        // SAFETY (pointer): r0 < n and b·16 < m, so the offset stays inside y's n × m elements.
+        task(r0, r1, b, &bvec[b * MB..], (valid0, valid1), unsafe { yp.0.add(r0 * m + b * MB) });
     };
-    par.for_each(row_tasks * pairs, &|range: Range<usize>| range.for_each(task));
+    par.for_each(row_tasks * pairs, &|range: Range<usize>| range.for_each(run));
 }
 
 #[cfg(target_arch = "x86_64")]

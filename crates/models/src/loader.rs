@@ -134,6 +134,10 @@ impl Weights<'_> {
                 return Ok(Linear::block(&bw, fmt, 8.0 * bb as f64 / qk as f64, b)?);
             }
         }
+        // `.weight_values` + a layout (`.weight_indices`, `.weight_bitmap` or CSR) + `.weight_shape`: pruned.
+        if self.contains(&format!("{name}.weight_values")) {
+            return self.load_sparse(name, &expect, bias);
+        }
         // `.weight_packed` + `.weight_scale` (+ `.weight_zero_point`) + `.weight_shape`: grouped weight-only.
         let pname = format!("{name}.weight_packed");
         if self.contains(&pname) {
@@ -179,6 +183,58 @@ impl Weights<'_> {
 }
 
 impl Weights<'_> {
+    /// A sparse layer (whittle's pruned format, [`whittle_core::sparse`]): N:M, bitmap or CSR.
+    fn load_sparse(&self, name: &str, expect: &[usize; 2], bias: bool) -> Result<Linear> {
+        use whittle_core::sparse::{SparseDisk, SparseLinear};
+        let field = |suffix: &str| self.source_name(&format!("{name}.{suffix}"));
+        let bad = |suffix: &str, msg: String| Error::Config { path: self.path.clone(), field: field(suffix), msg };
+        let ints = |suffix: &str| -> Result<Vec<i64>> {
+            Ok(self.src.load_native(&field(suffix))?.to_dtype(candle_core::DType::I64)?.flatten_all()?.to_vec1()?)
+        };
+        let bytes = |suffix: &str| -> Result<Vec<u8>> {
+            let t = self.src.load_native(&field(suffix))?;
+            if t.dtype() != candle_core::DType::U8 {
+                return Err(bad(suffix, format!("expected u8, got {:?}", t.dtype())));
+            }
+            Ok(t.flatten_all()?.to_vec1()?)
+        };
+        let shape = ints("weight_shape")?;
+        let [m, k] = shape[..] else { return Err(bad("weight_shape", format!("expected [out, in], got {shape:?}"))) };
+        if m <= 0 || k <= 0 {
+            return Err(bad("weight_shape", format!("expected positive sizes, got {shape:?}")));
+        }
+        let (m, k) = (m as usize, k as usize);
+        if expect.iter().zip([m, k]).any(|(e, g)| *e != 0 && *e != g) {
+            return Err(self.shape_err(&format!("{name}.weight_shape"), expect, &[m, k]));
+        }
+        let values: Vec<f32> = self.src.load_f32(&field("weight_values"))?.flatten_all()?.to_vec1()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(bad("weight_values", "holds NaN or Inf".into()));
+        }
+        let (u8s, ptr);
+        let layout = if self.contains(&format!("{name}.weight_nm")) {
+            let nm = ints("weight_nm")?;
+            let [n, mm] = nm[..] else { return Err(bad("weight_nm", format!("expected [n, m], got {nm:?}"))) };
+            if !(1..=64).contains(&mm) || n < 1 {
+                return Err(bad("weight_nm", format!("{n}:{mm} is not an N:M pattern")));
+            }
+            u8s = bytes("weight_indices")?;
+            SparseDisk::NM { n: n as usize, m: mm as usize, indices: &u8s }
+        } else if self.contains(&format!("{name}.weight_bitmap")) {
+            u8s = bytes("weight_bitmap")?;
+            SparseDisk::Bitmap(&u8s)
+        } else {
+            u8s = bytes("weight_col_indices")?;
+            ptr = ints("weight_row_ptr")?;
+            SparseDisk::Csr { col_indices: &u8s, row_ptr: &ptr }
+        };
+        let (w, nm) = SparseLinear::decode(m, k, &values, layout).map_err(|(suffix, msg)| bad(suffix, msg))?;
+        let bname = format!("{name}.bias");
+        let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[m])?) } else { None };
+        let w = Tensor::from_vec(w, (m, k), &candle_core::Device::Cpu)?;
+        Ok(Linear::sparse(&w, nm, b)?)
+    }
+
     /// A grouped weight-only layer (`w4a16`/`w8a16`, whittle's saved format): sizes from `weight_shape`,
     /// bits from the packed width, group from the scales' width.
     fn load_rtn(&self, name: &str, expect: &[usize; 2], bias: bool) -> Result<Linear> {

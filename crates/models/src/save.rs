@@ -54,6 +54,24 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             "layers": layers,
         });
     }
+    let sparse: serde_json::Map<String, serde_json::Value> = l
+        .model
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.is_sparse())
+        .map(|(n, l)| (n, l.storage_name().into()))
+        .collect();
+    if !sparse.is_empty() {
+        config["sparsity_config"] = serde_json::json!({
+            "format": "whittle",
+            "layouts": {
+                "N:M-sparse": "`.weight_nm` i64 [n, m]; `.weight_values` float (out, in·n/m), the kept weights of each group of m inputs in order; `.weight_indices` u8 (out, ⌈in·n/m·b/8⌉), each value's position in its group as a b = ⌈log2 m⌉-bit code, lowest bits first; `.weight_shape` i64 [out, in]",
+                "sparse-bitmap": "`.weight_bitmap` u8 (out, ⌈in/8⌉), bit j%8 of byte j/8 set where input j is kept; `.weight_values` float (nnz), row-major; `.weight_shape` i64 [out, in]",
+                "sparse-csr": "`.weight_values` float (nnz); `.weight_col_indices` u8 (nnz, 2), little-endian u16 columns; `.weight_row_ptr` i64 (out + 1); `.weight_shape` i64 [out, in]",
+            },
+            "layers": sparse,
+        });
+    }
     config["torch_dtype"] = match dtype {
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
