@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # whittle and its peers measured back to back in one run on this machine (machines here are noisy: compare
 # within one run, as ratios). Prints one JSON line per configuration. Needs ../shared/peers/setup.sh done.
-#   scripts/bench_vs_peers.sh [minilm] [smollm2] [smollm2-quant] [quant2] [quant2-time]
+#   scripts/bench_vs_peers.sh [minilm] [smollm2] [smollm2-quant] [quant2] [quant2-time] [prune] [prune-structured] [lowrank]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${WHITTLE_MODELS:-$HOME/.cache/whittle/models}
@@ -93,6 +93,66 @@ for w in $what; do
           $W quantize "$F" --scheme w4a16 --group-size 64 --method gptq --act-order --calib-samples $n -o "$OUT/gptq-time" --force >/dev/null
       done
       $W bench "$F" --reps 3 --json
+      ;;
+    prune)
+      # Pruning (#6): 50% unstructured and 2:4 with magnitude, Wanda and SparseGPT from the f32 model (the Q4_1
+      # file's weights), time and peak memory of each, PPL 16×512, and decode/prefill speed against dense.
+      B="$OUT/smol-f32"
+      [ -e "$B" ] || $W convert "$M/SmolLM2-135M-Instruct.Q4_1.gguf" -o "$B" >&2
+      $W eval "$B" --chunks 16 --json | sed 's|^{|{"config": "dense f32", |'
+      $W bench "$B" --reps 3 --json
+      p() { # NAME ARGS...: prune the f32 model, then its PPL
+        local n=$1; shift
+        /usr/bin/time -o "$OUT/time.json" -f "{\"prune\": \"$n\", \"wall_s\": %e, \"peak_rss_kb\": %M}" \
+          $W prune "$B" "$@" -o "$OUT/pr-$n" --force --json > "$OUT/pr-$n.json"
+        cat "$OUT/time.json"
+        $W eval "$OUT/pr-$n" --chunks 16 --json | sed "s|^{|{\"config\": \"$n: $*\", |"
+      }
+      p mag50 --method magnitude --sparsity 0.5
+      p wanda50 --method wanda --sparsity 0.5
+      p wanda50-16 --method wanda --sparsity 0.5 --calib-samples 16
+      p sgpt50 --method sparsegpt --sparsity 0.5
+      p mag24 --method magnitude --pattern 2:4
+      p wanda24 --method wanda --pattern 2:4
+      p sgpt24 --method sparsegpt --pattern 2:4
+      $W bench "$OUT/pr-sgpt50" --reps 3 --json
+      $W bench "$OUT/pr-sgpt24" --reps 3 --json
+      ;;
+    lowrank)
+      # Low-rank (#8): 20% fewer block-Linear parameters by plain SVD, ASVD and SVD-LLM (PPL 16×512, time,
+      # peak memory), and SVD-LLM at 40% fewer against dense in pp512 / tg128.
+      B="$OUT/smol-f32"
+      [ -e "$B" ] || $W convert "$M/SmolLM2-135M-Instruct.Q4_1.gguf" -o "$B" >&2
+      for meth in svd asvd svd-llm; do
+        /usr/bin/time -o "$OUT/time.json" -f "{\"lowrank\": \"$meth 0.8\", \"wall_s\": %e, \"peak_rss_kb\": %M}" \
+          $W lowrank "$B" --method $meth --ratio 0.8 -o "$OUT/lr-$meth" --force --json > "$OUT/lr-$meth.json"
+        cat "$OUT/time.json"
+        $W eval "$OUT/lr-$meth" --chunks 16 --json | sed "s|^{|{\"config\": \"$meth ratio 0.8\", |"
+      done
+      $W lowrank "$B" --method svd-llm --ratio 0.6 -o "$OUT/lr-svd-llm-60" --force --json > "$OUT/lr-svd-llm-60.json"
+      $W eval "$OUT/lr-svd-llm-60" --chunks 16 --json | sed "s|^{|{\"config\": \"svd-llm ratio 0.6\", |"
+      for m in "$B" "$OUT/lr-svd-llm-60" "$B" "$OUT/lr-svd-llm-60"; do
+        $W bench "$m" --reps 5 --json
+      done
+      ;;
+    prune-structured)
+      # Structured removal (#6): SmolLM2 with 1 of 3 KV groups and 25% of FFN neurons gone (~27% of the
+      # non-embedding parameters), file / pp512 / tg128 against the dense f32 model in the same run, PPL;
+      # all-MiniLM-L6-v2 with 25% of heads and 30% of FFN neurons gone: STS-B, SST-2 probe, sentences/s.
+      B="$OUT/smol-f32"
+      [ -e "$B" ] || $W convert "$M/SmolLM2-135M-Instruct.Q4_1.gguf" -o "$B" >&2
+      $W prune "$B" --structured heads=0.34,ffn=0.25 -o "$OUT/st27" --force >&2
+      for m in "$B" "$OUT/st27" "$B" "$OUT/st27"; do
+        $W bench "$m" --reps 5 --json
+      done
+      $W eval "$OUT/st27" --chunks 16 --json
+      E="$M/all-MiniLM-L6-v2"
+      $W prune "$E" --structured heads=0.25,ffn=0.3 -o "$OUT/minilm-st" --force >&2
+      for m in "$E" "$OUT/minilm-st"; do
+        $W eval "$m" --task sts --json
+        $W eval "$m" --task classify --json
+        $W bench "$m" --reps 5 --json
+      done
       ;;
   esac
 done

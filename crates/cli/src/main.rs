@@ -2,6 +2,7 @@
 //!
 //! A thin binary: flags are parsed into typed options here and the work is done by the library crates.
 
+mod train_cmd;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -203,6 +204,64 @@ enum Cmd {
         /// STS-B test set
         #[arg(long, default_value_t = 4)]
         eval_windows: usize,
+        /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration windows (decoders, default 16; 4 for Wanda) or sentences (encoders, default 256)
+        #[arg(long)]
+        calib_samples: Option<usize>,
+        /// Tokens per calibration sample (default 512 decoders, 128 encoders)
+        #[arg(long)]
+        calib_seq_len: Option<usize>,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Distil a student from a teacher on text: soft targets at a temperature blended with hard labels,
+    /// optional hidden-state MSE; AdamW, warm-up + decay, checkpoints and --resume (LLaMA decoders)
+    Distill {
+        #[command(flatten)]
+        d: train_cmd::DistillArgs,
+        #[command(flatten)]
+        t: train_cmd::TrainArgs,
+    },
+    /// Fine-tune a model on text with hard labels only (the same engine as distill; its baseline)
+    Finetune {
+        /// The model to train
+        model: String,
+        #[command(flatten)]
+        t: train_cmd::TrainArgs,
+    },
+    /// Factorise block Linears as U·V of lower rank: plain SVD, ASVD (activation-scaled) or SVD-LLM
+    /// (whitened by the Cholesky factor of Σxᵀx, minimising the output error); ranks by --ratio, --energy
+    /// or --rank
+    Lowrank {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Output directory (written atomically)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// svd, asvd or svd-llm
+        #[arg(long, default_value = "svd-llm")]
+        method: String,
+        /// Keep this fraction of the block Linears' parameters (ranks allocated over all layers), in (0, 1]
+        #[arg(long)]
+        ratio: Option<f64>,
+        /// Per layer, the smallest rank keeping this fraction of the singular-value energy, in (0, 1]
+        #[arg(long)]
+        energy: Option<f64>,
+        /// The same rank in every layer
+        #[arg(long)]
+        rank: Option<usize>,
+        /// ASVD: exponent on the per-channel activation scale
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// SVD-LLM dampening of Σxᵀx (fraction of its mean diagonal)
+        #[arg(long, default_value_t = 0.01)]
+        damp: f64,
         /// Calibration text (default: data/wikitext-2/wiki.valid.tokens)
         #[arg(long)]
         calib: Option<PathBuf>,
@@ -1455,8 +1514,16 @@ fn run(cli: Cli) -> Result<()> {
             let mut l = open(&m)?;
             let decoder = matches!(l.model, Model::Llama(_));
             let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+            // Wanda needs only per-channel norms, which 4 windows already estimate well (the 20 s).
+            let wanda = method.as_deref() == Some("wanda");
             let co = whittle_quant::calib::CalibOptions {
-                samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+                samples: calib_samples.unwrap_or(if !decoder {
+                    256
+                } else if wanda {
+                    4
+                } else {
+                    16
+                }),
                 seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
                 source: src.clone(),
             };
@@ -1589,12 +1656,46 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         None
                     };
-                    let r = whittle_compress::structured::prune_structured(&mut l.model, &s, imp, global, stats.as_ref(), &drop, influence.as_deref())?;
+                    if schedule.is_some() && drop_layers.is_some() {
+                        bail!("--schedule scales --structured heads=..,ffn=..,layers=N; it does not apply to --drop-layers");
+                    }
+                    // One step: the original model with `a` × the asked fractions removed (a = 1 without a
+                    // schedule); the importance and block influence come from the original model.
+                    let orig = l.model.clone();
+                    let mut last = None;
+                    let mut prune_step = |model: &mut Model, a: f64| -> whittle_compress::Result<()> {
+                        *model = orig.clone();
+                        let sa = whittle_compress::structured::Structured { heads: s.heads * a, ffn: s.ffn * a, layers: 0, drop_layers: vec![] };
+                        let drop_a = match &influence {
+                            Some(bi) => whittle_compress::structured::least_influential(bi, (s.layers as f64 * a).round() as usize),
+                            None => drop.clone(),
+                        };
+                        last = Some(whittle_compress::structured::prune_structured(model, &sa, imp, global, stats.as_ref(), &drop_a, influence.as_deref())?);
+                        Ok(())
+                    };
+                    let history = match &schedule {
+                        None => {
+                            prune_step(&mut l.model, 1.0)?;
+                            None
+                        }
+                        Some(steps) => {
+                            let step = |l: &mut whittle_models::Loaded, a: f64| prune_step(&mut l.model, a);
+                            let h = run_prune_schedule(&mut l, steps, max_drop, eval_windows, step, json)?;
+                            // The kept model is the last step within --max-drop: re-run it for its report.
+                            let kept = h.iter().rev().find(|r| r.kept).map_or(0.0, |r| r.amount);
+                            if kept == 0.0 {
+                                eprintln!("the first step already exceeds --max-drop: writing the unpruned model");
+                            }
+                            prune_step(&mut l.model, kept)?;
+                            Some(h)
+                        }
+                    };
+                    let r = last.expect("a step ran");
                     whittle_models::save::save_hf_dir(&l, &output, DType::F32)
                         .with_context(|| format!("writing {}", output.display()))?;
                     let params_out = l.model.linears().iter().map(|(_, l)| l.num_params()).sum::<usize>();
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "report": r, "schedule": history }))?);
                         return Ok(());
                     }
                     let mut out = std::io::stdout().lock();
@@ -1632,6 +1733,104 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(())
                 }
             }
+        }
+        Cmd::Distill { d, t } => {
+            let student = match (&d.student, &d.keep_layers) {
+                (Some(s), None) => s.clone(),
+                (None, Some(_)) => d.teacher.clone(),
+                (Some(_), Some(_)) => bail!("--student and --keep-layers both give the student: use one"),
+                (None, None) => {
+                    bail!("distill needs --student MODEL or --keep-layers 0,2,4 (student from the teacher)")
+                }
+            };
+            train_cmd::run(&student, Some(&d), &t)
+        }
+        Cmd::Finetune { model, t } => train_cmd::run(&model, None, &t),
+        Cmd::Lowrank {
+            m,
+            output,
+            method,
+            ratio,
+            energy,
+            rank,
+            alpha,
+            damp,
+            calib,
+            calib_samples,
+            calib_seq_len,
+            force,
+            json,
+        } => {
+            use whittle_compress::lowrank::{lowrank_model, LowRankOptions, Method, Target};
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to replace it", output.display());
+            }
+            let target = match (ratio, energy, rank) {
+                (Some(r), None, None) => Target::Ratio(r),
+                (None, Some(e), None) => Target::Energy(e),
+                (None, None, Some(r)) => Target::Rank(r),
+                (None, None, None) => bail!("lowrank needs one of --ratio R (e.g. 0.8), --energy E or --rank R"),
+                _ => bail!("--ratio, --energy and --rank each choose the ranks: give one"),
+            };
+            let method = Method::parse(&method)?;
+            let mut l = open(&m)?;
+            let decoder = matches!(l.model, Model::Llama(_));
+            let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+            let co = whittle_quant::calib::CalibOptions {
+                samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+                seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
+                source: src.clone(),
+            };
+            if co.samples == 0 || co.seq_len == 0 {
+                bail!("--calib-samples and --calib-seq-len must be at least 1");
+            }
+            let bytes_in = whittle_eval::bench::model_bytes(&l);
+            let o = LowRankOptions { method, target, alpha, damp };
+            let mut pb = progress_bar("calibrate");
+            let r = lowrank_model(&mut l, &o, &text, &co, &mut pb)?;
+            whittle_models::save::save_hf_dir(&l, &output, DType::F32)
+                .with_context(|| format!("writing {}", output.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8}",
+                "layer", "shape", "rank", "params", "after", "weight err", "output err", "ms"
+            )?;
+            for x in &r.layers {
+                let rank = x.rank.map_or("dense".to_string(), |r| r.to_string());
+                writeln!(
+                    out,
+                    "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10.4} {:>10.4} {:>8.1}",
+                    x.name,
+                    format!("{}x{}", x.out_features, x.in_features),
+                    rank,
+                    human(x.params_before),
+                    human(x.params_after),
+                    x.weight_rel_err,
+                    x.output_rel_err,
+                    x.seconds * 1e3
+                )?;
+            }
+            let factored = r.layers.iter().filter(|x| x.rank.is_some()).count();
+            writeln!(
+                out,
+                "\n{}: {factored} of {} block Linears factorised; their parameters {} -> {} ({:.1}% of dense); model on disk {:.2} MB -> {:.2} MB; {} calibration tokens of {src}; {:.1}s",
+                r.method,
+                r.layers.len(),
+                human(r.params_before),
+                human(r.params_after),
+                100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
+                bytes_in as f64 / 1e6,
+                bench_bytes(&output) as f64 / 1e6,
+                r.tokens,
+                r.seconds
+            )?;
+            writeln!(out, "wrote {}", output.display())?;
+            Ok(())
         }
         Cmd::Sensitivity {
             m,

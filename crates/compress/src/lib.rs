@@ -9,6 +9,7 @@
 //!   through the shared layer-wise engine of `whittle_quant::layerwise`).
 //! - [`structured`]: removal of whole heads, FFN neurons and blocks.
 
+pub mod lowrank;
 pub mod pass;
 pub mod prune;
 pub mod schedule;

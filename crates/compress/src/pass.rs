@@ -77,13 +77,34 @@ fn is_block_linear(name: &str) -> bool {
     name.starts_with("model.layers.") || name.starts_with("encoder.layer.")
 }
 
-fn layer_report(name: &str, o: &PruneOptions, w: &[f32], p: &[f32], secs: f64, out_mse: Option<f64>) -> LayerReport {
+/// Bits per weight of the pruned layer stored sparse (f32 values).
+fn stored_bpw(p: &[f32], k: usize, pattern: Pattern) -> f64 {
+    let nm = match pattern {
+        Pattern::NM { n, m } => Some((n, m)),
+        Pattern::Unstructured => None,
+    };
+    match whittle_core::sparse::SparseLinear::new(p, p.len() / k.max(1), k, nm) {
+        Ok(s) => 8.0 * s.storage_bytes() as f64 / p.len().max(1) as f64,
+        Err(_) => 32.0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_report(
+    name: &str,
+    o: &PruneOptions,
+    w: &[f32],
+    p: &[f32],
+    k: usize,
+    secs: f64,
+    out_mse: Option<f64>,
+) -> LayerReport {
     let zeros = p.iter().filter(|v| **v == 0.0).count();
     LayerReport {
         name: name.into(),
         scheme: format!("{} {}", o.method.name(), o.pattern),
         params: w.len(),
-        bpw: 32.0,
+        bpw: if o.sparse { stored_bpw(p, k, o.pattern) } else { 32.0 },
         weight_rmse: whittle_quant::rmse(w, p),
         seconds: secs,
         output_mse: out_mse,
@@ -152,7 +173,7 @@ pub fn prune_model(
                     Some(t) => prune::threshold(&w, t),
                     None => prune::magnitude(&w, m, k, o.sparsity, o.pattern, name)?,
                 };
-                layers.push(layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), None));
+                layers.push(layer_report(name, o, &w, &p, k, ts.elapsed().as_secs_f64(), None));
                 **lin = store(p, m, k, lin.bias.clone(), o)?;
                 progress(i + 1, total);
             }
@@ -174,7 +195,7 @@ pub fn prune_model(
                     Some(h) => Some(output_mse(&w, &p, m, k, h)?),
                     None => None,
                 };
-                let r = layer_report(name, o, &w, &p, ts.elapsed().as_secs_f64(), mse);
+                let r = layer_report(name, o, &w, &p, k, ts.elapsed().as_secs_f64(), mse);
                 let new = store(p, m, k, lin.bias.clone(), o).map_err(wrap)?;
                 Ok(Some((new, r)))
             };

@@ -115,3 +115,83 @@ fn structured_removal_shrinks_blocks_and_reloads() {
     assert_eq!((m.blocks[0].n_head, m.blocks[0].intermediate.out_features()), (1, 48));
     reload_same(&b);
 }
+
+#[test]
+fn a_schedule_stops_at_the_first_step_over_the_bound_and_keeps_the_last_good_model() {
+    use whittle_compress::schedule::{run_schedule, Quality};
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let co = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into() };
+    let mut o = PruneOptions {
+        method: Method::Wanda,
+        sparsity: 0.0,
+        pattern: Pattern::Unstructured,
+        global: false,
+        damp: 0.01,
+        quant: None,
+        sparse: true,
+    };
+    // Quality: the fraction of non-zero block weights, so a step's drop is its sparsity.
+    let eval = |l: &Loaded| {
+        let z = zeros_per_row(l);
+        let dense = 1.0 - z.iter().sum::<f64>() / z.len() as f64;
+        Ok(Quality { name: "density".into(), value: dense, lower_is_better: false, per_second: 1.0 })
+    };
+    let prune = |l: &mut Loaded, a: f64| {
+        o.sparsity = a;
+        prune_model(l, &o, &tiny_text(), &co, |_, _| {}).map(|_| ())
+    };
+    let h = run_schedule(&mut l, &[0.1, 0.3, 0.5, 0.7], Some(0.35), prune, eval, |_| {}).unwrap();
+    let kept: Vec<bool> = h.iter().map(|s| s.kept).collect();
+    assert_eq!(kept, [true, true, true, false], "{h:?}");
+    assert!((h[2].removed - 0.3).abs() < 0.02 && h[2].bytes < h[0].bytes, "{h:?}");
+    // The model left is step 2's (30%), not step 3's.
+    for z in zeros_per_row(&l) {
+        assert!((z - 0.3).abs() < 0.02, "{z}");
+    }
+}
+
+#[test]
+fn low_rank_factorisation_saves_parameters_and_reloads_on_both_families() {
+    use whittle_compress::lowrank::{lowrank_model, LowRankOptions, Method, Target};
+    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    for family in ["llama", "bert"] {
+        for method in [Method::Svd, Method::Asvd, Method::SvdLlm] {
+            let d = tempfile::tempdir().unwrap();
+            if family == "llama" {
+                tiny_llama(d.path());
+            } else {
+                tiny_bert_sized(d.path(), 32, 64);
+            }
+            let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+            let before = logits(&l);
+            let o = LowRankOptions { method, target: Target::Ratio(0.7), alpha: 0.5, damp: 0.01 };
+            let r = lowrank_model(&mut l, &o, &tiny_text(), &co, |_, _| {}).unwrap();
+            assert!(r.params_after as f64 <= 0.7 * r.params_before as f64, "{family} {method:?}: {r:?}");
+            assert!(r.layers.iter().any(|x| x.rank.is_some()));
+            for x in r.layers.iter().filter(|x| x.rank.is_some()) {
+                assert!(x.params_after < x.params_before && x.output_rel_err.is_finite(), "{x:?}");
+            }
+            let after = logits(&l);
+            assert_ne!(before, after);
+            reload_same(&l);
+            // At full energy nothing is worth factorising: the model stays as it was.
+            let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+            let o = LowRankOptions { method, target: Target::Energy(1.0), alpha: 0.5, damp: 0.01 };
+            let r = lowrank_model(&mut l, &o, &tiny_text(), &co, |_, _| {}).unwrap();
+            assert!(r.layers.iter().all(|x| x.rank.is_none()) && logits(&l) == before, "{family} {method:?}");
+        }
+    }
+    // Bad targets are refused, naming the flag.
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    for (t, flag) in
+        [(Target::Ratio(1.5), "--ratio"), (Target::Ratio(0.0), "--ratio"), (Target::Rank(100_000), "--rank")]
+    {
+        let o = LowRankOptions { method: Method::Svd, target: t, alpha: 0.5, damp: 0.01 };
+        let e = lowrank_model(&mut l, &o, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains(flag), "{e}");
+    }
+}

@@ -14,6 +14,6 @@ pub use candle_core;
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
 pub use linear::{
-    kernel, set_fine_activations, set_kernel, with_f32_slice, BlockLinear, Linear, LinearWeight, Rtn, Stored,
+    kernel, set_fine_activations, set_kernel, with_f32_slice, BlockLinear, Linear, LinearWeight, LowRank, Rtn, Stored,
 };
 pub use whittle_kernels::Isa;

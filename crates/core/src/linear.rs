@@ -27,6 +27,16 @@ pub enum LinearWeight {
     Block(Arc<BlockLinear>),
     /// Pruned f32 weights without their zeros (N:M, bitmap or CSR on disk), run by the sparse kernel.
     Sparse(Arc<crate::sparse::SparseLinear>),
+    /// A rank-r factorisation `W ≈ U·V`: `v` maps in → r, `u` maps r → out (and holds the bias); two
+    /// matmuls, stored as `weight_u` (out, r) and `weight_v` (r, in).
+    LowRank(Arc<LowRank>),
+}
+
+/// The two factors of a [`LinearWeight::LowRank`] layer, each a dense Linear (so each runs the f32 kernel).
+#[derive(Debug)]
+pub struct LowRank {
+    pub u: Linear,
+    pub v: Linear,
 }
 
 /// A block-quantized weight with the name and size of the format it came from.
@@ -328,6 +338,44 @@ impl Linear {
         })
     }
 
+    /// A low-rank Linear `x·(U·V)ᵀ + b` from U (out, r) and V (r, in).
+    pub fn low_rank(u: Tensor, v: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, r) = u.dims2()?;
+        let (r2, in_features) = v.dims2()?;
+        if r != r2 || r == 0 {
+            return Err(crate::Error::Linear {
+                name: String::new(),
+                msg: format!("low-rank factors ({out_features}, {r}) and ({r2}, {in_features}) do not chain"),
+            });
+        }
+        Self::check_bias(&bias, out_features)?;
+        let lr = LowRank { u: Linear::dense(u, bias.clone())?, v: Linear::dense(v, None)? };
+        Ok(Self {
+            weight: LinearWeight::LowRank(Arc::new(lr)),
+            bias,
+            out_features,
+            in_features,
+            packed_f32: Default::default(),
+            observer: None,
+        })
+    }
+
+    /// The rank of a low-rank layer.
+    pub fn rank(&self) -> Option<usize> {
+        match &self.weight {
+            LinearWeight::LowRank(lr) => Some(lr.v.out_features),
+            _ => None,
+        }
+    }
+
+    /// Parameters as stored (a low-rank layer: r·(in + out) + bias; otherwise as [`Linear::num_params`]).
+    pub fn stored_params(&self) -> usize {
+        match &self.weight {
+            LinearWeight::LowRank(lr) => lr.u.num_params() + lr.v.num_params(),
+            _ => self.num_params(),
+        }
+    }
+
     /// Starts recording input statistics (calibration); returns the shared record.
     pub fn observe(&mut self) -> Arc<std::sync::Mutex<crate::observe::ActStats>> {
         let o = Arc::new(std::sync::Mutex::new(crate::observe::ActStats::new(self.in_features)));
@@ -389,6 +437,10 @@ impl Linear {
             LinearWeight::Int8Static { p, .. } => p.stored_bytes() + 8,
             LinearWeight::Block(b) => (b.bpw * (self.out_features * self.in_features) as f64 / 8.0).round() as usize,
             LinearWeight::Sparse(s) => s.storage_bytes(),
+            LinearWeight::LowRank(lr) => {
+                let b = lr.u.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+                lr.u.storage_bytes() - b + lr.v.storage_bytes()
+            }
         };
         w + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
@@ -407,12 +459,13 @@ impl Linear {
             LinearWeight::Int8Static { .. } => "w8a8-static".into(),
             LinearWeight::Block(b) => b.format.clone(),
             LinearWeight::Sparse(s) => s.name(),
+            LinearWeight::LowRank(lr) => format!("low-rank-{}", lr.v.out_features),
         }
     }
 
     /// Whether the weight is quantized (sparse f32 weights are not: a quantization pass may take them).
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.weight, LinearWeight::Dense(_) | LinearWeight::Sparse(_))
+        !matches!(self.weight, LinearWeight::Dense(_) | LinearWeight::Sparse(_) | LinearWeight::LowRank(_))
     }
 
     pub fn is_sparse(&self) -> bool {
@@ -431,6 +484,7 @@ impl Linear {
                 Ok(Tensor::from_vec(b.packed.unpack().dequantize(), (b.packed.m, b.packed.k), &Device::Cpu)?)
             }
             LinearWeight::Sparse(s) => Ok(Tensor::from_vec(s.packed.dense(), (s.packed.m, s.packed.k), &Device::Cpu)?),
+            LinearWeight::LowRank(lr) => Ok(lr.u.dequantize()?.matmul(&lr.v.dequantize()?)?),
         }
     }
 
@@ -470,6 +524,15 @@ impl Linear {
                 None => vec![("weight", Stored::Tensor(self.dequantize()?))],
             },
             LinearWeight::Sparse(s) => s.stored()?,
+            LinearWeight::LowRank(lr) => {
+                let t = |l: &Linear| -> Result<Stored> {
+                    match &l.weight {
+                        LinearWeight::Dense(t) => Ok(Stored::Tensor(t.clone())),
+                        _ => Ok(Stored::Tensor(l.dequantize()?)),
+                    }
+                };
+                vec![("weight_u", t(&lr.u)?), ("weight_v", t(&lr.v)?)]
+            }
         };
         if let Some(b) = &self.bias {
             v.push(("bias", Stored::Tensor(b.clone())));
@@ -576,6 +639,10 @@ impl Linear {
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            LinearWeight::LowRank(lr) => {
+                let h = lr.v.forward(&x2)?;
+                return Ok(lr.u.forward(&h)?.reshape(out_dims)?);
             }
             LinearWeight::Sparse(_) => {
                 let y = x2.matmul(&self.dequantize()?.to_device(x.device())?.t()?)?;

@@ -140,13 +140,21 @@ pub fn gemm(
             if rows <= MR {
                 tile_avx512(x, rows, k, masks, vals, bias, valid, m, yp)
             } else {
-                // Many rows: expand the two blocks once into a dense panel and run the dense tiles on it.
-                let mut panel = vec![0f32; 2 * k * MB];
-                expand_avx512(k, masks, vals, &mut panel);
-                crate::f32::tiles(x, rows, k, panel.split_at(k * MB), bias, valid, m, yp)
+                // Many rows: expand the two blocks once into a dense panel (one per thread, reused: a fresh
+                // allocation per task costs page faults) and run the dense tiles on it.
+                PANEL.with(|p| {
+                    let mut panel = p.borrow_mut();
+                    panel.resize(2 * k * MB, 0.0);
+                    expand_avx512(k, masks, vals, &mut panel);
+                    crate::f32::tiles(x, rows, k, panel.split_at(k * MB), bias, valid, m, yp)
+                })
             }
         }
     });
+}
+
+thread_local! {
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Expands blocks `(masks.0, vals.0)` and `(masks.1, vals.1)` into `panel` (2 × k × 16, dense layout).

@@ -134,6 +134,14 @@ impl Weights<'_> {
                 return Ok(Linear::block(&bw, fmt, 8.0 * bb as f64 / qk as f64, b)?);
             }
         }
+        // `.weight_u` (out, r) + `.weight_v` (r, in): a low-rank factorisation.
+        if self.contains(&format!("{name}.weight_u")) {
+            let u = self.get(&format!("{name}.weight_u"), &[expect[0], 0])?;
+            let v = self.get(&format!("{name}.weight_v"), &[u.dim(1)?, expect[1]])?;
+            let rows = u.dim(0)?;
+            let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
+            return Ok(Linear::low_rank(u, v, b)?);
+        }
         // `.weight_values` + a layout (`.weight_indices`, `.weight_bitmap` or CSR) + `.weight_shape`: pruned.
         if self.contains(&format!("{name}.weight_values")) {
             return self.load_sparse(name, &expect, bias);

@@ -35,11 +35,30 @@ pub fn calibrate(
     l: &mut Loaded,
     text: &str,
     o: &CalibOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<Calibration> {
+    calibrate_with(l, text, o, |_, k| Some(ActStats::new(k)), progress)
+}
+
+/// Like [`calibrate`], observing the Linears for which `make(name, in_features)` gives a record (e.g.
+/// [`ActStats::hessian`] for the block Linears alone).
+pub fn calibrate_with(
+    l: &mut Loaded,
+    text: &str,
+    o: &CalibOptions,
+    make: impl Fn(&str, usize) -> Option<ActStats>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Calibration> {
     let t0 = Instant::now();
-    let handles: Vec<(String, Arc<Mutex<ActStats>>)> =
-        l.model.linears_mut().into_iter().map(|(n, lin)| (n, lin.observe())).collect();
+    let handles: Vec<(String, Arc<Mutex<ActStats>>)> = l
+        .model
+        .linears_mut()
+        .into_iter()
+        .filter_map(|(n, lin)| {
+            let s = make(&n, lin.in_features())?;
+            Some((n, lin.observe_with(s)))
+        })
+        .collect();
     let run = run_text(l, text, o, &mut progress);
     for (_, lin) in l.model.linears_mut() {
         lin.unobserve();
