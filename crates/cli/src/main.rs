@@ -171,7 +171,8 @@ enum Cmd {
         /// Blocks to remove, e.g. 10,11 (instead of layers=N)
         #[arg(long)]
         drop_layers: Option<String>,
-        /// Unit importance for --structured: activation (|W|·‖X‖ on calibration text), l2 or l1 (weight norms)
+        /// Unit importance for --structured: activation (|W|·‖X‖ on calibration text), taylor (|w·∂L/∂w|,
+        /// gradients of the LM loss on calibration text; decoders), l2 or l1 (weight norms)
         #[arg(long, default_value = "activation")]
         importance: String,
         /// --structured: rank heads and neurons over all blocks (widths then differ per block) instead of
@@ -234,6 +235,30 @@ enum Cmd {
         model: String,
         #[command(flatten)]
         t: train_cmd::TrainArgs,
+    },
+    /// Share weights across blocks (ALBERT): each group of blocks uses one set of weights, stored once and
+    /// held once in memory; prints the quality before any recovery
+    Share {
+        #[command(flatten)]
+        m: ModelArg,
+        /// Output directory (written atomically)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Groups like 0-1,2-3, or auto (adjacent blocks merged by weight similarity down to --unique)
+        #[arg(long, default_value = "auto")]
+        groups: String,
+        /// With --groups auto: unique blocks to keep (default: half the blocks)
+        #[arg(long)]
+        unique: Option<usize>,
+        /// Shared weights: the group's mean, or its most central member
+        #[arg(long, default_value = "mean")]
+        init: String,
+        /// Replace an existing output
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Factorise block Linears as U·V of lower rank: plain SVD, ASVD (activation-scaled) or SVD-LLM
     /// (whitened by the Cholesky factor of Σxᵀx, minimising the output error); ranks by --ratio, --energy
@@ -1656,6 +1681,17 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         None
                     };
+                    let saliency = if imp == whittle_compress::structured::Importance::Taylor {
+                        let Model::Llama(mm) = &l.model else {
+                            bail!("--importance taylor: decoders only for now (encoders: l2, l1, activation)");
+                        };
+                        let ids = text::encode_prompt(&l, &text, false)?;
+                        let w = whittle_train::Windows::new(&ids, co.seq_len, 1, 0, &src)?;
+                        eprintln!("taylor: gradients of the LM loss on {} windows of {} tokens", co.samples, co.seq_len);
+                        Some(whittle_train::taylor_saliency(mm, &w, co.samples, 1)?)
+                    } else {
+                        None
+                    };
                     if schedule.is_some() && drop_layers.is_some() {
                         bail!("--schedule scales --structured heads=..,ffn=..,layers=N; it does not apply to --drop-layers");
                     }
@@ -1670,7 +1706,16 @@ fn run(cli: Cli) -> Result<()> {
                             Some(bi) => whittle_compress::structured::least_influential(bi, (s.layers as f64 * a).round() as usize),
                             None => drop.clone(),
                         };
-                        last = Some(whittle_compress::structured::prune_structured(model, &sa, imp, global, stats.as_ref(), &drop_a, influence.as_deref())?);
+                        last = Some(whittle_compress::structured::prune_structured_with(
+                            model,
+                            &sa,
+                            imp,
+                            global,
+                            stats.as_ref(),
+                            saliency.as_ref(),
+                            &drop_a,
+                            influence.as_deref(),
+                        )?);
                         Ok(())
                     };
                     let history = match &schedule {
@@ -1746,6 +1791,75 @@ fn run(cli: Cli) -> Result<()> {
             train_cmd::run(&student, Some(&d), &t)
         }
         Cmd::Finetune { model, t } => train_cmd::run(&model, None, &t),
+        Cmd::Share { m, output, groups, unique, init, force, json } => {
+            use whittle_compress::share;
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to replace it", output.display());
+            }
+            let mut l = open(&m)?;
+            let n = l.model.n_blocks();
+            let groups = if groups == "auto" {
+                share::auto_groups(&l.model, unique.unwrap_or(n.div_ceil(2)))?
+            } else {
+                if unique.is_some() {
+                    bail!("--unique applies to --groups auto");
+                }
+                share::parse_groups(&groups, n)?
+            };
+            let init = share::Init::parse(&init)?;
+            let quality = |l: &Loaded| -> Result<(String, f64)> {
+                Ok(match &l.model {
+                    Model::Bert(_) => {
+                        let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
+                        (
+                            "STS-B Spearman".into(),
+                            sts::sts(l, &pairs, 128, None, &mut |_, _| {})?.sts_spearman.unwrap_or(f64::NAN),
+                        )
+                    }
+                    Model::Llama(_) => {
+                        let (_, t) = data::read_text(None, data::WIKI_TEST)?;
+                        let o = ppl::PplOptions { ctx: 512, chunks: Some(4) };
+                        (
+                            "PPL (4 windows)".into(),
+                            ppl::perplexity(l, &t, &o, None, &mut |_, _| {})?.ppl.unwrap_or(f64::NAN),
+                        )
+                    }
+                })
+            };
+            let bytes_in = whittle_eval::bench::model_bytes(&l);
+            let (qname, q0) = quality(&l)?;
+            let r = share::share_blocks(&mut l, &groups, init)?;
+            let (_, q1) = quality(&l)?;
+            whittle_models::save::save_hf_dir(&l, &output, DType::F32)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let bytes_out = bench_bytes(&output);
+            if json {
+                let v = serde_json::json!({ "report": r, "quality": qname, "before": q0, "after": q1, "bytes_before": bytes_in, "bytes_after": bytes_out });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            for g in &r.groups {
+                let ch: Vec<String> = g.rel_change.iter().map(|c| format!("{c:.3}")).collect();
+                let from = g.central.map_or("mean".to_string(), |c| format!("block {c}"));
+                println!(
+                    "blocks {:?} share one set of weights ({from}); relative change per member: {}",
+                    g.blocks,
+                    ch.join(", ")
+                );
+            }
+            println!(
+                "{} -> {} unique blocks; block parameters {} -> {}; file {:.2} MB -> {:.2} MB ({:.1}% smaller); {qname} {q0:.4} -> {q1:.4} before recovery (whittle distill recovers it)",
+                n,
+                r.unique_blocks,
+                human(r.params_before),
+                human(r.params_after),
+                bytes_in as f64 / 1e6,
+                bytes_out as f64 / 1e6,
+                100.0 * (1.0 - bytes_out as f64 / bytes_in.max(1) as f64)
+            );
+            println!("wrote {}", output.display());
+            Ok(())
+        }
         Cmd::Lowrank {
             m,
             output,

@@ -13,6 +13,7 @@ pub mod lowrank;
 pub mod pass;
 pub mod prune;
 pub mod schedule;
+pub mod share;
 pub mod structured;
 
 pub use prune::{global_threshold, magnitude, parse_pattern, sparsegpt, threshold, wanda, Pattern};

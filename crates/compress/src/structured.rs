@@ -7,6 +7,8 @@
 //! Importance of a unit (LLM-Pruner's and Wanda's per-channel criteria):
 //! - `l2` / `l1`: the norm of every weight the unit owns (rows of q/k/v and columns of o for a head; the row of
 //!   gate and up and the column of down for a neuron) — the seed's `ln_structured`;
+//! - `taylor`: Σ |w·∂L/∂w| over the same weights, the gradient from the language-modelling loss on
+//!   calibration text (LLM-Pruner's first-order criterion);
 //! - `activation`: Σ_i |W_out[i, c]|·‖X_c‖₂ over the unit's input channels c of the projection it feeds
 //!   (o_proj for heads, down_proj for neurons), with ‖X_c‖₂ from calibration text: Wanda's score, summed over
 //!   the unit.
@@ -31,6 +33,9 @@ pub enum Importance {
     L2,
     /// Wanda-style |W|·‖X‖ on calibration inputs (needs activation statistics).
     Activation,
+    /// First-order Taylor, Σ |w·∂L/∂w| over the unit's weights with the gradient of the language-modelling
+    /// loss on calibration text (LLM-Pruner's element-wise criterion; needs the saliency of every weight).
+    Taylor,
 }
 
 impl Importance {
@@ -39,7 +44,8 @@ impl Importance {
             "l1" => Ok(Self::L1),
             "l2" => Ok(Self::L2),
             "activation" | "wanda" => Ok(Self::Activation),
-            _ => Err(Error::Usage(format!("--importance {s}: valid: l2, l1, activation"))),
+            "taylor" => Ok(Self::Taylor),
+            _ => Err(Error::Usage(format!("--importance {s}: valid: l2, l1, activation, taylor"))),
         }
     }
 }
@@ -202,14 +208,31 @@ fn scores(
     bi: usize,
     imp: Importance,
     stats: Option<&BTreeMap<String, ActStats>>,
+    saliency: Option<&BTreeMap<String, Vec<f32>>>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
+    // Taylor: the norms below run over |w·g| instead of w, as l1.
+    let weights = |l: &Linear, name: String| -> Result<Vec<f32>> {
+        if imp != Importance::Taylor {
+            return weights(l);
+        }
+        let s = saliency
+            .and_then(|s| s.get(&name))
+            .ok_or_else(|| Error::Usage(format!("--importance taylor: no gradient saliency for `{name}`")))?;
+        if s.len() != l.in_features() * l.out_features() {
+            return Err(Error::Usage(format!("--importance taylor: saliency of `{name}` has the wrong size")));
+        }
+        Ok(s.clone())
+    };
+    let imp = if imp == Importance::Taylor { Importance::L1 } else { imp };
     match model {
         Model::Llama(m) => {
             let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, format!("model.layers.{bi}."));
             let (h0, kv0, f0) = (b.n_head, b.n_kv_head, b.gate.out_features());
             // KV group g owns KV head g and query heads g·rep .. (g+1)·rep (the order of the attention's repeat).
             let rep = h0 / kv0;
-            let (wq, wk, wv, wo) = (weights(&b.q)?, weights(&b.k)?, weights(&b.v)?, weights(&b.o)?);
+            let n = |s: &str| format!("{p}{s}");
+            let (wq, wk) = (weights(&b.q, n("self_attn.q_proj"))?, weights(&b.k, n("self_attn.k_proj"))?);
+            let (wv, wo) = (weights(&b.v, n("self_attn.v_proj"))?, weights(&b.o, n("self_attn.o_proj"))?);
             let c = b.q.in_features();
             let xo = xnorm(stats, &format!("{p}self_attn.o_proj"), imp)?;
             let heads = (0..kv0)
@@ -227,7 +250,8 @@ fn scores(
                     }
                 })
                 .collect();
-            let (wg, wu, wd) = (weights(&b.gate)?, weights(&b.up)?, weights(&b.down)?);
+            let (wg, wu) = (weights(&b.gate, n("mlp.gate_proj"))?, weights(&b.up, n("mlp.up_proj"))?);
+            let wd = weights(&b.down, n("mlp.down_proj"))?;
             let xd = xnorm(stats, &format!("{p}mlp.down_proj"), imp)?;
             let ffn = (0..f0)
                 .map(|j| match imp {
@@ -244,7 +268,10 @@ fn scores(
         Model::Bert(m) => {
             let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, format!("encoder.layer.{bi}."));
             let (h0, f0) = (b.n_head, b.intermediate.out_features());
-            let (wq, wk, wv, wo) = (weights(&b.query)?, weights(&b.key)?, weights(&b.value)?, weights(&b.attn_out)?);
+            let n = |s: &str| format!("{p}{s}");
+            let (wq, wk) = (weights(&b.query, n("attention.self.query"))?, weights(&b.key, n("attention.self.key"))?);
+            let wv = weights(&b.value, n("attention.self.value"))?;
+            let wo = weights(&b.attn_out, n("attention.output.dense"))?;
             let c = b.query.in_features();
             let xo = xnorm(stats, &format!("{p}attention.output.dense"), imp)?;
             let heads = (0..h0)
@@ -262,7 +289,8 @@ fn scores(
                     }
                 })
                 .collect();
-            let (wi, wo2) = (weights(&b.intermediate)?, weights(&b.output)?);
+            let (wi, wo2) =
+                (weights(&b.intermediate, n("intermediate.dense"))?, weights(&b.output, n("output.dense"))?);
             let xd = xnorm(stats, &format!("{p}output.dense"), imp)?;
             let ffn = (0..f0)
                 .map(|j| match imp {
@@ -325,6 +353,22 @@ pub fn prune_structured(
     drop: &[usize],
     influence: Option<&[f64]>,
 ) -> Result<StructuredReport> {
+    prune_structured_with(model, s, imp, global, stats, None, drop, influence)
+}
+
+/// [`prune_structured`] with the per-weight saliency |w·∂L/∂w| (HF Linear name → row-major values) that
+/// [`Importance::Taylor`] needs.
+#[allow(clippy::too_many_arguments)]
+pub fn prune_structured_with(
+    model: &mut Model,
+    s: &Structured,
+    imp: Importance,
+    global: bool,
+    stats: Option<&BTreeMap<String, ActStats>>,
+    saliency: Option<&BTreeMap<String, Vec<f32>>>,
+    drop: &[usize],
+    influence: Option<&[f64]>,
+) -> Result<StructuredReport> {
     let nb = model.n_blocks();
     if let Some(&b) = drop.iter().find(|&&b| b >= nb) {
         return Err(Error::Usage(format!("--drop-layers {b}: the model has blocks 0..{}", nb - 1)));
@@ -340,7 +384,7 @@ pub fn prune_structured(
     }
     let (mut hs, mut fs) = (Vec::new(), Vec::new());
     for bi in 0..nb {
-        let (h, f) = scores(model, bi, imp, stats)?;
+        let (h, f) = scores(model, bi, imp, stats, saliency)?;
         hs.push(h);
         fs.push(f);
     }

@@ -14,6 +14,9 @@ pub const WIKI_VALID: (&str, &str) =
 /// STS Benchmark test split.
 pub const STS_TEST: (&str, &str) =
     ("data/stsbenchmark/sts-test.tsv", include_str!("../../../data/stsbenchmark/sts-test.tsv"));
+/// STS Benchmark dev split (distillation text for encoders; never used for evaluation).
+pub const STS_DEV: (&str, &str) =
+    ("data/stsbenchmark/sts-dev.tsv", include_str!("../../../data/stsbenchmark/sts-dev.tsv"));
 /// GLUE SST-2 dev split.
 pub const SST2_DEV: (&str, &str) = ("data/sst2/dev.tsv", include_str!("../../../data/sst2/dev.tsv"));
 /// Cloze lines made from WikiText-2 test by `scripts/make_cloze.py`.

@@ -143,6 +143,14 @@ impl Model {
     }
 
     /// Every parameter tensor with its HF name, in its stored form, as `save` writes them.
+    /// Makes block `b` share block `leader`'s weights (the same tensors: one copy in memory).
+    pub fn share_block(&mut self, b: usize, leader: usize) {
+        match self {
+            Model::Bert(m) => m.blocks[b] = m.blocks[leader].clone(),
+            Model::Llama(m) => m.blocks[b] = m.blocks[leader].clone(),
+        }
+    }
+
     pub fn named_tensors(&self) -> Result<Vec<(String, whittle_core::Stored)>> {
         match self {
             Model::Bert(m) => m.named_tensors(),

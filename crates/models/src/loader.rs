@@ -41,6 +41,8 @@ pub struct Loaded {
     pub add_bos: bool,
     pub eos_token_ids: Vec<u32>,
     pub source: SourceInfo,
+    /// Blocks that share another block's weights (block → leader), stored once (`whittle share`).
+    pub shared_blocks: std::collections::BTreeMap<usize, usize>,
     /// sentence-transformers' `max_seq_length`, when the directory has one.
     pub max_seq_length: Option<usize>,
     /// The tokenizer set to truncate at a length, kept because cloning a tokenizer costs milliseconds.
@@ -61,7 +63,7 @@ pub struct Weights<'a> {
     pub src: &'a dyn TensorSource,
     pub path: PathBuf,
     /// Maps a Hugging Face name to the source's name.
-    pub rename: fn(&str) -> Option<String>,
+    pub rename: &'a dyn Fn(&str) -> Option<String>,
     /// Load block-quantized Linears as dense f32.
     pub dequantize: bool,
 }
@@ -69,10 +71,6 @@ pub struct Weights<'a> {
 /// Whether a stored 2-D `shape` matches `expect` (0 = any size).
 fn fits(shape: &[usize], expect: &[usize; 2]) -> bool {
     shape.len() == 2 && shape.iter().zip(expect).all(|(a, b)| *b == 0 || a == b)
-}
-
-fn identity(n: &str) -> Option<String> {
-    Some(n.to_string())
 }
 
 impl Weights<'_> {
@@ -311,7 +309,25 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let src = HfDir::open(dir)?;
     let cfg_path = src.config_path();
     let model_type = src.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: identity, dequantize: true };
+    // Blocks that share another block's weights (`whittle share`) read the leader's tensors.
+    let shared: std::collections::BTreeMap<usize, usize> = match src.config.get("whittle_shared_blocks") {
+        Some(v) => serde_json::from_value::<std::collections::BTreeMap<String, usize>>(v.clone())
+            .ok()
+            .and_then(|m| m.into_iter().map(|(k, v)| k.parse().ok().map(|k| (k, v))).collect())
+            .ok_or_else(|| Error::Config {
+                path: cfg_path.clone(),
+                field: "whittle_shared_blocks".into(),
+                msg: "expected {\"block\": leader block, ...}".into(),
+            })?,
+        None => Default::default(),
+    };
+    let rename = |name: &str| -> Option<String> {
+        let prefix = ["encoder.layer.", "model.layers."].into_iter().find(|p| name.starts_with(p))?;
+        let (i, tail) = name[prefix.len()..].split_once('.')?;
+        let leader = shared.get(&i.parse::<usize>().ok()?)?;
+        Some(format!("{prefix}{leader}.{tail}"))
+    };
+    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: &rename, dequantize: true };
     let parse_err =
         |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
     let model = match model_type.as_str() {
@@ -357,6 +373,18 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         .ok()
         .and_then(|c| c.get("max_seq_length").and_then(|v| v.as_u64()))
         .map(|v| v as usize);
+    // Shared blocks hold the very same tensors as their leader (one copy in memory).
+    let mut model = model;
+    for (&b, &leader) in &shared {
+        if b >= model.n_blocks() || leader >= model.n_blocks() || shared.contains_key(&leader) {
+            return Err(Error::Config {
+                path: cfg_path,
+                field: "whittle_shared_blocks".into(),
+                msg: format!("block {b} -> {leader}: out of range or chained"),
+            });
+        }
+        model.share_block(b, leader);
+    }
     let loaded = Loaded {
         model,
         tokenizer,
@@ -364,6 +392,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         bos_token_id,
         add_bos,
         eos_token_ids,
+        shared_blocks: shared,
         source: SourceInfo { path: dir.to_path_buf(), format: SourceFormat::HfDir, tensors: src.infos() },
         max_seq_length,
         truncating: Default::default(),
@@ -384,7 +413,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
     let weights =
-        Weights { src: &g, path: path.to_path_buf(), rename: crate::names::hf_to_gguf, dequantize: opts.dequantize };
+        Weights { src: &g, path: path.to_path_buf(), rename: &crate::names::hf_to_gguf, dequantize: opts.dequantize };
     let model = Model::Llama(Llama::load(cfg, &weights, true)?);
     let (tokenizer_json, tok_path) = match &opts.tokenizer {
         Some(p) => (hf::read_json(p)?, p.clone()),
@@ -399,6 +428,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        shared_blocks: Default::default(),
         source: SourceInfo { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors: g.infos() },
         max_seq_length: None,
         truncating: Default::default(),

@@ -17,10 +17,17 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
     // Float tensors take `dtype`; quantized ones (int8 and their f32 scales) keep their own.
     let quantized: Vec<String> =
         l.model.linears().into_iter().filter(|(_, l)| l.is_quantized()).map(|(n, _)| n).collect();
+    // Blocks sharing another block's weights are stored once, under the leader's names.
+    let alias_block = |n: &str| {
+        l.shared_blocks
+            .keys()
+            .any(|b| n.starts_with(&format!("encoder.layer.{b}.")) || n.starts_with(&format!("model.layers.{b}.")))
+    };
     let tensors: Vec<(String, Stored)> = l
         .model
         .named_tensors()?
         .into_iter()
+        .filter(|(n, _)| !alias_block(n))
         .map(|(n, t)| match t {
             Stored::Tensor(t)
                 if ![".weight_scale", ".input_scale", ".input_zero_point"].iter().any(|s| n.ends_with(s))
@@ -71,6 +78,11 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             },
             "layers": sparse,
         });
+    }
+    if !l.shared_blocks.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> =
+            l.shared_blocks.iter().map(|(b, leader)| (b.to_string(), (*leader).into())).collect();
+        config["whittle_shared_blocks"] = m.into();
     }
     config["torch_dtype"] = match dtype {
         DType::F16 => "float16",

@@ -68,6 +68,11 @@ pub fn tiny_bert(dir: &Path) {
 
 /// [`tiny_bert`] with hidden width `c` and FFN width `f` (e.g. multiples of 32 for grouped formats).
 pub fn tiny_bert_sized(dir: &Path, c: usize, f: usize) {
+    tiny_bert_layers(dir, c, f, 1);
+}
+
+/// [`tiny_bert_sized`] with `layers` blocks (different random weights each).
+pub fn tiny_bert_layers(dir: &Path, c: usize, f: usize, layers: usize) {
     let v = 40;
     let mut t = vec![
         ("embeddings.word_embeddings.weight".to_string(), rand(&[v, c], 1)),
@@ -76,26 +81,29 @@ pub fn tiny_bert_sized(dir: &Path, c: usize, f: usize) {
         ("embeddings.LayerNorm.weight".into(), (rand(&[c], 4) + 1.0).unwrap()),
         ("embeddings.LayerNorm.bias".into(), rand(&[c], 5)),
     ];
-    let p = "encoder.layer.0.";
-    for (j, (n, o, i)) in [
-        ("attention.self.query", c, c),
-        ("attention.self.key", c, c),
-        ("attention.self.value", c, c),
-        ("attention.output.dense", c, c),
-        ("intermediate.dense", f, c),
-        ("output.dense", c, f),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        t.push((format!("{p}{n}.weight"), rand(&[o, i], 10 + j as u64)));
-        t.push((format!("{p}{n}.bias"), rand(&[o], 20 + j as u64)));
+    for layer in 0..layers {
+        let p = format!("encoder.layer.{layer}.");
+        let s = 100 * layer as u64;
+        for (j, (n, o, i)) in [
+            ("attention.self.query", c, c),
+            ("attention.self.key", c, c),
+            ("attention.self.value", c, c),
+            ("attention.output.dense", c, c),
+            ("intermediate.dense", f, c),
+            ("output.dense", c, f),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            t.push((format!("{p}{n}.weight"), rand(&[o, i], s + 10 + j as u64)));
+            t.push((format!("{p}{n}.bias"), rand(&[o], s + 20 + j as u64)));
+        }
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.push((format!("{p}{n}.weight"), (rand(&[c], s + 30) + 1.0).unwrap()));
+            t.push((format!("{p}{n}.bias"), rand(&[c], s + 31)));
+        }
     }
-    for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-        t.push((format!("{p}{n}.weight"), (rand(&[c], 30) + 1.0).unwrap()));
-        t.push((format!("{p}{n}.bias"), rand(&[c], 31)));
-    }
-    let cfg = json!({"model_type": "bert", "vocab_size": v, "hidden_size": c, "num_hidden_layers": 1,
+    let cfg = json!({"model_type": "bert", "vocab_size": v, "hidden_size": c, "num_hidden_layers": layers,
         "num_attention_heads": 2, "intermediate_size": f, "max_position_embeddings": 32});
     let mut tok = word_tokenizer(v);
     tok["post_processor"] = json!({"type": "BertProcessing", "sep": ["w2", 2], "cls": ["w1", 1]});

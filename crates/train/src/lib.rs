@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use whittle_models::llama::Llama;
 
+pub mod bert;
 pub mod llama;
 
 use llama::{log_softmax, TrainLlama};
@@ -176,6 +177,19 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Item of global position `i` over `n` items visited epoch by epoch (epoch = i / n), each epoch in a
+/// Fisher–Yates order seeded by (seed, epoch).
+pub(crate) fn shuffled(n: usize, seed: u64, i: usize) -> usize {
+    let epoch = (i / n) as u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut s = splitmix(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+    for j in (1..n).rev() {
+        s = splitmix(s);
+        order.swap(j, (s % (j as u64 + 1)) as usize);
+    }
+    order[i % n]
+}
+
 impl Windows {
     pub fn new(ids: &[u32], seq_len: usize, batch: usize, seed: u64, source: &str) -> Result<Self> {
         let windows: Vec<Vec<u32>> = ids.chunks_exact(seq_len + 1).map(|c| c.to_vec()).collect();
@@ -198,17 +212,8 @@ impl Windows {
         self.windows.is_empty()
     }
 
-    /// Window index of global position `i` (epoch = i / len, Fisher–Yates with a per-epoch seed).
     fn index(&self, i: usize) -> usize {
-        let n = self.windows.len();
-        let epoch = (i / n) as u64;
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut s = splitmix(self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
-        for j in (1..n).rev() {
-            s = splitmix(s);
-            order.swap(j, (s % (j as u64 + 1)) as usize);
-        }
-        order[i % n]
+        shuffled(self.windows.len(), self.seed, i)
     }
 
     /// (inputs (B, T), targets (B, T)) of micro-batch `mb`.
@@ -290,6 +295,33 @@ pub fn losses(student: &TrainLlama, teacher: Option<&Llama>, x: &Tensor, y: &Ten
     Ok(Terms { ce: ce.to_scalar::<f32>()? as f64, kd: kd_v, hidden: hid_v, total })
 }
 
+/// What [`train`] optimises: the trainable tensors and the loss of any micro-batch (by global index, so
+/// that step s always sees the same data and a resumed run repeats an uninterrupted one).
+pub trait Objective {
+    fn vars(&self) -> Vec<(String, &Var)>;
+    fn loss(&self, mb: usize) -> Result<Terms>;
+}
+
+/// A LLaMA student on token windows, from a teacher's logits (and hidden states) or hard labels alone.
+pub struct LlamaObjective<'a> {
+    pub student: &'a TrainLlama,
+    pub teacher: Option<&'a Llama>,
+    pub data: &'a Windows,
+    pub batch: usize,
+    pub loss: &'a LossOptions,
+}
+
+impl Objective for LlamaObjective<'_> {
+    fn vars(&self) -> Vec<(String, &Var)> {
+        self.student.vars()
+    }
+
+    fn loss(&self, mb: usize) -> Result<Terms> {
+        let (x, y) = self.data.batch(mb, self.batch)?;
+        losses(self.student, self.teacher, &x, &y, self.loss)
+    }
+}
+
 /// One line of the loss curve.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepLog {
@@ -317,7 +349,7 @@ pub struct CkptState {
     pub history: Vec<StepLog>,
 }
 
-fn signature(s: &TrainLlama) -> Vec<(String, Vec<usize>)> {
+fn signature(s: &dyn Objective) -> Vec<(String, Vec<usize>)> {
     s.vars().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect()
 }
 
@@ -326,7 +358,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// Writes student weights, AdamW moments and state to `dir`, atomically (temp dir, then rename).
-pub fn save_checkpoint(dir: &Path, s: &TrainLlama, opt: &AdamW, st: &CkptState) -> Result<()> {
+pub fn save_checkpoint(dir: &Path, s: &dyn Objective, opt: &AdamW, st: &CkptState) -> Result<()> {
     whittle_formats::hf::write_dir_atomic(dir, |tmp| {
         let vars = s.vars();
         let named = |f: &dyn Fn(usize, &Var) -> Tensor| -> Vec<(String, Tensor)> {
@@ -356,7 +388,7 @@ pub fn save_checkpoint(dir: &Path, s: &TrainLlama, opt: &AdamW, st: &CkptState) 
 }
 
 /// Loads a checkpoint into `s` and `opt`, refusing one written for another student.
-pub fn load_checkpoint(dir: &Path, s: &TrainLlama, opt: &mut AdamW) -> Result<CkptState> {
+pub fn load_checkpoint(dir: &Path, s: &dyn Objective, opt: &mut AdamW) -> Result<CkptState> {
     let bad = |msg: String| Error::Checkpoint { path: dir.to_path_buf(), msg };
     let sp = dir.join("state.json");
     let st: CkptState = serde_json::from_str(&std::fs::read_to_string(&sp).map_err(io(&sp))?)
@@ -388,6 +420,7 @@ pub fn load_checkpoint(dir: &Path, s: &TrainLlama, opt: &mut AdamW) -> Result<Ck
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub enum Stop {
     MaxSteps,
+    /// `max_time` or `stop_at` reached.
     MaxTime,
     Plateau,
 }
@@ -401,23 +434,22 @@ pub struct Outcome {
 
 /// Hooks the caller provides: evaluation (lower is better, e.g. PPL), saving the best student, progress.
 pub struct Hooks<'a> {
-    pub eval: &'a mut dyn FnMut(&TrainLlama) -> Result<f64>,
-    pub save_best: &'a mut dyn FnMut(&TrainLlama) -> Result<()>,
+    pub eval: &'a mut dyn FnMut() -> Result<f64>,
+    pub save_best: &'a mut dyn FnMut() -> Result<()>,
     pub on_step: &'a mut dyn FnMut(&StepLog, usize),
 }
 
-/// Trains `s` on `data` (optionally from `teacher`) per `o`; checkpoints into `ckpt` every `ckpt_every`
+/// Trains `s` per `o`; checkpoints into `ckpt` every `ckpt_every`
 /// steps and at the end; with `resume`, continues from the checkpoint there. Stops at `max_steps`, after
-/// `max_time` seconds, on a plateau, or on a non-finite loss (an error, after which the last checkpoint
+/// `max_time` seconds or at step `stop_at` (the schedule still spans max_steps), on a plateau, or on a non-finite loss (an error, after which the last checkpoint
 /// on disk is the last good state).
 pub fn train(
-    s: &TrainLlama,
-    teacher: Option<&Llama>,
-    data: &Windows,
+    s: &dyn Objective,
     o: &TrainOptions,
     ckpt: &Path,
     resume: bool,
     max_time: Option<f64>,
+    stop_at: Option<usize>,
     hooks: Hooks,
 ) -> Result<Outcome> {
     o.check()?;
@@ -445,7 +477,7 @@ pub fn train(
     let t0 = Instant::now();
     let mut stop = Stop::MaxSteps;
     while st.step < o.max_steps {
-        if max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m) {
+        if max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m) || stop_at.is_some_and(|s| st.step >= s) {
             stop = Stop::MaxTime;
             break;
         }
@@ -455,8 +487,7 @@ pub fn train(
         let mut sums: Option<Vec<Tensor>> = None;
         let (mut loss, mut ce, mut kd, mut hid) = (0.0, 0.0, 0.0, 0.0);
         for a in 0..o.accum {
-            let (x, y) = data.batch(step * o.accum + a, o.batch)?;
-            let t = losses(s, teacher, &x, &y, &o.loss)?;
+            let t = s.loss(step * o.accum + a)?;
             let lv = t.total.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 return Err(Error::NonFinite { step, loss: lv });
@@ -493,12 +524,12 @@ pub fn train(
             eval: None,
         };
         if st.step % o.eval_every == 0 || st.step == o.max_steps {
-            let e = (hooks.eval)(s)?;
+            let e = (hooks.eval)()?;
             log.eval = Some(e);
             if st.best_eval.is_none_or(|b| e < b) {
                 st.best_eval = Some(e);
                 st.evals_since_best = 0;
-                (hooks.save_best)(s)?;
+                (hooks.save_best)()?;
             } else {
                 st.evals_since_best += 1;
             }
@@ -517,4 +548,40 @@ pub fn train(
         save_checkpoint(ckpt, s, &opt, &st)?;
     }
     Ok(Outcome { stop, best_eval: st.best_eval, steps: st.step, history: st.history })
+}
+
+/// First-order Taylor saliency |w·∂L/∂w| of every block Linear of `m` (key: the Linear's HF name), with
+/// the gradient of the next-token cross-entropy summed over `batches` micro-batches of `data`.
+pub fn taylor_saliency(
+    m: &Llama,
+    data: &Windows,
+    batches: usize,
+    batch: usize,
+) -> Result<std::collections::BTreeMap<String, Vec<f32>>> {
+    let seq_len = data.batch(0, 1)?.0.dim(1)?;
+    let s = TrainLlama::from_model(m, seq_len)?;
+    let lo = LossOptions { alpha: 0.0, temperature: 1.0, hidden_map: Vec::new(), hidden_weight: 0.0 };
+    let vars = s.vars();
+    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for mb in 0..batches.max(1) {
+        let (x, y) = data.batch(mb, batch)?;
+        let g = losses(&s, None, &x, &y, &lo)?.total.backward()?;
+        for (acc, (_, v)) in sums.iter_mut().zip(&vars) {
+            if let Some(gv) = g.get(v.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + gv)?,
+                    None => gv.clone(),
+                });
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (acc, (name, v)) in sums.into_iter().zip(vars) {
+        let Some(g) = acc else { continue };
+        if v.as_tensor().rank() == 2 && name.starts_with("model.layers.") {
+            let sal: Vec<f32> = (v.as_tensor() * g)?.abs()?.flatten_all()?.to_vec1()?;
+            out.insert(name.trim_end_matches(".weight").to_string(), sal);
+        }
+    }
+    Ok(out)
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use whittle_models::testing::tiny_llama;
 use whittle_models::{load, LoadOptions, Model};
 use whittle_train::llama::TrainLlama;
-use whittle_train::{losses, train, Hooks, LossOptions, StepLog, TrainOptions, Windows};
+use whittle_train::{losses, train, Hooks, LlamaObjective, LossOptions, StepLog, TrainOptions, Windows};
 
 fn tiny() -> (tempfile::TempDir, whittle_models::llama::Llama) {
     let d = tempfile::tempdir().unwrap();
@@ -86,8 +86,8 @@ fn run(
 ) -> (Vec<StepLog>, TrainLlama) {
     let s = TrainLlama::from_model(m, o.seq_len).unwrap();
     let data = Windows::new(&ids(), o.seq_len, o.batch, o.seed, "ids").unwrap();
-    let mut eval = |_: &TrainLlama| Ok(1.0);
-    let mut save = |_: &TrainLlama| Ok(());
+    let mut eval = || Ok(1.0);
+    let mut save = || Ok(());
     let ck = ckpt.to_path_buf();
     let mut on_step = |l: &StepLog, _: usize| {
         // Simulates a kill: keep the checkpoint as it is on disk when step `at` has run (it holds step at-1).
@@ -103,7 +103,8 @@ fn run(
         }
     };
     let hooks = Hooks { eval: &mut eval, save_best: &mut save, on_step: &mut on_step };
-    let out = train(&s, Some(m), &data, o, ckpt, resume, None, hooks).unwrap();
+    let obj = LlamaObjective { student: &s, teacher: Some(m), data: &data, batch: o.batch, loss: &o.loss };
+    let out = train(&obj, o, ckpt, resume, None, None, hooks).unwrap();
     (out.history, s)
 }
 
@@ -136,24 +137,62 @@ fn distillation_lowers_the_loss_and_a_resumed_run_ends_where_an_uninterrupted_on
         TrainLlama::from_model(&m, 8).unwrap()
     };
     let mut opt = whittle_train::AdamW::new(&s2.vars().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), 0.0).unwrap();
-    let e = whittle_train::load_checkpoint(&d.path().join("ck-full"), &s2, &mut opt).err().unwrap().to_string();
-    assert!(e.contains("different student"), "{e}");
     let data = Windows::new(&ids(), 8, 2, 7, "ids").unwrap();
+    let obj2 = LlamaObjective { student: &s2, teacher: Some(&teacher), data: &data, batch: 2, loss: &o.loss };
+    let e = whittle_train::load_checkpoint(&d.path().join("ck-full"), &obj2, &mut opt).err().unwrap().to_string();
+    assert!(e.contains("different student"), "{e}");
     let s = TrainLlama::from_model(&student, 8).unwrap();
-    let (mut ev, mut sv, mut os) = (|_: &TrainLlama| Ok(1.0), |_: &TrainLlama| Ok(()), |_: &StepLog, _: usize| {});
+    let (mut ev, mut sv, mut os) = (|| Ok(1.0), || Ok(()), |_: &StepLog, _: usize| {});
     let hooks = Hooks { eval: &mut ev, save_best: &mut sv, on_step: &mut os };
-    let e = train(
-        &s,
-        Some(&teacher),
-        &data,
-        &TrainOptions { lr: 1e-4, ..o.clone() },
-        &d.path().join("ck-full"),
-        true,
-        None,
-        hooks,
-    );
+    let o2 = TrainOptions { lr: 1e-4, ..o.clone() };
+    let obj = LlamaObjective { student: &s, teacher: Some(&teacher), data: &data, batch: 2, loss: &o2.loss };
+    let e = train(&obj, &o2, &d.path().join("ck-full"), true, None, None, hooks);
     assert!(e.err().unwrap().to_string().contains("other training options"));
     // Too little data, a bad learning rate.
     assert!(Windows::new(&ids()[..20], 8, 4, 7, "short.txt").err().unwrap().to_string().contains("short.txt"));
     assert!(TrainOptions { lr: f64::NAN, ..o }.check().is_err());
+}
+
+#[test]
+fn sentence_distillation_trains_every_encoder_weight_and_shared_blocks_train_once() {
+    use whittle_train::bert::{SentenceObjective, TrainBert};
+    use whittle_train::Objective;
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert_layers(d.path(), 16, 24, 2);
+    let l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let Model::Bert(m) = &l.model else { panic!() };
+    let sentences: Vec<(Vec<u32>, Vec<u32>)> = (0..8u32)
+        .map(|i| ((0..(3 + i % 4)).map(|j| 3 + (i + j) % 30).collect(), vec![0; (3 + i % 4) as usize]))
+        .collect();
+    let targets: Vec<Vec<f32>> =
+        (0..8).map(|i| (0..16).map(|j| ((i * 16 + j) as f32 * 0.37).sin()).collect()).collect();
+    for shared in [Default::default(), [(1usize, 0usize)].into_iter().collect()] {
+        let s = TrainBert::from_model(m, &shared).unwrap();
+        let obj = SentenceObjective {
+            student: &s,
+            sentences: sentences.clone(),
+            targets: targets.clone(),
+            batch: 4,
+            seed: 1,
+            mse_weight: 1.0,
+        };
+        let names: Vec<String> = obj.vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.iter().any(|n| n.starts_with("encoder.layer.1.")), shared.is_empty(), "{names:?}");
+        let t = obj.loss(0).unwrap();
+        assert!(t.kd > 0.0 && t.hidden > 0.0);
+        let g = t.total.backward().unwrap();
+        for (name, v) in obj.vars() {
+            let n = g
+                .get(v.as_tensor())
+                .map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .unwrap_or(0.0);
+            // Position embeddings beyond the longest sentence and unused token types get no gradient.
+            if !name.contains("position_embeddings")
+                && !name.contains("token_type")
+                && !name.contains("word_embeddings")
+            {
+                assert!(n > 0.0, "{name}: zero gradient (shared: {shared:?})");
+            }
+        }
+    }
 }

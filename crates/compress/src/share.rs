@@ -1,0 +1,290 @@
+//! Cross-layer parameter sharing (ALBERT): the blocks of a group use one set of weights, stored once (the
+//! file shrinks) and held once in memory (the blocks hold the same tensors). The shared weights are the
+//! group's element-wise mean or its most central member; groups are given (`0-1,2-3`) or chosen
+//! (`auto`: adjacent blocks merged greedily by the cosine similarity of their weights).
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use whittle_core::Linear;
+use whittle_models::{Loaded, Model};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    Mean,
+    Central,
+}
+
+impl Init {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Self::Mean),
+            "central" => Ok(Self::Central),
+            _ => Err(Error::Usage(format!("--init {s}: valid: mean, central"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    pub blocks: Vec<usize>,
+    /// The member whose weights became the group's (Central), or None (Mean).
+    pub central: Option<usize>,
+    /// Relative distance ‖W_i − W_shared‖ / ‖W_i‖ over all block weights, per member.
+    pub rel_change: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareReport {
+    pub groups: Vec<GroupReport>,
+    pub unique_blocks: usize,
+    pub params_before: usize,
+    pub params_after: usize,
+}
+
+/// Parses `0-1,2-3` (or `0-1-2`): groups of two or more blocks, each named once, all below `n`.
+pub fn parse_groups(s: &str, n: usize) -> Result<Vec<Vec<usize>>> {
+    let mut seen = vec![false; n];
+    let mut groups = Vec::new();
+    for g in s.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+        let members: Vec<usize> = g
+            .split('-')
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| Error::Usage(format!("--groups `{s}`: `{v}` is not a block index")))
+            })
+            .collect::<Result<_>>()?;
+        if members.len() < 2 {
+            return Err(Error::Usage(format!("--groups `{s}`: `{g}` names one block; a group shares two or more")));
+        }
+        for &b in &members {
+            if b >= n {
+                return Err(Error::Usage(format!(
+                    "--groups `{s}`: block {b} does not exist (the model has 0..{})",
+                    n - 1
+                )));
+            }
+            if seen[b] {
+                return Err(Error::Usage(format!("--groups `{s}`: block {b} is named twice")));
+            }
+            seen[b] = true;
+        }
+        groups.push(members);
+    }
+    if groups.is_empty() {
+        return Err(Error::Usage(format!("--groups `{s}`: no groups")));
+    }
+    Ok(groups)
+}
+
+/// Every trainable tensor of block `i` (Linears dequantized, biases, norms), flattened, in a fixed order.
+fn block_tensors(m: &Model, i: usize) -> Result<Vec<Tensor>> {
+    let mut v = Vec::new();
+    let lin = |l: &Linear, v: &mut Vec<Tensor>| -> Result<()> {
+        v.push(l.dequantize()?.to_dtype(DType::F32)?);
+        if let Some(b) = &l.bias {
+            v.push(b.to_dtype(DType::F32)?);
+        }
+        Ok(())
+    };
+    match m {
+        Model::Bert(b) => {
+            let blk = &b.blocks[i];
+            for (_, l) in blk.linears() {
+                lin(l, &mut v)?;
+            }
+            for n in [&blk.attn_norm, &blk.out_norm] {
+                v.push(n.weight.clone());
+                v.push(n.bias.clone());
+            }
+        }
+        Model::Llama(b) => {
+            let blk = &b.blocks[i];
+            for (_, l) in blk.linears() {
+                lin(l, &mut v)?;
+            }
+            v.push(blk.attn_norm.weight.clone());
+            v.push(blk.mlp_norm.weight.clone());
+        }
+    }
+    Ok(v)
+}
+
+/// Writes `ts` (in [`block_tensors`] order) into block `i`.
+fn set_block(m: &mut Model, i: usize, ts: &[Tensor]) -> Result<()> {
+    let mut it = ts.iter().cloned();
+    let mut next = || it.next().expect("same layout");
+    let lin = |l: &mut Linear, next: &mut dyn FnMut() -> Tensor| -> Result<()> {
+        let w = next();
+        let b = l.bias.as_ref().map(|_| next());
+        *l = Linear::dense(w, b)?;
+        Ok(())
+    };
+    match m {
+        Model::Bert(b) => {
+            let blk = &mut b.blocks[i];
+            for (_, l) in blk.linears_mut() {
+                lin(l, &mut next)?;
+            }
+            for n in [&mut blk.attn_norm, &mut blk.out_norm] {
+                n.weight = next();
+                n.bias = next();
+            }
+        }
+        Model::Llama(b) => {
+            let blk = &mut b.blocks[i];
+            for (_, l) in blk.linears_mut() {
+                lin(l, &mut next)?;
+            }
+            blk.attn_norm.weight = next();
+            blk.mlp_norm.weight = next();
+        }
+    }
+    Ok(())
+}
+
+fn flat(ts: &[Tensor]) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    for t in ts {
+        v.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(v)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += (*x as f64) * (*y as f64);
+        na += (*x as f64) * (*x as f64);
+        nb += (*y as f64) * (*y as f64);
+    }
+    d / (na.sqrt() * nb.sqrt()).max(1e-30)
+}
+
+fn shapes(ts: &[Tensor]) -> Vec<Vec<usize>> {
+    ts.iter().map(|t| t.dims().to_vec()).collect()
+}
+
+/// `auto`: start from single blocks and merge the most similar adjacent groups (mean cosine between their
+/// blocks' weights, same shapes only) until `unique` groups remain.
+pub fn auto_groups(m: &Model, unique: usize) -> Result<Vec<Vec<usize>>> {
+    let n = m.n_blocks();
+    if unique == 0 || unique >= n {
+        return Err(Error::Usage(format!("--unique {unique}: must be in 1..{n} (the model has {n} blocks)")));
+    }
+    let w: Vec<Vec<Tensor>> = (0..n).map(|i| block_tensors(m, i)).collect::<Result<_>>()?;
+    let f: Vec<Vec<f32>> = w.iter().map(|t| flat(t)).collect::<Result<_>>()?;
+    let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+    while groups.len() > unique {
+        let mut best: Option<(f64, usize)> = None;
+        for g in 0..groups.len() - 1 {
+            let (a, b) = (&groups[g], &groups[g + 1]);
+            if shapes(&w[a[0]]) != shapes(&w[b[0]]) {
+                continue;
+            }
+            let sim: f64 =
+                a.iter().flat_map(|&i| b.iter().map(move |&j| (i, j))).map(|(i, j)| cosine(&f[i], &f[j])).sum::<f64>()
+                    / (a.len() * b.len()) as f64;
+            // Prefer similar pairs, and small groups (balanced sharing).
+            let score = sim / (a.len() + b.len()) as f64;
+            if best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, g));
+            }
+        }
+        let Some((_, g)) = best else {
+            return Err(Error::Usage(format!(
+                "--groups auto: cannot reach {unique} groups (adjacent blocks differ in shape)"
+            )));
+        };
+        let b = groups.remove(g + 1);
+        groups[g].extend(b);
+    }
+    Ok(groups.into_iter().filter(|g| g.len() > 1).collect())
+}
+
+/// Shares the weights within each group of `groups` (see the module doc); records the sharing in `l`
+/// so that saving stores each shared block once.
+pub fn share_blocks(l: &mut Loaded, groups: &[Vec<usize>], init: Init) -> Result<ShareReport> {
+    let n = l.model.n_blocks();
+    let per_block: Vec<usize> =
+        (0..n).map(|i| Ok(block_tensors(&l.model, i)?.iter().map(|t| t.elem_count()).sum())).collect::<Result<_>>()?;
+    let params_before: usize = per_block.iter().sum();
+    let mut reports = Vec::new();
+    for g in groups {
+        let ws: Vec<Vec<Tensor>> = g.iter().map(|&i| block_tensors(&l.model, i)).collect::<Result<_>>()?;
+        if let Some(j) = (1..g.len()).find(|&j| shapes(&ws[j]) != shapes(&ws[0])) {
+            return Err(Error::Usage(format!(
+                "--groups: blocks {} and {} have different shapes and cannot share",
+                g[0], g[j]
+            )));
+        }
+        let (shared, central) = match init {
+            Init::Mean => {
+                let mean: Vec<Tensor> = (0..ws[0].len())
+                    .map(|t| {
+                        let mut acc = ws[0][t].clone();
+                        for w in &ws[1..] {
+                            acc = (acc + &w[t])?;
+                        }
+                        Ok((acc / g.len() as f64)?)
+                    })
+                    .collect::<Result<_>>()?;
+                (mean, None)
+            }
+            Init::Central => {
+                let f: Vec<Vec<f32>> = ws.iter().map(|w| flat(w)).collect::<Result<_>>()?;
+                let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+                let c = (0..g.len())
+                    .min_by(|&a, &b| {
+                        let da: f64 = f.iter().map(|o| dist(&f[a], o)).sum();
+                        let db: f64 = f.iter().map(|o| dist(&f[b], o)).sum();
+                        da.total_cmp(&db)
+                    })
+                    .expect("non-empty group");
+                (ws[c].clone(), Some(g[c]))
+            }
+        };
+        let sf = flat(&shared)?;
+        let rel_change = ws
+            .iter()
+            .map(|w| {
+                let f = flat(w)?;
+                let num: f64 = f.iter().zip(&sf).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+                let den: f64 = f.iter().map(|a| (*a as f64).powi(2)).sum();
+                Ok((num / den.max(1e-30)).sqrt())
+            })
+            .collect::<Result<_>>()?;
+        let leader = g[0];
+        set_block(&mut l.model, leader, &shared)?;
+        for &b in &g[1..] {
+            l.model.share_block(b, leader);
+            l.shared_blocks.insert(b, leader);
+        }
+        reports.push(GroupReport { blocks: g.clone(), central, rel_change });
+    }
+    let aliases: usize = l.shared_blocks.keys().map(|&b| per_block[b]).sum();
+    Ok(ShareReport {
+        groups: reports,
+        unique_blocks: n - l.shared_blocks.len(),
+        params_before,
+        params_after: params_before - aliases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_parse_or_name_the_problem() {
+        assert_eq!(parse_groups("0-1, 2-3-4", 6).unwrap(), vec![vec![0, 1], vec![2, 3, 4]]);
+        for (bad, want) in
+            [("0-1,1-2", "named twice"), ("0-9", "does not exist"), ("3", "one block"), ("a-1", "not a block")]
+        {
+            let e = parse_groups(bad, 6).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+}
