@@ -129,9 +129,12 @@ fn cholesky(h: &[f64], k: usize, damp: f64, layer: &str) -> Result<Mat<f64>> {
     )))
 }
 
+/// Maps Vᵀ rows back through S⁻¹.
+type Undo = Box<dyn Fn(Mat<f64>) -> Mat<f64>>;
+
 fn factor(w: &[f32], m: usize, k: usize, st: &ActStats, o: &LowRankOptions, layer: &str) -> Result<Factored> {
     let wm = Mat::from_fn(m, k, |i, j| w[i * k + j] as f64);
-    let (a, undo): (Mat<f64>, Box<dyn Fn(Mat<f64>) -> Mat<f64>>) = match o.method {
+    let (a, undo): (Mat<f64>, Undo) = match o.method {
         Method::Svd => (wm, Box::new(|vt| vt)),
         Method::Asvd => {
             let rows = st.rows.max(1) as f64;

@@ -59,7 +59,7 @@ impl SparseLinear {
     pub fn new(w: &[f32], rows: usize, k: usize, nm: Option<(usize, usize)>) -> Result<Self, String> {
         let format = match nm {
             Some((n, m)) => {
-                if m == 0 || n == 0 || n > m || k % m != 0 {
+                if m == 0 || n == 0 || n > m || !k.is_multiple_of(m) {
                     return Err(format!("{n}:{m} does not fit an input width of {k}"));
                 }
                 if let Some(g) = w.chunks(m).position(|g| g.iter().filter(|v| **v != 0.0).count() > n) {
@@ -172,16 +172,11 @@ impl SparseLinear {
 
     /// Rebuilds the dense (rows × k) weight from the disk tensors: `values` always, and `nm` + `indices`,
     /// `bitmap`, or `col_indices` + `row_ptr`. Errors name the tensor (suffix) at fault.
-    pub fn decode(
-        rows: usize,
-        k: usize,
-        values: &[f32],
-        layout: SparseDisk<'_>,
-    ) -> Result<(Vec<f32>, Option<(usize, usize)>), (&'static str, String)> {
+    pub fn decode(rows: usize, k: usize, values: &[f32], layout: SparseDisk<'_>) -> Decoded {
         let mut w = vec![0f32; rows * k];
         match layout {
             SparseDisk::NM { n, m, indices } => {
-                if m == 0 || n == 0 || n > m || k % m != 0 {
+                if m == 0 || n == 0 || n > m || !k.is_multiple_of(m) {
                     return Err(("weight_nm", format!("{n}:{m} does not fit an input width of {k}")));
                 }
                 let (per_row, cb) = (k / m * n, code_bits(m));
@@ -269,6 +264,9 @@ impl SparseLinear {
         }
     }
 }
+
+/// A decoded dense weight with its N:M pattern, or the tensor suffix at fault and why.
+pub type Decoded = Result<(Vec<f32>, Option<(usize, usize)>), (&'static str, String)>;
 
 /// The layout tensors of a sparse weight as read from disk.
 pub enum SparseDisk<'a> {

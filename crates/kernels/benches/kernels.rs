@@ -67,7 +67,7 @@ fn main() {
                     (0..m * k)
                         .map(|i| {
                             let h = (i + c * 31usize).wrapping_mul(2654435761) % 1000;
-                            let keep = if pattern == "2:4" { (i % 4 + c) % 4 < 2 } else { h % 2 == 0 };
+                            let keep = if pattern == "2:4" { (i % 4 + c) % 4 < 2 } else { h.is_multiple_of(2) };
                             if keep {
                                 (h as f32) / 1000.0 - 0.5
                             } else {

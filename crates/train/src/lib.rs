@@ -402,7 +402,7 @@ pub fn load_checkpoint(dir: &Path, s: &dyn Objective, opt: &mut AdamW) -> Result
         return Err(bad(format!("written for a different student ({what})")));
     }
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
-        Ok(candle_core::safetensors::load(dir.join(f), &Device::Cpu).map_err(|e| bad(format!("{f}: {e}")))?)
+        candle_core::safetensors::load(dir.join(f), &Device::Cpu).map_err(|e| bad(format!("{f}: {e}")))
     };
     let (w, m, v) = (read("weights.safetensors")?, read("adam_m.safetensors")?, read("adam_v.safetensors")?);
     for (i, (n, var)) in s.vars().into_iter().enumerate() {

@@ -62,7 +62,7 @@ fn every_parameter_gets_a_gradient_that_matches_finite_differences() {
         let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let analytic = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[entry] as f64;
         let h = 1e-2f32;
-        let mut at = |delta: f32| {
+        let at = |delta: f32| {
             let mut w = base.clone();
             w[entry] += delta;
             v.set(&Tensor::from_vec(w, v.dims(), &Device::Cpu).unwrap()).unwrap();
