@@ -172,6 +172,26 @@ unsafe fn tile_avx512(
             a1[i] = _mm512_fmadd_ps(xb, v1, a1[i]);
         }
     }
+    store_tile(&a0, &a1, rows, bias, valid, m, y);
+}
+
+/// Adds the bias to the tile's accumulators and stores the valid channels of rows `0..rows`.
+///
+/// # Safety
+/// AVX-512F must be available; `bias` holds 32 floats; `y` must be valid for rows × valid channels
+/// (row stride `m`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_tile(
+    a0: &[std::arch::x86_64::__m512; MR],
+    a1: &[std::arch::x86_64::__m512; MR],
+    rows: usize,
+    bias: &[f32],
+    valid: (usize, usize),
+    m: usize,
+    y: *mut f32,
+) {
+    use std::arch::x86_64::*;
     let mask = |v: usize| -> __mmask16 {
         if v >= MB {
             0xffff

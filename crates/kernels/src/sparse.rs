@@ -203,21 +203,7 @@ unsafe fn tile_avx512(
             a1[i] = _mm512_fmadd_ps(xb, v1, a1[i]);
         }
     }
-    let mask = |v: usize| -> __mmask16 {
-        if v >= MB {
-            0xffff
-        } else {
-            ((1u32 << v) - 1) as u16
-        }
-    };
-    let (m0, m1) = (mask(valid.0), mask(valid.1));
-    let (b0, b1) = (_mm512_loadu_ps(bias.as_ptr()), _mm512_loadu_ps(bias.as_ptr().add(MB)));
-    for i in 0..rows {
-        _mm512_mask_storeu_ps(y.add(i * m), m0, _mm512_add_ps(a0[i], b0));
-        if m1 != 0 {
-            _mm512_mask_storeu_ps(y.add(i * m + MB), m1, _mm512_add_ps(a1[i], b1));
-        }
-    }
+    crate::f32::store_tile(&a0, &a1, rows, bias, valid, m, y);
 }
 
 #[cfg(test)]
