@@ -281,6 +281,10 @@ enum Cmd {
         /// The same rank in every layer
         #[arg(long)]
         rank: Option<usize>,
+        /// Instead: factorise the queries and keys of every head jointly, so that the attention scores use
+        /// R + 1 values per head (BERT-style encoders; --method svd-llm whitens, svd does not)
+        #[arg(long)]
+        attention_rank: Option<usize>,
         /// ASVD: exponent on the per-channel activation scale
         #[arg(long, default_value_t = 0.5)]
         alpha: f64,
@@ -1015,7 +1019,7 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
         // Tensor by tensor from the source file: no model in memory.
         let path = whittle_models::loader::resolve(&m.model)?;
         if path.is_dir() {
-            bail!("--scheme {scheme} writes GGUF from a GGUF source (its metadata and tokenizer are copied); {} is an HF directory", m.model);
+            bail!("--scheme {scheme} writes GGUF from a GGUF source (its metadata and tokenizer are copied); {} is an HF directory (pruned, factorised and shared models are directories: llama.cpp's graph has one dense weight per projection, so factorised and shared layers have no GGUF form)", m.model);
         }
         let src = whittle_formats::gguf::Gguf::open(&path)?;
         let im = match &calib.imatrix {
@@ -1044,6 +1048,17 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
         apply_target_bpw(m, &mut plan, calib, target)?;
     } else if calib.sensitivity.is_some() {
         bail!("--sensitivity is read by --target-bpw; pass --target-bpw BITS too");
+    }
+    if calib.method != "rtn" {
+        // GPTQ and AWQ round one dense weight against its inputs; a factor's inputs are another factor's output.
+        let l = open(m)?;
+        if let Some((name, lin)) = l.model.linears().into_iter().find(|(_, l)| l.rank().is_some()) {
+            bail!(
+                "--method {}: `{name}` is low-rank ({}); quantize factorised models with --method rtn (U and V are quantized separately)",
+                calib.method,
+                lin.storage_name()
+            );
+        }
     }
     let awq = match calib.method.as_str() {
         "rtn" => false,
@@ -1867,6 +1882,7 @@ fn run(cli: Cli) -> Result<()> {
             ratio,
             energy,
             rank,
+            attention_rank,
             alpha,
             damp,
             calib,
@@ -1879,6 +1895,73 @@ fn run(cli: Cli) -> Result<()> {
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
+            let calib_text = |decoder: bool| -> Result<(String, String, whittle_quant::calib::CalibOptions)> {
+                let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+                let co = whittle_quant::calib::CalibOptions {
+                    samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+                    seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
+                    source: src.clone(),
+                };
+                if co.samples == 0 || co.seq_len == 0 {
+                    bail!("--calib-samples and --calib-seq-len must be at least 1");
+                }
+                Ok((src, text, co))
+            };
+            if let Some(ar) = attention_rank {
+                if ratio.is_some() || energy.is_some() || rank.is_some() {
+                    bail!("--attention-rank factorises the attention scores alone: run `lowrank` again on its output for --ratio, --energy or --rank");
+                }
+                let method = Method::parse(&method)?;
+                let mut l = open(&m)?;
+                let (src, text, co) = calib_text(matches!(l.model, Model::Llama(_)))?;
+                let bytes_in = whittle_eval::bench::model_bytes(&l);
+                let mut pb = progress_bar("calibrate");
+                let r = whittle_compress::attention::attention_rank(&mut l, ar, method, damp, &text, &co, &mut pb)?;
+                whittle_models::save::save_hf_dir(&l, &output, DType::F32)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    return Ok(());
+                }
+                let mut out = std::io::stdout().lock();
+                writeln!(
+                    out,
+                    "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12} {:>8}",
+                    "block", "heads", "dims", "Q+K", "after", "score err", "ms"
+                )?;
+                for b in &r.blocks {
+                    writeln!(
+                        out,
+                        "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12.4} {:>8.1}",
+                        b.block,
+                        b.heads,
+                        format!("{} -> {}", b.dim_before, b.dim_after),
+                        human(b.params_before),
+                        human(b.params_after),
+                        b.score_rel_err,
+                        b.seconds * 1e3
+                    )?;
+                }
+                let cal = if r.tokens > 0 {
+                    format!("{} calibration tokens of {src}", r.tokens)
+                } else {
+                    "no calibration".into()
+                };
+                writeln!(
+                    out,
+                    "\n{} attention rank {}: query+key parameters {} -> {} ({:.1}%); model on disk {:.2} MB -> {:.2} MB; {cal}; {:.1}s\nwrote {}",
+                    r.method,
+                    r.rank,
+                    human(r.params_before),
+                    human(r.params_after),
+                    100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
+                    bytes_in as f64 / 1e6,
+                    bench_bytes(&output) as f64 / 1e6,
+                    r.seconds,
+                    output.display()
+                )?;
+                return Ok(());
+            }
             let target = match (ratio, energy, rank) {
                 (Some(r), None, None) => Target::Ratio(r),
                 (None, Some(e), None) => Target::Energy(e),
@@ -1888,16 +1971,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let method = Method::parse(&method)?;
             let mut l = open(&m)?;
-            let decoder = matches!(l.model, Model::Llama(_));
-            let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
-            let co = whittle_quant::calib::CalibOptions {
-                samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
-                seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
-                source: src.clone(),
-            };
-            if co.samples == 0 || co.seq_len == 0 {
-                bail!("--calib-samples and --calib-seq-len must be at least 1");
-            }
+            let (src, text, co) = calib_text(matches!(l.model, Model::Llama(_)))?;
             let bytes_in = whittle_eval::bench::model_bytes(&l);
             let o = LowRankOptions { method, target, alpha, damp };
             let mut pb = progress_bar("calibrate");

@@ -8,7 +8,10 @@
 //! - [`pass`]: those solvers over a whole model (layer by layer on calibration text for Wanda and SparseGPT,
 //!   through the shared layer-wise engine of `whittle_quant::layerwise`).
 //! - [`structured`]: removal of whole heads, FFN neurons and blocks.
+//! - [`lowrank`], [`attention`]: low-rank factorisation of Linears, and of the attention scores (Q and K jointly).
+//! - [`share`]: cross-layer parameter sharing.
 
+pub mod attention;
 pub mod lowrank;
 pub mod pass;
 pub mod prune;

@@ -114,7 +114,7 @@ struct Factored {
 }
 
 /// Cholesky factor (lower) of `h + damp·mean(diag)·I`, raising the dampening ×10 up to three times.
-fn cholesky(h: &[f64], k: usize, damp: f64, layer: &str) -> Result<Mat<f64>> {
+pub(crate) fn cholesky(h: &[f64], k: usize, damp: f64, layer: &str) -> Result<Mat<f64>> {
     let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k.max(1) as f64;
     let mut d = damp.max(1e-6);
     for _ in 0..4 {

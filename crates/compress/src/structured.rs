@@ -267,6 +267,12 @@ fn scores(
         }
         Model::Bert(m) => {
             let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, format!("encoder.layer.{bi}."));
+            if b.query.out_features() != b.value.out_features() {
+                return Err(Error::Usage(format!(
+                    "block {bi} has low-rank attention (queries and keys of {} values per head): prune heads before `lowrank --attention-rank`",
+                    b.query.out_features() / b.n_head
+                )));
+            }
             let (h0, f0) = (b.n_head, b.intermediate.out_features());
             let n = |s: &str| format!("{p}{s}");
             let (wq, wk) = (weights(&b.query, n("attention.self.query"))?, weights(&b.key, n("attention.self.key"))?);

@@ -238,3 +238,45 @@ fn shared_blocks_are_stored_once_and_reload_identically() {
         }
     }
 }
+
+#[test]
+fn attention_rank_factorises_scores_and_reloads() {
+    use whittle_compress::attention::attention_rank;
+    use whittle_compress::lowrank::Method;
+    let co = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+    let d = tempfile::tempdir().unwrap();
+    tiny_bert_sized(d.path(), 32, 64);
+    let base = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let Model::Bert(bm) = &base.model else { panic!() };
+    let hd = bm.config.head_dim;
+    let before = logits(&base);
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
+    let mut errs = Vec::new();
+    for (method, r) in [(Method::SvdLlm, hd - 2), (Method::SvdLlm, 2), (Method::Svd, hd - 2)] {
+        let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let rep = attention_rank(&mut l, r, method, 0.01, &tiny_text(), &co, |_, _| {}).unwrap();
+        assert!(rep.params_after < rep.params_before, "{rep:?}");
+        let Model::Bert(m) = &l.model else { panic!() };
+        assert_eq!(m.blocks[0].query.out_features(), m.blocks[0].n_head * (r + 1));
+        assert_eq!(m.blocks[0].value.out_features(), m.blocks[0].n_head * hd);
+        let after = logits(&l);
+        errs.push((rep.blocks[0].score_rel_err, dist(&before, &after)));
+        reload_same(&l);
+        // Heads cannot be pruned any more, and the scores cannot be factorised twice.
+        let e = attention_rank(&mut l, 1, method, 0.01, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("already low-rank"), "{e}");
+    }
+    // More rank, smaller score error and a closer model.
+    assert!(errs[0].0 < errs[1].0 && errs[0].1 < errs[1].1, "{errs:?}");
+    // Bad ranks and LLaMA are refused with the flag named.
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    for r in [0, hd - 1, 1000] {
+        let e = attention_rank(&mut l, r, Method::Svd, 0.01, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("--attention-rank"), "{e}");
+    }
+    let d2 = tempfile::tempdir().unwrap();
+    tiny_llama(d2.path());
+    let mut ll = load(d2.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let e = attention_rank(&mut ll, 2, Method::Svd, 0.01, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("rope"), "{e}");
+}

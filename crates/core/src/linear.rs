@@ -360,6 +360,43 @@ impl Linear {
         })
     }
 
+    /// A low-rank Linear from two factor Linears of any representation (quantized factors included):
+    /// `v` maps in → r, `u` maps r → out; `bias` is the layer's (it is applied by `u`).
+    pub fn low_rank_of(mut u: Linear, v: Linear, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = (u.out_features, v.in_features);
+        if u.in_features != v.out_features || u.in_features == 0 {
+            return Err(crate::Error::Linear {
+                name: String::new(),
+                msg: format!(
+                    "low-rank factors ({out_features}, {}) and ({}, {in_features}) do not chain",
+                    u.in_features, v.out_features
+                ),
+            });
+        }
+        Self::check_bias(&bias, out_features)?;
+        u.bias = bias.clone();
+        Ok(Self {
+            weight: LinearWeight::LowRank(Arc::new(LowRank { u, v })),
+            bias,
+            out_features,
+            in_features,
+            packed_f32: Default::default(),
+            observer: None,
+        })
+    }
+
+    /// The two factors (U, V) of a low-rank layer, U without the bias.
+    pub fn factors(&self) -> Option<(Linear, Linear)> {
+        match &self.weight {
+            LinearWeight::LowRank(lr) => {
+                let mut u = lr.u.clone();
+                u.bias = None;
+                Some((u, lr.v.clone()))
+            }
+            _ => None,
+        }
+    }
+
     /// The rank of a low-rank layer.
     pub fn rank(&self) -> Option<usize> {
         match &self.weight {
@@ -459,13 +496,20 @@ impl Linear {
             LinearWeight::Int8Static { .. } => "w8a8-static".into(),
             LinearWeight::Block(b) => b.format.clone(),
             LinearWeight::Sparse(s) => s.name(),
+            LinearWeight::LowRank(lr) if lr.u.is_quantized() || lr.v.is_quantized() => {
+                format!("low-rank-{} {}", lr.v.out_features, lr.v.storage_name())
+            }
             LinearWeight::LowRank(lr) => format!("low-rank-{}", lr.v.out_features),
         }
     }
 
     /// Whether the weight is quantized (sparse f32 weights are not: a quantization pass may take them).
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.weight, LinearWeight::Dense(_) | LinearWeight::Sparse(_) | LinearWeight::LowRank(_))
+        match &self.weight {
+            LinearWeight::Dense(_) | LinearWeight::Sparse(_) => false,
+            LinearWeight::LowRank(lr) => lr.u.is_quantized() || lr.v.is_quantized(),
+            _ => true,
+        }
     }
 
     pub fn is_sparse(&self) -> bool {
@@ -489,8 +533,20 @@ impl Linear {
     }
 
     /// The tensors this layer writes, as `(suffix, tensor)`: `weight`, `weight_scale`, `bias`.
-    pub fn stored(&self) -> Result<Vec<(&'static str, Stored)>> {
+    pub fn stored(&self) -> Result<Vec<(String, Stored)>> {
         let mut v = match &self.weight {
+            LinearWeight::LowRank(_) => self.stored_low_rank()?,
+            _ => self.stored_weight()?.into_iter().map(|(n, t)| (n.to_string(), t)).collect(),
+        };
+        if let Some(b) = &self.bias {
+            v.push(("bias".into(), Stored::Tensor(b.clone())));
+        }
+        Ok(v)
+    }
+
+    /// The weight tensors of a layer that is not low-rank.
+    fn stored_weight(&self) -> Result<Vec<(&'static str, Stored)>> {
+        Ok(match &self.weight {
             LinearWeight::Dense(t) => vec![("weight", Stored::Tensor(t.clone()))],
             LinearWeight::Int8Dynamic(p) => vec![
                 ("weight", Stored::I8 { shape: vec![p.m, p.k], data: p.q.clone() }),
@@ -524,20 +580,26 @@ impl Linear {
                 None => vec![("weight", Stored::Tensor(self.dequantize()?))],
             },
             LinearWeight::Sparse(s) => s.stored()?,
-            LinearWeight::LowRank(lr) => {
-                let t = |l: &Linear| -> Result<Stored> {
-                    match &l.weight {
-                        LinearWeight::Dense(t) => Ok(Stored::Tensor(t.clone())),
-                        _ => Ok(Stored::Tensor(l.dequantize()?)),
-                    }
-                };
-                vec![("weight_u", t(&lr.u)?), ("weight_v", t(&lr.v)?)]
-            }
-        };
-        if let Some(b) = &self.bias {
-            v.push(("bias", Stored::Tensor(b.clone())));
+            LinearWeight::LowRank(_) => unreachable!("stored_low_rank"),
+        })
+    }
+
+    /// The factors of a low-rank layer as stored. f32 factors: `weight_u` (out, r) and `weight_v` (r, in).
+    /// Quantized factors: each as a Linear of its own under `u.` and `v.` (e.g. `u.weight_packed`); the
+    /// bias once, as the layer's.
+    fn stored_low_rank(&self) -> Result<Vec<(String, Stored)>> {
+        let (u, v) = self.factors().expect("a low-rank layer");
+        if let (LinearWeight::Dense(ut), LinearWeight::Dense(vt)) = (&u.weight, &v.weight) {
+            return Ok(vec![
+                ("weight_u".into(), Stored::Tensor(ut.clone())),
+                ("weight_v".into(), Stored::Tensor(vt.clone())),
+            ]);
         }
-        Ok(v)
+        let mut out = Vec::new();
+        for (p, f) in [("u", u), ("v", v)] {
+            out.extend(f.stored()?.into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
+        }
+        Ok(out)
     }
 
     /// Several Linears on the same input (q/k/v, gate/up): int8 layers share one quantization of `x`.

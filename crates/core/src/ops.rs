@@ -31,15 +31,17 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// Fused encoder attention over right-padded batches (see `whittle_kernels::attn`).
 ///
 /// # Shapes
-/// - `q`, `k`, `v`: (B, T, H·D) f32; `lens`: B real lengths; returns (B, T, H·D), padded rows zero
+/// - `q`, `k`: (B, T, H·Dq); `v`: (B, T, H·D) f32 (Dq < D for low-rank attention); `lens`: B real
+///   lengths; returns (B, T, H·D), padded rows zero
 pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens: &[usize]) -> Result<Tensor> {
-    let (b, t, w) = q.dims3()?;
-    let d = w / n_head;
+    let (b, t, wq) = q.dims3()?;
+    let w = v.dim(2)?;
+    let (dq, d) = (wq / n_head, w / n_head);
     let out = crate::linear::with_f32_slice(q, |qs| {
         crate::linear::with_f32_slice(k, |ks| {
             crate::linear::with_f32_slice(v, |vs| {
                 whittle_kernels::filled(b * t * w, |out| {
-                    whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, d, lens, out, &CandlePool)
+                    whittle_kernels::attn::encoder_attention_qk(qs, ks, vs, b, t, n_head, dq, d, lens, out, &CandlePool)
                 })
             })
         })

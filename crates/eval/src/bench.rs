@@ -64,12 +64,14 @@ pub fn linear_bpw(l: &Loaded) -> Option<f64> {
             SourceFormat::Gguf => names::hf_to_gguf(&w).unwrap_or(w),
             SourceFormat::HfDir => w,
         };
-        // Scales, packed codes and sparse layouts (`.weight_*`) are part of the weight's cost.
+        // Scales, packed codes and sparse layouts (`.weight_*`) and quantized low-rank factors (`.u.weight*`,
+        // `.v.weight*`) are part of the weight's cost.
+        let own = [format!("{name}.weight_"), format!("{name}.u.weight"), format!("{name}.v.weight")];
         let parts: usize = l
             .source
             .tensors
             .iter()
-            .filter(|t| t.name == src || t.name.starts_with(&format!("{name}.weight_")))
+            .filter(|t| t.name == src || own.iter().any(|p| t.name.starts_with(p.as_str())))
             .map(|t| t.bytes)
             .sum();
         if parts > 0 {

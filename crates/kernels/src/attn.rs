@@ -29,13 +29,32 @@ pub fn encoder_attention(
     out: &mut [MaybeUninit<f32>],
     par: &dyn Parallel,
 ) {
-    let w = h * d;
-    assert!(q.len() == b * t * w && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
+    encoder_attention_qk(q, k, v, b, t, h, d, d, lens, out, par)
+}
+
+/// [`encoder_attention`] with queries and keys of `dq` values per head and values of `d`: the scores are
+/// `q kᵀ / √dq` (low-rank attention computes them in a smaller space than the values).
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_attention_qk(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    dq: usize,
+    d: usize,
+    lens: &[usize],
+    out: &mut [MaybeUninit<f32>],
+    par: &dyn Parallel,
+) {
+    let (w, wq) = (h * d, h * dq);
+    assert!(q.len() == b * t * wq && k.len() == q.len() && v.len() == b * t * w && out.len() == v.len());
     assert_eq!(lens.len(), b);
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = 1.0 / (dq as f32).sqrt();
     let op = SendPtr(out.as_mut_ptr() as *mut f32);
     #[cfg(target_arch = "x86_64")]
-    let simd = d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
+    let simd = dq.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     par.for_each(b * h, &|range| {
@@ -45,7 +64,7 @@ pub fn encoder_attention(
         let mut acc = vec![0f32; d];
         for task in range {
             let (bi, hi) = (task / h, task % h);
-            let g = Geometry { bi, hi, t, w, d, len: lens[bi].min(t), scale };
+            let g = Geometry { bi, hi, t, w, d, wq, dq, len: lens[bi].min(t), scale };
             // SAFETY: (bi, ·, head hi) is this task's own part of `out`; AVX-512 checked for `simd`.
             unsafe {
                 #[cfg(target_arch = "x86_64")]
@@ -65,6 +84,9 @@ struct Geometry {
     t: usize,
     w: usize,
     d: usize,
+    /// Width and per-head size of the queries and keys.
+    wq: usize,
+    dq: usize,
     len: usize,
     scale: f32,
 }
@@ -94,6 +116,10 @@ unsafe fn head(
         let s = (g.bi * g.t + j) * g.w + g.hi * g.d;
         s..s + g.d
     };
+    let qk_row = |j: usize| -> std::ops::Range<usize> {
+        let s = (g.bi * g.t + j) * g.wq + g.hi * g.dq;
+        s..s + g.dq
+    };
     for i in 0..g.t {
         // Raw stores: `out` may be uninitialised memory.
         let o = out.add((g.bi * g.t + i) * g.w + g.hi * g.d);
@@ -103,10 +129,10 @@ unsafe fn head(
             }
             continue;
         }
-        let qi = &q[row(i)];
+        let qi = &q[qk_row(i)];
         let mut mx = f32::NEG_INFINITY;
         for j in 0..g.len {
-            let s = dot(qi, &k[row(j)]) * g.scale;
+            let s = dot(qi, &k[qk_row(j)]) * g.scale;
             p[j] = s;
             mx = mx.max(s);
         }
@@ -128,7 +154,7 @@ unsafe fn head(
     }
 }
 
-/// [`head`] compiled for AVX-512 with an explicit vector dot product (D a multiple of 16).
+/// [`head`] compiled for AVX-512 with an explicit vector dot product (the query/key size a multiple of 16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -152,31 +178,37 @@ mod tests {
 
     #[test]
     fn matches_naive_softmax_attention() {
-        check(2, 5, 3, 4); // scalar path
-        check(3, 7, 2, 32); // AVX-512 path where available
+        check(2, 5, 3, 4, 4); // scalar path
+        check(3, 7, 2, 32, 32); // AVX-512 path where available
+        check(2, 6, 3, 5, 8); // low-rank scores, scalar
+        check(2, 6, 2, 16, 32); // low-rank scores, AVX-512
     }
 
     #[allow(clippy::needless_range_loop)]
-    fn check(b: usize, t: usize, h: usize, d: usize) {
+    fn check(b: usize, t: usize, h: usize, dq: usize, d: usize) {
         let n = b * t * h * d;
-        let gen =
-            |s: usize| -> Vec<f32> { (0..n).map(|i| (((i * 31 + s * 17) % 97) as f32 / 97.0 - 0.5) * 2.0).collect() };
-        let (q, k, v) = (gen(1), gen(2), gen(3));
+        let gen = |s: usize, n: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * 31 + s * 17) % 97) as f32 / 97.0 - 0.5) * 2.0).collect()
+        };
+        let (q, k, v) = (gen(1, b * t * h * dq), gen(2, b * t * h * dq), gen(3, n));
         let lens: Vec<usize> = (0..b).map(|i| t - (i * 2) % t).collect();
         let mut out = vec![f32::NAN; n];
-        encoder_attention(&q, &k, &v, b, t, h, d, &lens, crate::as_uninit(&mut out), &Serial);
-        let w = h * d;
+        encoder_attention_qk(&q, &k, &v, b, t, h, dq, d, &lens, crate::as_uninit(&mut out), &Serial);
+        let (w, wq) = (h * d, h * dq);
         for bi in 0..b {
             for hi in 0..h {
                 for i in 0..t {
                     let at = |x: &[f32], j: usize, c: usize| x[(bi * t + j) * w + hi * d + c];
+                    let atq = |x: &[f32], j: usize, c: usize| x[(bi * t + j) * wq + hi * dq + c];
                     let got: Vec<f32> = (0..d).map(|c| out[(bi * t + i) * w + hi * d + c]).collect();
                     if i >= lens[bi] {
                         assert!(got.iter().all(|&x| x == 0.0));
                         continue;
                     }
                     let s: Vec<f64> = (0..lens[bi])
-                        .map(|j| (0..d).map(|c| (at(&q, i, c) * at(&k, j, c)) as f64).sum::<f64>() / (d as f64).sqrt())
+                        .map(|j| {
+                            (0..dq).map(|c| (atq(&q, i, c) * atq(&k, j, c)) as f64).sum::<f64>() / (dq as f64).sqrt()
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();

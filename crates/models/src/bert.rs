@@ -97,7 +97,7 @@ impl BertConfig {
     pub fn to_hf_json(&self, blocks: &[BertBlock]) -> serde_json::Value {
         // The head count that gives back head_dim (hidden / heads): pruned blocks with fewer heads take their
         // widths from their tensors when loaded.
-        let heads = if blocks.iter().all(|b| b.query.out_features() == self.hidden_size) {
+        let heads = if blocks.iter().all(|b| b.value.out_features() == self.hidden_size) {
             blocks.first().map_or(self.num_heads, |b| b.n_head)
         } else {
             self.hidden_size / self.head_dim
@@ -162,15 +162,17 @@ impl BertBlock {
     pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
+        // Low-rank attention: queries and keys of `dq` < head_dim values per head.
+        let dq = self.query.out_features() / h;
+        let split = |y: Tensor, d: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?) // (B, H, T, D)
         };
         let [q, k, v]: [Tensor; 3] =
             Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
         let a = match mask {
             AttnMask::Lengths(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
             AttnMask::Additive(mask) => {
-                let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+                let (q, k, v) = (split(q, dq)?, split(k, dq)?, split(v, head_dim)?);
                 let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
                 a.transpose(1, 2)?.reshape((b, t, h * head_dim))? // (B, T, H*D)
             }
@@ -237,22 +239,33 @@ impl Bert {
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let pre = format!("{p}encoder.layer.{i}.");
-            let q = w.linear_any(&format!("{pre}attention.self.query"), None, Some(c.hidden_size), true)?;
-            let attn_width = q.out_features();
+            // The values give the head count (pruned blocks have fewer heads); queries and keys have as many
+            // heads, of head_dim values or fewer (low-rank attention, `whittle lowrank --attention-rank`).
+            let v = w.linear_any(&format!("{pre}attention.self.value"), None, Some(c.hidden_size), true)?;
+            let attn_width = v.out_features();
             if attn_width % c.head_dim != 0 {
                 return Err(w.shape_err(
-                    &format!("{pre}attention.self.query.weight"),
+                    &format!("{pre}attention.self.value.weight"),
                     &[c.hidden_size, c.hidden_size],
                     &[attn_width, c.hidden_size],
                 ));
             }
-            let k = w.linear(&format!("{pre}attention.self.key"), attn_width, c.hidden_size, true)?;
-            let v = w.linear(&format!("{pre}attention.self.value"), attn_width, c.hidden_size, true)?;
+            let n_head = attn_width / c.head_dim;
+            let q = w.linear_any(&format!("{pre}attention.self.query"), None, Some(c.hidden_size), true)?;
+            let qw = q.out_features();
+            if qw % n_head != 0 || qw > attn_width {
+                return Err(w.shape_err(
+                    &format!("{pre}attention.self.query.weight"),
+                    &[attn_width, c.hidden_size],
+                    &[qw, c.hidden_size],
+                ));
+            }
+            let k = w.linear(&format!("{pre}attention.self.key"), qw, c.hidden_size, true)?;
             let o = w.linear(&format!("{pre}attention.output.dense"), c.hidden_size, attn_width, true)?;
             let inter = w.linear_any(&format!("{pre}intermediate.dense"), None, Some(c.hidden_size), true)?;
             let out = w.linear(&format!("{pre}output.dense"), c.hidden_size, inter.out_features(), true)?;
             blocks.push(BertBlock {
-                n_head: attn_width / c.head_dim,
+                n_head,
                 query: q,
                 key: k,
                 value: v,

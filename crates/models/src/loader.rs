@@ -140,6 +140,13 @@ impl Weights<'_> {
             let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[rows])?) } else { None };
             return Ok(Linear::low_rank(u, v, b)?);
         }
+        // `.u.*` + `.v.*`: a low-rank factorisation with quantized factors, each stored as a Linear.
+        if ["weight", "weight_packed", "weight_shape"].iter().any(|t| self.contains(&format!("{name}.v.{t}"))) {
+            let u = self.linear_any(&format!("{name}.u"), out, None, false)?;
+            let v = self.linear_any(&format!("{name}.v"), Some(u.in_features()), inp, false)?;
+            let b = if bias || self.contains(&bname) { Some(self.get(&bname, &[u.out_features()])?) } else { None };
+            return Ok(Linear::low_rank_of(u, v, b)?);
+        }
         // `.weight_values` + a layout (`.weight_indices`, `.weight_bitmap` or CSR) + `.weight_shape`: pruned.
         if self.contains(&format!("{name}.weight_values")) {
             return self.load_sparse(name, &expect, bias);

@@ -263,6 +263,9 @@ fn quantize_linear(
     name: &str,
     stats: Option<&ActStats>,
 ) -> Result<(Linear, String)> {
+    if let Some((u, v)) = l.factors() {
+        return quantize_low_rank(u, v, l, scheme, plan, name, stats);
+    }
     match scheme {
         Scheme::Keep => Ok((l.clone(), String::new())),
         Scheme::W8A8Static => {
@@ -295,6 +298,45 @@ fn quantize_linear(
             Ok((Linear::rtn(&rtn.quantize(&w, m, k), rtn, l.bias.clone())?, note))
         }
     }
+}
+
+/// A low-rank layer: U and V are quantized as two Linears (the rank padded with zeros to a multiple of 32
+/// for the weight-only formats, whose groups need it), so the factorisation's savings add to the format's.
+fn quantize_low_rank(
+    u: Linear,
+    v: Linear,
+    l: &Linear,
+    scheme: Scheme,
+    plan: &Plan,
+    name: &str,
+    stats: Option<&ActStats>,
+) -> Result<(Linear, String)> {
+    let r = u.in_features();
+    let mut note = String::new();
+    let (u, v) = match scheme {
+        Scheme::Keep => return Ok((l.clone(), note)),
+        Scheme::W8A8Static => {
+            return Err(Error::Unsupported(format!(
+                "w8a8-static on low-rank layer `{name}`: its rank-{r} activations have no calibration statistics; use w8a8-dynamic or a weight-only scheme"
+            )))
+        }
+        Scheme::WeightOnly { .. } if !r.is_multiple_of(32) => {
+            let pad = r.next_multiple_of(32) - r;
+            note = format!("rank {r} padded to {} for the groups", r + pad);
+            let ut = u.dequantize()?.pad_with_zeros(1, 0, pad)?;
+            let vt = v.dequantize()?.pad_with_zeros(0, 0, pad)?;
+            (Linear::dense(ut, None)?, Linear::dense(vt, None)?)
+        }
+        _ => (u, v),
+    };
+    let (qv, nv) = quantize_linear(&v, scheme, plan, &format!("{name}.v"), stats)?;
+    let (qu, nu) = quantize_linear(&u, scheme, plan, &format!("{name}.u"), None)?;
+    for n in [nv, nu] {
+        if !n.is_empty() {
+            note = if note.is_empty() { n } else { format!("{note}; {n}") };
+        }
+    }
+    Ok((Linear::low_rank_of(qu, qv, l.bias.clone())?, note))
 }
 
 /// Mean squared difference of two layers' outputs on the sample rows of `s`.

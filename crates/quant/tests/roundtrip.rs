@@ -285,3 +285,60 @@ fn sensitivity_and_target_bpw_on_a_tiny_decoder() {
     let e = s.check_matches(&other.model, "s.json").unwrap_err().to_string();
     assert!(e.contains("s.json") && e.contains("model.layers.0"), "{e}");
 }
+
+/// A factorised layer quantized with a weight-only scheme keeps its factorisation: U and V become two
+/// grouped int8 Linears (the rank padded to 32), save and load give the same outputs bit for bit, and the
+/// output stays close to the float factorisation's.
+#[test]
+fn low_rank_factors_are_quantized_separately_and_round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let name = "model.layers.0.mlp.gate_proj";
+    // gate_proj (48, 32) as a rank-20 product: 20 is not a multiple of the group.
+    let (u, v) = (whittle_models::testing::rand(&[48, 20], 7), whittle_models::testing::rand(&[20, 32], 8));
+    for (n, lin) in l.model.linears_mut() {
+        if n == name {
+            *lin = whittle_core::Linear::low_rank(u.clone(), v.clone(), None).unwrap();
+        }
+    }
+    let x = whittle_models::testing::rand(&[5, 32], 9);
+    let float = |m: &Model| m.linears().into_iter().find(|(n, _)| n == name).unwrap().1.forward(&x).unwrap();
+    let y0 = float(&l.model);
+    let keep: Vec<String> = l
+        .model
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| n != name)
+        .map(|(n, _)| format!("^{}$=keep", regex_escape(&n)))
+        .collect();
+    let mut plan = Plan::new("w8a16", &keep).unwrap();
+    plan.group_size = 32;
+    let r = quantize(&mut l.model, &plan, false, |_, _| {}).unwrap();
+    assert_eq!(r.layers.len(), 1);
+    assert!(r.layers[0].scheme.starts_with("low-rank-32 w8a16-g32"), "{:?}", r.layers[0]);
+    assert!(r.layers[0].note.contains("rank 20 padded to 32"), "{:?}", r.layers[0]);
+    let lin = l.model.linears().into_iter().find(|(n, _)| n == name).unwrap().1.clone();
+    assert!(lin.is_quantized() && lin.rank() == Some(32));
+    let y1 = float(&l.model);
+    let rel = ((&y1 - &y0).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        / y0.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+    .sqrt();
+    assert!(rel > 0.0 && rel < 0.02, "int8 factors: relative output error {rel}");
+    let out = d.path().join("q");
+    whittle_models::save::save_hf_dir(&l, &out, candle_core::DType::F32).unwrap();
+    let back = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    for f in ["u.weight_packed", "v.weight_packed", "u.weight_scale"] {
+        assert!(back.source.tensors.iter().any(|t| t.name == format!("{name}.{f}")), "{f}");
+    }
+    assert!(!back.source.tensors.iter().any(|t| t.name.starts_with(name) && t.name.ends_with("weight_u")));
+    assert_eq!(float(&back.model).to_vec2::<f32>().unwrap(), y1.to_vec2::<f32>().unwrap(), "bit for bit");
+    // GPTQ-style requantization of a quantized factorisation needs the flag, like any quantized layer.
+    let mut again = back;
+    let e = quantize(&mut again.model, &plan, false, |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::AlreadyQuantized(..)), "{e}");
+}
+
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
+}

@@ -178,9 +178,13 @@ impl TrainBert {
         let hd = self.head_dim;
         for blk in &self.blocks {
             let h = blk.n_head;
-            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+            // Queries and keys may have fewer values per head than the values (low-rank attention).
+            let split = |y: Tensor| -> Result<Tensor> {
+                let d = y.dim(2)? / h;
+                Ok(y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?)
+            };
             let (q, k, v) = (split(blk.q.forward(&x)?)?, split(blk.k.forward(&x)?)?, split(blk.v.forward(&x)?)?);
-            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&add)?;
+            let att = (q.matmul(&k.t()?)? / (q.dim(3)? as f64).sqrt())?.broadcast_add(&add)?;
             let a = softmax(&att)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
             x = blk.ln1.forward(&(blk.o.forward(&a)? + &x)?)?;
             let f = blk.inter.forward(&x)?.gelu_erf()?;

@@ -257,7 +257,8 @@ pub struct Terms {
     pub hidden: f64,
 }
 
-/// Hard-label CE, soft-target KD (KL(p_t ‖ p_s) at temperature T, × T²) and hidden MSE, blended.
+/// Hard-label CE, soft-target KD (KL(p_t ‖ p_s) at temperature T, × T²) and hidden MSE (relative to the
+/// teacher's hidden-state energy), blended.
 pub fn losses(student: &TrainLlama, teacher: Option<&Llama>, x: &Tensor, y: &Tensor, o: &LossOptions) -> Result<Terms> {
     let (hs, logits) = student.forward(x)?;
     let v = logits.dim(D::Minus1)?;
@@ -281,7 +282,11 @@ pub fn losses(student: &TrainLlama, teacher: Option<&Llama>, x: &Tensor, y: &Ten
         if !o.hidden_map.is_empty() && o.hidden_weight > 0.0 {
             let mut acc: Option<Tensor> = None;
             for ((s, _), h_t) in o.hidden_map.iter().zip(&th) {
-                let d = (&hs[*s] - h_t.detach())?.sqr()?.mean_all()?;
+                // Relative to the teacher's energy, so that blocks (and models) with large residual
+                // streams do not dominate: ‖h_s − h_t‖² / ‖h_t‖².
+                let h_t = h_t.detach();
+                let e = h_t.sqr()?.mean_all()?.to_scalar::<f32>()?.max(1e-12) as f64;
+                let d = ((&hs[*s] - h_t)?.sqr()?.mean_all()? / e)?;
                 acc = Some(match acc {
                     Some(a) => (a + d)?,
                     None => d,
