@@ -217,10 +217,13 @@ fn prune_and_mixed_precision_bad_input_is_a_clear_error() {
         (&["lowrank", m, "--ratio", "0.5", "--rank", "4", "-o", o], "give one"),
         (&["lowrank", m, "--rank", "999", "-o", o], "--rank 999"),
         (&["lowrank", m, "--method", "pca", "--rank", "4", "-o", o], "svd, asvd, svd-llm"),
+        (&["lowrank", m, "--attention-rank", "31", "-o", o], "--attention-rank 31"),
+        (&["lowrank", m, "--attention-rank", "8", "--ratio", "0.5", "-o", o], "run `lowrank` again"),
         (&["quantize", m, "--scheme", "w8a8-dynamic", "--target-bpw", "4", "-o", o], "weight-only"),
         (&["quantize", m, "--scheme", "w4a16", "--sensitivity", "s.json", "-o", o], "--target-bpw"),
         (&["quantize", m, "--scheme", "w4a16", "--target-bpw", "4", "--candidates", "4,5", "-o", o], "`5`"),
         (&["sensitivity", m], "LLaMA decoders"),
+        (&["lowrank", smol.to_str().unwrap(), "--attention-rank", "8", "-o", o], "rope"),
     ];
     for (args, want) in cases {
         let r = whittle(args);

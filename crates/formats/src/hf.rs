@@ -315,7 +315,14 @@ pub fn write_stored(
 ) -> Result<()> {
     let data: Vec<(&str, StoredView)> = tensors.iter().map(|(n, t)| (n.as_str(), StoredView(t))).collect();
     safetensors::serialize_to_file(data, metadata, path)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: format!("{e}") })?;
+    // safetensors creates the file owner-only (0600); a model is as readable as the JSON beside it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 /// Writes a JSON value pretty-printed.
