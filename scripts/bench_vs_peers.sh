@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # whittle and its peers measured back to back in one run on this machine (machines here are noisy: compare
 # within one run, as ratios). Prints one JSON line per configuration. Needs ../shared/peers/setup.sh done.
-#   scripts/bench_vs_peers.sh [minilm] [smollm2] [smollm2-quant] [quant2] [quant2-time] [prune] [prune-structured] [lowrank]
+#   scripts/bench_vs_peers.sh [minilm] [smollm2] [smollm2-quant] [quant2] [quant2-time] [prune] [prune-structured] [lowrank] [distill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${WHITTLE_MODELS:-$HOME/.cache/whittle/models}
@@ -152,6 +152,29 @@ for w in $what; do
         $W eval "$m" --task sts --json
         $W eval "$m" --task classify --json
         $W bench "$m" --reps 5 --json
+      done
+      ;;
+    distill)
+      # Distillation (#7), ~75 min on 2 cores: the structured student (see prune-structured) recovered by
+      # fine-tuning and by distillation from a teacher corrected on the same text (Minitron), same steps, data
+      # and schedule (85-step cosine, stopped at 73); then MiniLM's 3-layer student, undistilled vs distilled.
+      B="$OUT/smol-f32"
+      [ -e "$B" ] || $W convert "$M/SmolLM2-135M-Instruct.Q4_1.gguf" -o "$B" >&2
+      [ -e "$OUT/st27" ] || $W prune "$B" --structured heads=0.34,ffn=0.25 -o "$OUT/st27" >&2
+      S="--max-steps 85 --stop-at 73 --eval-every 17 --ckpt-every 17 --seed 0 --force"
+      $W finetune "$OUT/st27" -o "$OUT/st27-ft" $S >&2
+      $W finetune "$B" -o "$OUT/teacher-ft" $S >&2
+      $W distill --teacher "$OUT/teacher-ft" --student "$OUT/st27" -o "$OUT/st27-kd" --alpha 1 --temperature 1 \
+        --max-time 20m $S >&2
+      for m in "$B" "$OUT/teacher-ft" "$OUT/st27" "$OUT/st27-ft" "$OUT/st27-kd"; do
+        $W eval "$m" --chunks 16 --json
+      done
+      E="$M/all-MiniLM-L6-v2"
+      $W prune "$E" --drop-layers 1,3,5 -o "$OUT/minilm3" --force >&2
+      $W distill --teacher "$E" --keep-layers 0,2,4 -o "$OUT/minilm3-kd" --max-steps 381 --eval-every 63 \
+        --ckpt-every 63 --max-time 20m --force >&2
+      for m in "$E" "$OUT/minilm3" "$OUT/minilm3-kd"; do
+        $W eval "$m" --task sts --json
       done
       ;;
   esac
