@@ -1895,128 +1895,124 @@ fn run(cli: Cli) -> Result<()> {
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
-            let calib_text = |decoder: bool| -> Result<(String, String, whittle_quant::calib::CalibOptions)> {
-                let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
-                let co = whittle_quant::calib::CalibOptions {
-                    samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
-                    seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
-                    source: src.clone(),
-                };
-                if co.samples == 0 || co.seq_len == 0 {
-                    bail!("--calib-samples and --calib-seq-len must be at least 1");
-                }
-                Ok((src, text, co))
-            };
-            if let Some(ar) = attention_rank {
-                if ratio.is_some() || energy.is_some() || rank.is_some() {
-                    bail!("--attention-rank factorises the attention scores alone: run `lowrank` again on its output for --ratio, --energy or --rank");
-                }
-                let method = Method::parse(&method)?;
-                let mut l = open(&m)?;
-                let (src, text, co) = calib_text(matches!(l.model, Model::Llama(_)))?;
-                let bytes_in = whittle_eval::bench::model_bytes(&l);
-                let mut pb = progress_bar("calibrate");
-                let r = whittle_compress::attention::attention_rank(&mut l, ar, method, damp, &text, &co, &mut pb)?;
-                whittle_models::save::save_hf_dir(&l, &output, DType::F32)
-                    .with_context(|| format!("writing {}", output.display()))?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                    return Ok(());
-                }
-                let mut out = std::io::stdout().lock();
-                writeln!(
-                    out,
-                    "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12} {:>8}",
-                    "block", "heads", "dims", "Q+K", "after", "score err", "ms"
-                )?;
-                for b in &r.blocks {
-                    writeln!(
-                        out,
-                        "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12.4} {:>8.1}",
-                        b.block,
-                        b.heads,
-                        format!("{} -> {}", b.dim_before, b.dim_after),
-                        human(b.params_before),
-                        human(b.params_after),
-                        b.score_rel_err,
-                        b.seconds * 1e3
-                    )?;
-                }
-                let cal = if r.tokens > 0 {
-                    format!("{} calibration tokens of {src}", r.tokens)
-                } else {
-                    "no calibration".into()
-                };
-                writeln!(
-                    out,
-                    "\n{} attention rank {}: query+key parameters {} -> {} ({:.1}%); model on disk {:.2} MB -> {:.2} MB; {cal}; {:.1}s\nwrote {}",
-                    r.method,
-                    r.rank,
-                    human(r.params_before),
-                    human(r.params_after),
-                    100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
-                    bytes_in as f64 / 1e6,
-                    bench_bytes(&output) as f64 / 1e6,
-                    r.seconds,
-                    output.display()
-                )?;
-                return Ok(());
-            }
-            let target = match (ratio, energy, rank) {
-                (Some(r), None, None) => Target::Ratio(r),
-                (None, Some(e), None) => Target::Energy(e),
-                (None, None, Some(r)) => Target::Rank(r),
-                (None, None, None) => bail!("lowrank needs one of --ratio R (e.g. 0.8), --energy E or --rank R"),
+            let method = Method::parse(&method)?;
+            let target = match (attention_rank, ratio, energy, rank) {
+                (Some(_), None, None, None) => None,
+                (Some(_), ..) => bail!("--attention-rank factorises the attention scores alone: run `lowrank` again on its output for --ratio, --energy or --rank"),
+                (None, Some(r), None, None) => Some(Target::Ratio(r)),
+                (None, None, Some(e), None) => Some(Target::Energy(e)),
+                (None, None, None, Some(r)) => Some(Target::Rank(r)),
+                (None, None, None, None) => bail!("lowrank needs one of --ratio R (e.g. 0.8), --energy E or --rank R"),
                 _ => bail!("--ratio, --energy and --rank each choose the ranks: give one"),
             };
-            let method = Method::parse(&method)?;
             let mut l = open(&m)?;
-            let (src, text, co) = calib_text(matches!(l.model, Model::Llama(_)))?;
+            let decoder = matches!(l.model, Model::Llama(_));
+            let (src, text) = whittle_eval::data::read_text(calib.as_deref(), whittle_eval::data::WIKI_VALID)?;
+            let co = whittle_quant::calib::CalibOptions {
+                samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
+                seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
+                source: src.clone(),
+            };
+            if co.samples == 0 || co.seq_len == 0 {
+                bail!("--calib-samples and --calib-seq-len must be at least 1");
+            }
             let bytes_in = whittle_eval::bench::model_bytes(&l);
-            let o = LowRankOptions { method, target, alpha, damp };
             let mut pb = progress_bar("calibrate");
-            let r = lowrank_model(&mut l, &o, &text, &co, &mut pb)?;
-            whittle_models::save::save_hf_dir(&l, &output, DType::F32)
-                .with_context(|| format!("writing {}", output.display()))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-                return Ok(());
-            }
+            let save = |l: &whittle_models::Loaded| {
+                whittle_models::save::save_hf_dir(l, &output, DType::F32)
+                    .with_context(|| format!("writing {}", output.display()))
+            };
             let mut out = std::io::stdout().lock();
-            writeln!(
-                out,
-                "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8}",
-                "layer", "shape", "rank", "params", "after", "weight err", "output err", "ms"
-            )?;
-            for x in &r.layers {
-                let rank = x.rank.map_or("dense".to_string(), |r| r.to_string());
-                writeln!(
-                    out,
-                    "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10.4} {:>10.4} {:>8.1}",
-                    x.name,
-                    format!("{}x{}", x.out_features, x.in_features),
-                    rank,
-                    human(x.params_before),
-                    human(x.params_after),
-                    x.weight_rel_err,
-                    x.output_rel_err,
-                    x.seconds * 1e3
-                )?;
+            // After the output is written.
+            let sizes = || {
+                format!("model on disk {:.2} MB -> {:.2} MB", bytes_in as f64 / 1e6, bench_bytes(&output) as f64 / 1e6)
+            };
+            match (attention_rank, target) {
+                (Some(ar), _) => {
+                    let r = whittle_compress::attention::attention_rank(&mut l, ar, method, damp, &text, &co, &mut pb)?;
+                    save(&l)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        return Ok(());
+                    }
+                    let sizes = sizes();
+                    writeln!(
+                        out,
+                        "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12} {:>8}",
+                        "block", "heads", "dims", "Q+K", "after", "score err", "ms"
+                    )?;
+                    for b in &r.blocks {
+                        writeln!(
+                            out,
+                            "{:<6} {:>6} {:>10} {:>10} {:>10} {:>12.4} {:>8.1}",
+                            b.block,
+                            b.heads,
+                            format!("{} -> {}", b.dim_before, b.dim_after),
+                            human(b.params_before),
+                            human(b.params_after),
+                            b.score_rel_err,
+                            b.seconds * 1e3
+                        )?;
+                    }
+                    let cal = if r.tokens > 0 {
+                        format!("{} calibration tokens of {src}", r.tokens)
+                    } else {
+                        "no calibration".into()
+                    };
+                    writeln!(
+                        out,
+                        "\n{} attention rank {}: query+key parameters {} -> {} ({:.1}%); {sizes}; {cal}; {:.1}s",
+                        r.method,
+                        r.rank,
+                        human(r.params_before),
+                        human(r.params_after),
+                        100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
+                        r.seconds,
+                    )?;
+                }
+                (None, target) => {
+                    let o = LowRankOptions { method, target: target.expect("chosen above"), alpha, damp };
+                    let r = lowrank_model(&mut l, &o, &text, &co, &mut pb)?;
+                    save(&l)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        return Ok(());
+                    }
+                    let sizes = sizes();
+                    writeln!(
+                        out,
+                        "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8}",
+                        "layer", "shape", "rank", "params", "after", "weight err", "output err", "ms"
+                    )?;
+                    for x in &r.layers {
+                        let rank = x.rank.map_or("dense".to_string(), |r| r.to_string());
+                        writeln!(
+                            out,
+                            "{:<44} {:>11} {:>6} {:>9} {:>9} {:>10.4} {:>10.4} {:>8.1}",
+                            x.name,
+                            format!("{}x{}", x.out_features, x.in_features),
+                            rank,
+                            human(x.params_before),
+                            human(x.params_after),
+                            x.weight_rel_err,
+                            x.output_rel_err,
+                            x.seconds * 1e3
+                        )?;
+                    }
+                    let factored = r.layers.iter().filter(|x| x.rank.is_some()).count();
+                    writeln!(
+                        out,
+                        "\n{}: {factored} of {} block Linears factorised; their parameters {} -> {} ({:.1}% of dense); {sizes}; {} calibration tokens of {src}; {:.1}s",
+                        r.method,
+                        r.layers.len(),
+                        human(r.params_before),
+                        human(r.params_after),
+                        100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
+                        r.tokens,
+                        r.seconds
+                    )?;
+                }
             }
-            let factored = r.layers.iter().filter(|x| x.rank.is_some()).count();
-            writeln!(
-                out,
-                "\n{}: {factored} of {} block Linears factorised; their parameters {} -> {} ({:.1}% of dense); model on disk {:.2} MB -> {:.2} MB; {} calibration tokens of {src}; {:.1}s",
-                r.method,
-                r.layers.len(),
-                human(r.params_before),
-                human(r.params_after),
-                100.0 * r.params_after as f64 / r.params_before.max(1) as f64,
-                bytes_in as f64 / 1e6,
-                bench_bytes(&output) as f64 / 1e6,
-                r.tokens,
-                r.seconds
-            )?;
             writeln!(out, "wrote {}", output.display())?;
             Ok(())
         }
