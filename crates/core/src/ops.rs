@@ -41,7 +41,7 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
         crate::linear::with_f32_slice(k, |ks| {
             crate::linear::with_f32_slice(v, |vs| {
                 whittle_kernels::filled(b * t * w, |out| {
-                    whittle_kernels::attn::encoder_attention_qk(qs, ks, vs, b, t, n_head, dq, d, lens, out, &CandlePool)
+                    whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, dq, d, lens, out, &CandlePool)
                 })
             })
         })

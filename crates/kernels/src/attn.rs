@@ -15,27 +15,10 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `out (B, T, H·D) = softmax(q kᵀ / √D, keys < len_b) v`, per batch row b and head h.
+/// `out (B, T, H·D) = softmax(q kᵀ / √dq, keys < len_b) v`, per batch row b and head h, with queries and
+/// keys of `dq` values per head and values of `d` (dq < d: low-rank attention scores in a smaller space).
 #[allow(clippy::too_many_arguments)]
 pub fn encoder_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-    lens: &[usize],
-    out: &mut [MaybeUninit<f32>],
-    par: &dyn Parallel,
-) {
-    encoder_attention_qk(q, k, v, b, t, h, d, d, lens, out, par)
-}
-
-/// [`encoder_attention`] with queries and keys of `dq` values per head and values of `d`: the scores are
-/// `q kᵀ / √dq` (low-rank attention computes them in a smaller space than the values).
-#[allow(clippy::too_many_arguments)]
-pub fn encoder_attention_qk(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -193,7 +176,7 @@ mod tests {
         let (q, k, v) = (gen(1, b * t * h * dq), gen(2, b * t * h * dq), gen(3, n));
         let lens: Vec<usize> = (0..b).map(|i| t - (i * 2) % t).collect();
         let mut out = vec![f32::NAN; n];
-        encoder_attention_qk(&q, &k, &v, b, t, h, dq, d, &lens, crate::as_uninit(&mut out), &Serial);
+        encoder_attention(&q, &k, &v, b, t, h, dq, d, &lens, crate::as_uninit(&mut out), &Serial);
         let (w, wq) = (h * d, h * dq);
         for bi in 0..b {
             for hi in 0..h {
