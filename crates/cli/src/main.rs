@@ -253,6 +253,13 @@ enum Cmd {
         /// Shared weights: the group's mean, or its most central member
         #[arg(long, default_value = "mean")]
         init: String,
+        /// Also factorise the word embeddings to rank R (ALBERT's factorised embedding, BERT encoders): U·V with
+        /// the subspace weighted by token counts in --calib
+        #[arg(long)]
+        embedding_rank: Option<usize>,
+        /// Text whose token counts weight --embedding-rank (default: data/wikitext-2/wiki.valid.tokens)
+        #[arg(long)]
+        calib: Option<PathBuf>,
         /// Replace an existing output
         #[arg(long)]
         force: bool,
@@ -496,6 +503,10 @@ struct CalibArgs {
     /// GPTQ act-order: columns by decreasing Hessian diagonal (static groups)
     #[arg(long)]
     act_order: bool,
+    /// GPTQ: run the calibration forward in int8 (w8a8, about 2× faster on VNNI CPUs); the Hessians then see
+    /// the inputs of an 8-bit-rounded model
+    #[arg(long)]
+    calib_int8: bool,
     /// w8a8-static activation range observer: minmax, percentile, mse, entropy
     #[arg(long, default_value = "minmax")]
     observer: String,
@@ -1060,6 +1071,9 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             );
         }
     }
+    if calib.calib_int8 && !matches!(calib.method.as_str(), "gptq" | "awq-gptq") {
+        bail!("--calib-int8 runs GPTQ's layer-wise calibration in int8; it needs --method gptq or awq-gptq");
+    }
     let awq = match calib.method.as_str() {
         "rtn" => false,
         "awq" if matches!(plan.default, whittle_quant::Scheme::WeightOnly { .. }) => true,
@@ -1078,6 +1092,7 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             samples: calib.calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
             seq_len: calib.calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
             source: src.clone(),
+            int8: false,
         };
         if co.samples == 0 || co.seq_len == 0 {
             bail!("--calib-samples and --calib-seq-len must be at least 1");
@@ -1156,7 +1171,7 @@ fn measure_sensitivity(
         bail!("--calib-samples and --calib-seq-len must be at least 1");
     }
     let (src, text) = whittle_eval::data::read_text(calib, whittle_eval::data::WIKI_VALID)?;
-    let co = whittle_quant::calib::CalibOptions { samples, seq_len, source: src.clone() };
+    let co = whittle_quant::calib::CalibOptions { samples, seq_len, source: src.clone(), int8: false };
     let mut pb = progress_bar("sensitivity");
     let s = whittle_quant::mixed::sensitivity(l, &text, &co, o, &mut pb)?;
     eprintln!("sensitivity: {} layers on {} tokens of {src} in {:.1}s", s.layers.len(), s.tokens, s.seconds);
@@ -1311,6 +1326,7 @@ fn cmd_quantize_gptq(
         samples: calib.calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
         seq_len: calib.calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
         source: src.clone(),
+        int8: calib.calib_int8,
     };
     if co.samples == 0 || co.seq_len == 0 {
         bail!("--calib-samples and --calib-seq-len must be at least 1");
@@ -1566,6 +1582,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
                 source: src.clone(),
+                int8: false,
             };
             if co.samples == 0 || co.seq_len == 0 {
                 bail!("--calib-samples and --calib-seq-len must be at least 1");
@@ -1806,7 +1823,7 @@ fn run(cli: Cli) -> Result<()> {
             train_cmd::run(&student, Some(&d), &t)
         }
         Cmd::Finetune { model, t } => train_cmd::run(&model, None, &t),
-        Cmd::Share { m, output, groups, unique, init, force, json } => {
+        Cmd::Share { m, output, groups, unique, init, embedding_rank, calib, force, json } => {
             use whittle_compress::share;
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
@@ -1843,13 +1860,39 @@ fn run(cli: Cli) -> Result<()> {
             };
             let bytes_in = whittle_eval::bench::model_bytes(&l);
             let (qname, q0) = quality(&l)?;
+            if calib.is_some() && embedding_rank.is_none() {
+                bail!("--calib weights --embedding-rank; pass --embedding-rank R too");
+            }
+            if embedding_rank.is_some() && !matches!(l.model, Model::Bert(_)) {
+                bail!("--embedding-rank factorises a BERT encoder's word embeddings; {} is a decoder (its embeddings are tied to the output head)", m.model);
+            }
             let r = share::share_blocks(&mut l, &groups, init)?;
+            let emb = match embedding_rank {
+                Some(rank) => {
+                    let (_, text) = data::read_text(calib.as_deref(), data::WIKI_VALID)?;
+                    let vocab = match &l.model {
+                        Model::Bert(b) => b.config.vocab_size,
+                        Model::Llama(_) => 0,
+                    };
+                    let mut w = vec![1f64; vocab];
+                    for line in text.lines().filter(|s| !s.trim().is_empty()) {
+                        let enc = l.tokenizer.encode(line, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+                        for &id in enc.get_ids() {
+                            if let Some(c) = w.get_mut(id as usize) {
+                                *c += 1.0;
+                            }
+                        }
+                    }
+                    Some(share::factorise_embeddings(&mut l, rank, &w)?)
+                }
+                None => None,
+            };
             let (_, q1) = quality(&l)?;
             whittle_models::save::save_hf_dir(&l, &output, DType::F32)
                 .with_context(|| format!("writing {}", output.display()))?;
             let bytes_out = bench_bytes(&output);
             if json {
-                let v = serde_json::json!({ "report": r, "quality": qname, "before": q0, "after": q1, "bytes_before": bytes_in, "bytes_after": bytes_out });
+                let v = serde_json::json!({ "report": r, "embedding": emb, "quality": qname, "before": q0, "after": q1, "bytes_before": bytes_in, "bytes_after": bytes_out });
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
@@ -1860,6 +1903,17 @@ fn run(cli: Cli) -> Result<()> {
                     "blocks {:?} share one set of weights ({from}); relative change per member: {}",
                     g.blocks,
                     ch.join(", ")
+                );
+            }
+            if let Some(e) = &emb {
+                println!(
+                    "word embeddings factorised to rank {}: parameters {} -> {}, relative error {:.3} (token-weighted {:.3}), {:.1}s",
+                    e.rank,
+                    human(e.params_before),
+                    human(e.params_after),
+                    e.rel_err,
+                    e.weighted_rel_err,
+                    e.seconds
                 );
             }
             println!(
@@ -1912,6 +1966,7 @@ fn run(cli: Cli) -> Result<()> {
                 samples: calib_samples.unwrap_or(if decoder { 16 } else { 256 }),
                 seq_len: calib_seq_len.unwrap_or(if decoder { 512 } else { 128 }),
                 source: src.clone(),
+                int8: false,
             };
             if co.samples == 0 || co.seq_len == 0 {
                 bail!("--calib-samples and --calib-seq-len must be at least 1");
@@ -2067,6 +2122,7 @@ fn run(cli: Cli) -> Result<()> {
                 samples: calib_samples,
                 seq_len: calib_seq_len,
                 source: src.clone(),
+                int8: false,
             };
             let mut pb = progress_bar("imatrix");
             let cal = whittle_quant::calib::calibrate(&mut l, &text, &co, &mut pb)?;

@@ -288,3 +288,87 @@ mod tests {
         }
     }
 }
+
+/// What [`factorise_embeddings`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingReport {
+    pub rank: usize,
+    pub params_before: usize,
+    pub params_after: usize,
+    /// ‖E − U·V‖ / ‖E‖ with rows weighted as the factorisation weighted them, and unweighted.
+    pub weighted_rel_err: f64,
+    pub rel_err: f64,
+    pub seconds: f64,
+}
+
+/// ALBERT's factorised embedding (Lan et al. 2019) for a BERT encoder: the word embedding table E (V × C)
+/// becomes U (V × r) · V (r × C). V's rows are the top r eigenvectors of Eᵀ·diag(w)·E, with `weights` w per
+/// token (e.g. 1 + its count in calibration text: frequent tokens are kept most exactly), and U = E·Vᵀ, each
+/// row's projection onto them (the best U for that V, whatever the weights). Saves parameters when
+/// r < V·C / (V + C).
+pub fn factorise_embeddings(l: &mut Loaded, rank: usize, weights: &[f64]) -> Result<EmbeddingReport> {
+    let t0 = std::time::Instant::now();
+    let Model::Bert(m) = &mut l.model else {
+        return Err(Error::Usage(
+            "--embedding-rank factorises a BERT encoder's word embeddings (a decoder's are tied to its output head)"
+                .into(),
+        ));
+    };
+    let e = &mut m.embeddings;
+    if e.word_v.is_some() {
+        return Err(Error::Usage("--embedding-rank: the word embeddings are already factorised".into()));
+    }
+    let (v, c) = e.word.dims2()?;
+    if rank == 0 || rank * (v + c) >= v * c {
+        return Err(Error::Usage(format!(
+            "--embedding-rank {rank}: a {v}×{c} table saves parameters only with a rank in 1..{}",
+            (v * c).div_ceil(v + c)
+        )));
+    }
+    if weights.len() != v {
+        return Err(Error::Usage(format!("embedding weights: {} values for {v} tokens", weights.len())));
+    }
+    let table: Vec<f32> = e.word.flatten_all()?.to_vec1()?;
+    // Gram matrix G = Σ_i w_i e_iᵀ e_i (C × C) in f64.
+    let mut g = faer::Mat::<f64>::zeros(c, c);
+    for (row, &w) in table.chunks_exact(c).zip(weights) {
+        for a in 0..c {
+            let wa = w * row[a] as f64;
+            for b in 0..=a {
+                g[(a, b)] += wa * row[b] as f64;
+            }
+        }
+    }
+    for a in 0..c {
+        for b in 0..a {
+            g[(b, a)] = g[(a, b)];
+        }
+    }
+    let svd = g.as_ref().thin_svd().map_err(|err| Error::Usage(format!("embedding SVD failed ({err:?})")))?;
+    // V: the top `rank` singular vectors as rows (r × C); U = E·Vᵀ (V × r).
+    let vt: Vec<f32> =
+        (0..rank).flat_map(|i| (0..c).map(move |j| (i, j))).map(|(i, j)| svd.U()[(j, i)] as f32).collect();
+    let mut u = vec![0f32; v * rank];
+    let (mut num, mut den, mut wnum, mut wden) = (0f64, 0f64, 0f64, 0f64);
+    for (i, row) in table.chunks_exact(c).enumerate() {
+        let ui = &mut u[i * rank..(i + 1) * rank];
+        for (k, uk) in ui.iter_mut().enumerate() {
+            *uk = row.iter().zip(&vt[k * c..(k + 1) * c]).map(|(a, b)| a * b).sum();
+        }
+        // Row error ‖e − u·V‖² = ‖e‖² − ‖u‖² (V's rows are orthonormal).
+        let (en, un): (f64, f64) =
+            (row.iter().map(|&a| (a as f64).powi(2)).sum(), ui.iter().map(|&a| (a as f64).powi(2)).sum());
+        let err = (en - un).max(0.0);
+        (num, den, wnum, wden) = (num + err, den + en, wnum + weights[i] * err, wden + weights[i] * en);
+    }
+    e.word = Tensor::from_vec(u, (v, rank), e.word.device())?;
+    e.word_v = Some(Tensor::from_vec(vt, (rank, c), e.word.device())?);
+    Ok(EmbeddingReport {
+        rank,
+        params_before: v * c,
+        params_after: rank * (v + c),
+        weighted_rel_err: (wnum / wden.max(1e-30)).sqrt(),
+        rel_err: (num / den.max(1e-30)).sqrt(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

@@ -47,7 +47,7 @@ fn zeros_per_row(l: &Loaded) -> Vec<f64> {
 
 #[test]
 fn unstructured_and_nm_on_both_families_reload_identically() {
-    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into(), int8: false };
     for family in ["llama", "bert"] {
         for method in [Method::Magnitude, Method::Wanda, Method::SparseGpt] {
             for (pattern, want) in [(Pattern::Unstructured, 0.5), (Pattern::NM { n: 2, m: 4 }, 0.5)] {
@@ -86,7 +86,7 @@ fn structured_removal_shrinks_blocks_and_reloads() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
     let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into(), int8: false };
     let stats = calibrate(&mut l, &tiny_text(), &co, |_, _| {}).unwrap().stats;
     let s = Structured { heads: 0.5, ffn: 0.5, layers: 0, drop_layers: vec![] };
     let r = prune_structured(&mut l.model, &s, Importance::Activation, false, Some(&stats), &[], None).unwrap();
@@ -122,7 +122,7 @@ fn a_schedule_stops_at_the_first_step_over_the_bound_and_keeps_the_last_good_mod
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
     let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let co = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into() };
+    let co = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into(), int8: false };
     let mut o = PruneOptions {
         method: Method::Wanda,
         sparsity: 0.0,
@@ -156,7 +156,7 @@ fn a_schedule_stops_at_the_first_step_over_the_bound_and_keeps_the_last_good_mod
 #[test]
 fn low_rank_factorisation_saves_parameters_and_reloads_on_both_families() {
     use whittle_compress::lowrank::{lowrank_model, LowRankOptions, Method, Target};
-    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    let co = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into(), int8: false };
     for family in ["llama", "bert"] {
         for method in [Method::Svd, Method::Asvd, Method::SvdLlm] {
             let d = tempfile::tempdir().unwrap();
@@ -240,10 +240,70 @@ fn shared_blocks_are_stored_once_and_reload_identically() {
 }
 
 #[test]
+fn factorised_embeddings_weight_tokens_and_reload() {
+    use whittle_compress::share::factorise_embeddings;
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert_sized(d.path(), 32, 64);
+    let open = || load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let table = |l: &whittle_models::Loaded| -> Vec<Vec<f32>> {
+        let Model::Bert(m) = &l.model else { panic!() };
+        m.embeddings.word_table().unwrap().to_vec2().unwrap()
+    };
+    let orig = table(&open());
+    let uniform = vec![1.0; 40];
+    let mut errs = Vec::new();
+    for r in [4, 12] {
+        let mut l = open();
+        let rep = factorise_embeddings(&mut l, r, &uniform).unwrap();
+        assert_eq!((rep.params_before, rep.params_after), (40 * 32, r * (40 + 32)));
+        assert!((rep.rel_err - rep.weighted_rel_err).abs() < 1e-9, "{rep:?}");
+        // The reported error is the table's.
+        let t = table(&l);
+        let (num, den): (f64, f64) = orig.iter().zip(&t).fold((0.0, 0.0), |(n, d), (a, b)| {
+            let e: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            (n + e, d + a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>())
+        });
+        assert!(((num / den).sqrt() - rep.rel_err).abs() < 1e-4, "{} vs {rep:?}", (num / den).sqrt());
+        errs.push(rep.rel_err);
+        // Saved as two tensors, and reloaded to the same outputs.
+        let out = d.path().join(format!("emb{r}"));
+        whittle_models::save::save_hf_dir(&l, &out, candle_core::DType::F32).unwrap();
+        let back = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let Model::Bert(bm) = &back.model else { panic!() };
+        assert_eq!(bm.embeddings.word.dims(), &[40, r]);
+        assert_eq!(logits(&l), logits(&back));
+        // Twice is refused.
+        let mut back = back;
+        let e = factorise_embeddings(&mut back, r, &uniform).unwrap_err().to_string();
+        assert!(e.contains("already factorised"), "{e}");
+    }
+    assert!(errs[1] < errs[0], "{errs:?}");
+    // A heavily weighted token keeps its row far better than under uniform weights.
+    let row_err = |w: &[f64]| {
+        let mut l = open();
+        factorise_embeddings(&mut l, 4, w).unwrap();
+        orig[7].iter().zip(&table(&l)[7]).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+    };
+    let mut heavy = uniform.clone();
+    heavy[7] = 1e4;
+    assert!(row_err(&heavy) < 0.01 * row_err(&uniform), "{} vs {}", row_err(&heavy), row_err(&uniform));
+    // Ranks that save nothing, the wrong number of weights, and a decoder are refused.
+    for (r, w) in [(0, 40), (18, 40), (4, 39)] {
+        let e = factorise_embeddings(&mut open(), r, &vec![1.0; w]).unwrap_err().to_string();
+        assert!(e.contains("--embedding-rank") || e.contains("39 values"), "{e}");
+    }
+    let dl = tempfile::tempdir().unwrap();
+    tiny_llama(dl.path());
+    let mut ll = load(dl.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let e = factorise_embeddings(&mut ll, 4, &uniform).unwrap_err().to_string();
+    assert!(e.contains("BERT"), "{e}");
+}
+
+#[test]
 fn attention_rank_factorises_scores_and_reloads() {
     use whittle_compress::attention::attention_rank;
     use whittle_compress::lowrank::Method;
-    let co = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+    let co = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into(), int8: false };
     let d = tempfile::tempdir().unwrap();
     tiny_bert_sized(d.path(), 32, 64);
     let base = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();

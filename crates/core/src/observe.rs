@@ -64,33 +64,53 @@ impl ActStats {
         self.xtx.as_ref().filter(|x| !x.is_empty()).map(|x| x.iter().map(|v| 2.0 * v / n).collect())
     }
 
+    /// Adds several inputs at once (each rows × k, row-major): with Σ xᵀx, one f32 accumulation over all of
+    /// them before the f64 total (what the layer-wise engine uses, a few windows per call).
+    pub fn observe_many(&mut self, parts: &[&[f32]]) {
+        match self.xtx.as_ref() {
+            Some(acc) if !acc.is_empty() => {}
+            _ => return parts.iter().for_each(|x| self.observe(x)),
+        }
+        let k = self.k;
+        if parts.iter().any(|x| x.iter().any(|v| !v.is_finite())) {
+            self.non_finite = true;
+            return;
+        }
+        let acc = self.xtx.as_mut().expect("checked above");
+        xtx_add(parts, k, acc);
+        for x in parts {
+            for row in x.chunks_exact(k) {
+                for (a, &v) in self.absmax.iter_mut().zip(row) {
+                    *a = a.max(v.abs());
+                }
+            }
+            self.rows += x.len() / k;
+        }
+        // Σ x² per channel: the diagonal of Σ xᵀx.
+        for j in 0..k {
+            self.sumsq[j] = acc[j * k + j];
+        }
+    }
+
     /// Adds `x` (rows × k, row-major).
     pub fn observe(&mut self, x: &[f32]) {
         let k = self.k;
+        if matches!(self.xtx.as_ref(), Some(acc) if !acc.is_empty()) {
+            return self.observe_many(&[x]);
+        }
         if x.iter().any(|v| !v.is_finite()) {
             self.non_finite = true;
             return;
         }
-        if let Some(acc) = self.xtx.as_mut() {
-            let rows = x.len() / k;
-            if !acc.is_empty() {
-                // xᵀx in f32 by candle's GEMM (per call: one batch of rows), summed in f64.
-                let t = candle_core::Tensor::from_slice(x, (rows, k), &candle_core::Device::Cpu)
-                    .and_then(|t| t.t()?.matmul(&t))
-                    .and_then(|p| p.flatten_all()?.to_vec1::<f32>());
-                match t {
-                    Ok(p) => acc.iter_mut().zip(p).for_each(|(a, v)| *a += v as f64),
-                    Err(_) => self.non_finite = true,
-                }
-            }
-            // Per-channel statistics (all that `channels` gathers).
+        if self.xtx.is_some() {
+            // Per-channel statistics alone (all that `channels` gathers).
             for row in x.chunks_exact(k) {
                 for (j, &v) in row.iter().enumerate() {
                     self.absmax[j] = self.absmax[j].max(v.abs());
                     self.sumsq[j] += (v as f64) * (v as f64);
                 }
             }
-            self.rows += rows;
+            self.rows += x.len() / k;
             return;
         }
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -227,6 +247,45 @@ impl ActStats {
 
 /// Normalises `v` and gives its zero entries a small mass taken from the others (the reference entropy
 /// calibration's smoothing, eps = 1e-4), so the KL divergence stays finite.
+/// `acc += Σ xᵀx` (k × k, row-major, f64) over `parts` (each rows × k, row-major): the lower triangle by
+/// faer's triangular GEMM in f32 (half the work of a full product; the parts summed in f32), added to both
+/// triangles of `acc` tile by tile.
+fn xtx_add(parts: &[&[f32]], k: usize, acc: &mut [f64]) {
+    use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    let mut low = vec![0f32; k * k];
+    let par = faer::Par::rayon(rayon::current_num_threads());
+    for (i, x) in parts.iter().enumerate() {
+        let xm = faer::MatRef::from_row_major_slice(x, x.len() / k, k);
+        let dst = faer::MatMut::from_row_major_slice_mut(&mut low, k, k);
+        let how = if i == 0 { faer::Accum::Replace } else { faer::Accum::Add };
+        matmul(
+            dst,
+            BlockStructure::TriangularLower,
+            how,
+            xm.transpose(),
+            BlockStructure::Rectangular,
+            xm,
+            BlockStructure::Rectangular,
+            1.0f32,
+            par,
+        );
+    }
+    const T: usize = 32;
+    for i0 in (0..k).step_by(T) {
+        for j0 in (0..=i0).step_by(T) {
+            for i in i0..(i0 + T).min(k) {
+                for j in j0..(j0 + T).min(i + 1) {
+                    let v = low[i * k + j] as f64;
+                    acc[i * k + j] += v;
+                    if j != i {
+                        acc[j * k + i] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn smooth(v: &[f64]) -> Option<Vec<f64>> {
     const EPS: f64 = 1e-4;
     let total: f64 = v.iter().sum();

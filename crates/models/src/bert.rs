@@ -128,10 +128,32 @@ impl BertConfig {
 /// Word, position and token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
 pub struct BertEmbeddings {
-    pub word: Tensor,       // (V, C)
+    /// (V, C), or (V, r) when `word_v` factorises it (ALBERT's factorised embedding: row i is `word[i] · word_v`).
+    pub word: Tensor,
+    /// (r, C): the second factor of a factorised word embedding.
+    pub word_v: Option<Tensor>,
     pub position: Tensor,   // (P, C)
     pub token_type: Tensor, // (types, C)
     pub norm: LayerNorm,
+}
+
+impl BertEmbeddings {
+    /// The word embeddings of `ids` (B, T): (B, T, C), through the factorisation when there is one.
+    pub fn word_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = embed(&self.word, ids)?;
+        Ok(match &self.word_v {
+            Some(v) => x.broadcast_matmul(v)?,
+            None => x,
+        })
+    }
+
+    /// The full (V, C) word embedding table (the product when factorised).
+    pub fn word_table(&self) -> Result<Tensor> {
+        Ok(match &self.word_v {
+            Some(v) => self.word.matmul(v)?,
+            None => self.word.clone(),
+        })
+    }
 }
 
 /// One post-LN encoder block.
@@ -160,6 +182,42 @@ impl BertBlock {
     /// # Shapes
     /// - `x`: (B, T, C); returns (B, T, C)
     pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
+        let a = self.mix(x, mask, head_dim)?;
+        let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
+        let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
+        self.out_norm.forward(&(self.output.forward(&m)? + x)?)
+    }
+
+    /// The forward in the stages of the layer-wise engine, each ending at the input of the next Linears:
+    /// stage 0 maps the block input `x` to query/key/value's input (`x` itself), 1 that to the attention
+    /// output's, 2 to the intermediate's (the normalised residual, which becomes `x`), 3 to the output's, and
+    /// 4 finishes `x` (the block output) and returns `None`.
+    pub fn stage(
+        &self,
+        s: usize,
+        x: &mut Tensor,
+        input: Option<&Tensor>,
+        mask: &AttnMask,
+        head_dim: usize,
+    ) -> Result<Option<Tensor>> {
+        let input = || input.ok_or_else(|| Error::Usage(format!("stage {s} of a BERT block needs its input")));
+        Ok(match s {
+            0 => Some(x.clone()),
+            1 => Some(self.mix(input()?, mask, head_dim)?),
+            2 => {
+                *x = self.attn_norm.forward(&(self.attn_out.forward(input()?)? + &*x)?)?;
+                Some(x.clone())
+            }
+            3 => Some(whittle_core::ops::gelu_erf(&self.intermediate.forward(input()?)?)?),
+            _ => {
+                *x = self.out_norm.forward(&(self.output.forward(input()?)? + &*x)?)?;
+                None
+            }
+        })
+    }
+
+    /// Self-attention from `x` (B, T, C) to the attention output's input (B, T, H·D).
+    fn mix(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
         let (b, t, _c) = x.dims3()?;
         let h = self.n_head;
         // Low-rank attention: queries and keys of `dq` < head_dim values per head.
@@ -169,17 +227,14 @@ impl BertBlock {
         };
         let [q, k, v]: [Tensor; 3] =
             Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
-        let a = match mask {
+        Ok(match mask {
             AttnMask::Lengths(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
             AttnMask::Additive(mask) => {
                 let (q, k, v) = (split(q, dq)?, split(k, dq)?, split(v, head_dim)?);
                 let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
                 a.transpose(1, 2)?.reshape((b, t, h * head_dim))? // (B, T, H*D)
             }
-        };
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
-        let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
-        self.out_norm.forward(&(self.output.forward(&m)? + x)?)
+        })
     }
 
     pub fn linears(&self) -> [(&'static str, &Linear); 6] {
@@ -226,8 +281,18 @@ impl Bert {
                 eps: c.layer_norm_eps,
             })
         };
+        // `.weight_u` (V, r) + `.weight_v` (r, C): a factorised word embedding.
+        let we = format!("{p}embeddings.word_embeddings");
+        let (word, word_v) = if w.contains(&format!("{we}.weight_u")) {
+            let u = w.get(&format!("{we}.weight_u"), &[c.vocab_size, 0])?;
+            let v = w.get(&format!("{we}.weight_v"), &[u.dim(1)?, c.hidden_size])?;
+            (u, Some(v))
+        } else {
+            (w.get(&format!("{we}.weight"), &[c.vocab_size, c.hidden_size])?, None)
+        };
         let embeddings = BertEmbeddings {
-            word: w.get(&format!("{p}embeddings.word_embeddings.weight"), &[c.vocab_size, c.hidden_size])?,
+            word,
+            word_v,
             position: w.get(
                 &format!("{p}embeddings.position_embeddings.weight"),
                 &[c.max_position_embeddings, c.hidden_size],
@@ -292,7 +357,7 @@ impl Bert {
         let (_b, t) = ids.dims2()?;
         let e = &self.embeddings;
         let pos = e.position.narrow(0, 0, t)?.unsqueeze(0)?; // (1, T, C)
-        let x = (embed(&e.word, ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
+        let x = (e.word_rows(ids)? + embed(&e.token_type, type_ids)?)?.broadcast_add(&pos)?;
         e.norm.forward(&x)
     }
 
@@ -330,13 +395,19 @@ impl Bert {
     /// Every parameter with its HF name, in HF order (for saving).
     pub fn named_tensors(&self) -> Result<Vec<(String, Stored)>> {
         let e = &self.embeddings;
-        let mut v = vec![
-            ("embeddings.word_embeddings.weight".to_string(), Stored::Tensor(e.word.clone())),
+        let mut v = match &e.word_v {
+            Some(wv) => vec![
+                ("embeddings.word_embeddings.weight_u".to_string(), Stored::Tensor(e.word.clone())),
+                ("embeddings.word_embeddings.weight_v".to_string(), Stored::Tensor(wv.clone())),
+            ],
+            None => vec![("embeddings.word_embeddings.weight".to_string(), Stored::Tensor(e.word.clone()))],
+        };
+        v.extend([
             ("embeddings.position_embeddings.weight".into(), Stored::Tensor(e.position.clone())),
             ("embeddings.token_type_embeddings.weight".into(), Stored::Tensor(e.token_type.clone())),
             ("embeddings.LayerNorm.weight".into(), Stored::Tensor(e.norm.weight.clone())),
             ("embeddings.LayerNorm.bias".into(), Stored::Tensor(e.norm.bias.clone())),
-        ];
+        ]);
         for (i, b) in self.blocks.iter().enumerate() {
             for (n, l) in b.linears() {
                 push_linear(&mut v, &format!("encoder.layer.{i}.{n}"), l)?;

@@ -366,12 +366,58 @@ impl LlamaBlock {
         cache: &mut Option<(Tensor, Tensor)>,
         head_dim: usize,
     ) -> Result<Tensor> {
-        let (b, t, _c) = x.dims3()?;
+        let a = self.mix(&self.attn_norm.forward(x)?, cos, sin, mask, cache, head_dim)?;
+        let x = (x + self.o.forward(&a)?)?;
+        let m = self.gate_up(&self.mlp_norm.forward(&x)?)?;
+        Ok((x + self.down.forward(&m)?)?)
+    }
+
+    /// The forward in the stages of the layer-wise engine, each ending at the input of the next Linears:
+    /// stage 0 maps the block input `x` to q/k/v's input, 1 that to o's, 2 to gate/up's (adding the attention
+    /// residual to `x`), 3 to down's, and 4 finishes `x` (the block output) and returns `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage(
+        &self,
+        s: usize,
+        x: &mut Tensor,
+        input: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        head_dim: usize,
+    ) -> Result<Option<Tensor>> {
+        let input = || input.ok_or_else(|| Error::Usage(format!("stage {s} of a LLaMA block needs its input")));
+        Ok(match s {
+            0 => Some(self.attn_norm.forward(x)?),
+            1 => Some(self.mix(input()?, cos, sin, mask, &mut None, head_dim)?),
+            2 => {
+                *x = (&*x + self.o.forward(input()?)?)?;
+                Some(self.mlp_norm.forward(x)?)
+            }
+            3 => Some(self.gate_up(input()?)?),
+            _ => {
+                *x = (&*x + self.down.forward(input()?)?)?;
+                None
+            }
+        })
+    }
+
+    /// Attention from q/k/v's input `hx` (B, T, C) to o's input (B, T, H·D), through the cache when one is
+    /// given.
+    fn mix(
+        &self,
+        hx: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _c) = hx.dims3()?;
         let (h, kvh) = (self.n_head, self.n_kv_head);
-        let hx = self.attn_norm.forward(x)?;
-        let q = self.q.forward(&hx)?.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
-        let k = self.k.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
-        let v = self.v.forward(&hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
+        let q = self.q.forward(hx)?.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let k = self.k.forward(hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
+        let v = self.v.forward(hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
@@ -387,9 +433,7 @@ impl LlamaBlock {
                     with_f32_slice(&v, |vv| crate::nn::decode_attention(qv, kv, vv, h, kvh, s, head_dim))
                 })
             })???;
-            let a = Tensor::from_vec(a, (1, 1, h * head_dim), x.device())?;
-            let x = (x + self.o.forward(&a)?)?;
-            return self.mlp(&x);
+            return Ok(Tensor::from_vec(a, (1, 1, h * head_dim), hx.device())?);
         }
         let rep = h / kvh;
         let repeat = |t: &Tensor| -> Result<Tensor> {
@@ -401,18 +445,13 @@ impl LlamaBlock {
             // (B, H, S, D)
         };
         let a = attention(&q, &repeat(&k)?, &repeat(&v)?, mask)?; // (B, H, T, D)
-        let a = a.transpose(1, 2)?.reshape((b, t, h * head_dim))?;
-        let x = (x + self.o.forward(&a)?)?;
-        self.mlp(&x)
+        Ok(a.transpose(1, 2)?.reshape((b, t, h * head_dim))?)
     }
 
-    /// The MLP half with its residual: x + down(silu(gate(n)) · up(n)), n = mlp_norm(x).
-    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let hx = self.mlp_norm.forward(x)?;
-        let [g, u]: [Tensor; 2] =
-            Linear::forward_shared(&[&self.gate, &self.up], &hx)?.try_into().expect("two outputs");
-        let m = (g.silu()? * u)?; // (B, T, F)
-        Ok((x + self.down.forward(&m)?)?)
+    /// silu(gate(n)) · up(n): down's input (B, T, F) from gate/up's `n`.
+    fn gate_up(&self, n: &Tensor) -> Result<Tensor> {
+        let [g, u]: [Tensor; 2] = Linear::forward_shared(&[&self.gate, &self.up], n)?.try_into().expect("two outputs");
+        Ok((g.silu()? * u)?)
     }
 
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {

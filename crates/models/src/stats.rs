@@ -56,7 +56,7 @@ pub fn param_counts(model: &Model) -> (ParamCounts, Vec<LayerRow>) {
     let blocks: Vec<(usize, usize, usize)> = match model {
         Model::Bert(m) => {
             let e = &m.embeddings;
-            p.embeddings = n(&e.word) + n(&e.position) + n(&e.token_type);
+            p.embeddings = n(&e.word) + e.word_v.as_ref().map_or(0, n) + n(&e.position) + n(&e.token_type);
             p.norms += e.norm.num_params();
             p.head = m.pooler.as_ref().map_or(0, |l| l.num_params());
             m.blocks

@@ -21,6 +21,9 @@ pub struct CalibOptions {
     pub seq_len: usize,
     /// Where the text came from, for error messages.
     pub source: String,
+    /// The layer-wise engine runs its calibration forward with int8 weights and activations (w8a8 dynamic, about
+    /// 2× faster on VNNI CPUs); the solvers then see the inputs of an 8-bit-rounded model.
+    pub int8: bool,
 }
 
 /// Statistics per Linear name, with the time and tokens spent.

@@ -28,99 +28,29 @@ impl Default for GptqOptions {
     }
 }
 
-/// Σ a_i·b_i with eight partial sums (vectorisable; AVX2 where the CPU has it). The hot loop of the
-/// Cholesky factorisation and the triangular inverse.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above); the function only reads its slices.
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_ref(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f64], b: &[f64]) -> f64 {
-    dot_ref(a, b)
-}
-
-#[inline(always)]
-fn dot_ref(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// In-place lower Cholesky factor of the symmetric `a` (n × n, row-major); `Err(j)` if pivot j is not positive.
-fn cholesky(a: &mut [f64], n: usize) -> std::result::Result<(), usize> {
-    for j in 0..n {
-        let (before, rest) = a.split_at_mut(j * n);
-        let rowj = &mut rest[..n];
-        let s = rowj[j] - dot(&rowj[..j], &rowj[..j]);
-        if s.is_nan() || s <= 0.0 || !s.is_finite() {
-            return Err(j);
-        }
-        let d = s.sqrt();
-        rowj[j] = d;
-        let rowj: Vec<f64> = rowj[..j].to_vec();
-        // Rows below j: a[i][j] = (a[i][j] − Σ_p a[i][p]·a[j][p]) / d. (`before` holds rows < j: unused.)
-        let _ = before;
-        for i in j + 1..n {
-            let ri = &mut a[i * n..(i + 1) * n];
-            ri[j] = (ri[j] - dot(&ri[..j], &rowj)) / d;
-        }
-    }
-    for i in 0..n {
-        for j in i + 1..n {
-            a[i * n + j] = 0.0;
-        }
-    }
-    Ok(())
-}
-
 /// The upper Cholesky factor U of H⁻¹ (row-major), from a dampened H. Retries with 10× the dampening (up to
-/// three times) when H is not positive definite.
+/// three times) when H is not positive definite. Cholesky and the triangular inverse are faer's (blocked,
+/// on every core).
 pub fn hinv_upper(h: &[f64], n: usize, damp: f64, layer: &str) -> Result<Vec<f64>> {
     let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
+    let par = faer::Par::rayon(0);
     let mut damp = damp;
     for _ in 0..4 {
         // J·H·J with the dampening on the diagonal.
-        let mut b = vec![0f64; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                b[i * n + j] = h[(n - 1 - i) * n + (n - 1 - j)];
-            }
-            b[i * n + i] += damp * mean_diag.max(1e-12);
-        }
-        if cholesky(&mut b, n).is_err() {
+        let b = faer::Mat::from_fn(n, n, |i, j| {
+            h[(n - 1 - i) * n + (n - 1 - j)] + if i == j { damp * mean_diag.max(1e-12) } else { 0.0 }
+        });
+        let Ok(llt) = b.as_ref().llt(faer::Side::Lower) else {
             damp *= 10.0;
             continue;
-        }
-        // M = L⁻¹ (lower), column by column by forward substitution; stored transposed (row j = column j).
-        let mut mt = vec![0f64; n * n];
-        for j in 0..n {
-            let col = &mut mt[j * n..(j + 1) * n];
-            col[j] = 1.0 / b[j * n + j];
-            for i in j + 1..n {
-                let li = &b[i * n..(i + 1) * n];
-                col[i] = -dot(&li[j..i], &col[j..i]) / li[i];
-            }
-        }
-        // U = J·M·J: U[i][j] = M[n−1−i][n−1−j] = mt[n−1−j][n−1−i].
+        };
+        // M = L⁻¹ (lower); U = J·M·J: U[i][j] = M[n−1−i][n−1−j].
+        let mut m = faer::Mat::<f64>::zeros(n, n);
+        faer::linalg::triangular_inverse::invert_lower_triangular(m.as_mut(), llt.L(), par);
         let mut u = vec![0f64; n * n];
         for i in 0..n {
             for j in i..n {
-                u[i * n + j] = mt[(n - 1 - j) * n + (n - 1 - i)];
+                u[i * n + j] = m[(n - 1 - i, n - 1 - j)];
             }
         }
         return Ok(u);

@@ -1,14 +1,17 @@
-//! The layer-wise calibration engine (ARCHITECTURE.md): calibration windows → embeddings → block by block:
-//! observe the inputs of the block's Linears with the float block, solve each Linear (GPTQ), then recompute
-//! the block's outputs with the quantized block and continue. Peak memory is the model plus one block's
-//! Hessians plus the calibration activations (samples × tokens × width floats).
+//! The layer-wise calibration engine (ARCHITECTURE.md): calibration windows → embeddings → block by block,
+//! stage by stage in one pass: the inputs of the block's first Linears (q/k/v) over every window are observed
+//! and those Linears solved (GPTQ, SparseGPT, ...); their outputs, computed with the solved Linears, give the
+//! next Linears' inputs (o), and so on to the block output, which feeds the next block (GPTQ's "true
+//! sequential" order: every Linear sees the inputs the quantized model before it produces). Peak memory is the
+//! model plus one stage's Hessian plus the calibration activations: the residual stream and one stage's inputs
+//! (samples × tokens × width floats each, the widest being the MLP's).
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
+use whittle_kernels::int8::PackedI8;
 use whittle_models::bert::AttnMask;
 use whittle_models::{Loaded, Model};
 
@@ -34,23 +37,21 @@ pub struct LayerwiseReport {
     pub activation_bytes: usize,
 }
 
-/// Which of a block's Linears (in `linears_mut` order) share an input: `observed` are the ones whose input is
-/// observed, `which[i]` the observed slot Linear `i` reads.
-struct Sharing {
-    observed: &'static [usize],
-    which: &'static [usize],
-}
-
-/// LLaMA: q (shared by k, v), o, gate (shared by up), down.
-const LLAMA: Sharing = Sharing { observed: &[0, 3, 4, 6], which: &[0, 0, 0, 1, 2, 2, 3] };
-/// BERT: query (shared by key, value), attention output, intermediate, output.
-const BERT: Sharing = Sharing { observed: &[0, 3, 4, 5], which: &[0, 0, 0, 1, 2, 3] };
+/// The stage (the observed input, see the blocks' `stage`) each of a block's Linears reads, in `linears_mut`
+/// order. LLaMA: q, k, v (0), o (1), gate, up (2), down (3).
+const LLAMA: &[usize] = &[0, 0, 0, 1, 2, 2, 3];
+/// BERT: query, key, value (0), attention output (1), intermediate (2), output (3).
+const BERT: &[usize] = &[0, 0, 0, 1, 2, 3];
+/// Stages of a block with observed inputs.
+const STAGES: usize = 4;
+/// Calibration inputs per f32 accumulation of Σ xᵀx.
+const PARTS: usize = 8;
 
 /// What a solver sees of one Linear: its block, the statistics of its input on the calibration text (per-channel
 /// Σx², max |x|, and Σxᵀx when the engine was asked for Hessians) and that Hessian, 2·XᵀX/n.
 pub struct LayerInput<'a> {
     pub block: usize,
-    /// The observed input this Linear reads (shared by q/k/v, by gate/up): solvers may cache per slot.
+    /// The observed input (stage) this Linear reads, shared by q/k/v and by gate/up: solvers may cache per slot.
     pub slot: usize,
     pub stats: &'a ActStats,
     pub hessian: Option<&'a [f64]>,
@@ -88,10 +89,11 @@ pub fn run_layerwise(
                 &mut m.blocks,
                 "model.layers",
                 &mut xs,
-                &LLAMA,
+                LLAMA,
                 hessian,
+                co.int8,
                 |b| b.linears_mut().into_iter().collect(),
-                |b, x| Ok(b.forward(x, &cos, &sin, mask.as_ref(), &mut None, hd)?),
+                |b, s, x, input| Ok(b.stage(s, x, input, &cos, &sin, mask.as_ref(), hd)?),
                 &mut solve,
                 &mut progress,
             )?;
@@ -118,12 +120,13 @@ pub fn run_layerwise(
                 &mut m.blocks,
                 "encoder.layer",
                 &mut xs,
-                &BERT,
+                BERT,
                 hessian,
+                co.int8,
                 |b| b.linears_mut().into_iter().collect(),
-                |b, x| {
+                |b, s, x, input| {
                     let (n, t, _) = x.dims3()?;
-                    Ok(b.forward(x, &AttnMask::Lengths(&vec![t; n]), hd)?)
+                    Ok(b.stage(s, x, input, &AttnMask::Lengths(&vec![t; n]), hd)?)
                 },
                 &mut solve,
                 &mut progress,
@@ -229,64 +232,82 @@ struct Acc {
     after: usize,
 }
 
-/// The engine's loop: for each block, observe the shared inputs over every calibration input `xs` with the
-/// float block, solve its Linears, then replace `xs` by the solved block's outputs.
+/// The engine's loop (module doc): for each block, stage by stage, observe the stage's input over every
+/// calibration input `xs`, solve the Linears reading it, and run the stage with them; `xs` ends as the solved
+/// block's outputs. The forward runs on `run`, a copy of the block whose Linears are the solved ones, or int8
+/// copies of them (`int8`).
 #[allow(clippy::too_many_arguments)]
-fn run_blocks<B>(
+fn run_blocks<B: Clone>(
     blocks: &mut [B],
     prefix: &str,
     xs: &mut [Tensor],
-    sharing: &Sharing,
+    which: &[usize],
     hessian: bool,
+    int8: bool,
     linears: impl Fn(&mut B) -> Vec<(&'static str, &mut Linear)>,
-    fwd: impl Fn(&B, &Tensor) -> Result<Tensor>,
+    stage: impl Fn(&B, usize, &mut Tensor, Option<&Tensor>) -> Result<Option<Tensor>>,
     solve: &mut impl FnMut(&str, &Linear, &LayerInput) -> Result<Solved>,
     progress: &mut impl FnMut(usize, usize),
 ) -> Result<Acc> {
     let nb = blocks.len();
     let mut acc = Acc::default();
+    let runner = |l: &Linear| -> Result<Linear> {
+        if !int8 {
+            return Ok(l.clone());
+        }
+        let (m, k) = (l.out_features(), l.in_features());
+        let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
+        Ok(Linear::int8_dynamic(PackedI8::from_f32(&w, m, k), l.bias.clone())?)
+    };
     for (bi, blk) in blocks.iter_mut().enumerate() {
         let p = format!("{prefix}.{bi}.");
-        let obs: Vec<Arc<Mutex<ActStats>>> = {
-            let mut ls = linears(blk);
-            sharing
-                .observed
-                .iter()
-                .map(|&i| {
-                    let k = ls[i].1.in_features();
-                    ls[i].1.observe_with(if hessian { ActStats::hessian(k) } else { ActStats::channels(k) })
-                })
-                .collect()
-        };
-        let ran: Result<()> = xs.iter().try_for_each(|x| fwd(blk, x).map(drop));
-        for (_, lin) in linears(blk) {
-            lin.unobserve();
-        }
-        ran?;
-        let stats: Vec<ActStats> = obs
-            .into_iter()
-            .map(|o| {
-                let s = o.lock().expect("observer").clone();
-                if s.non_finite {
-                    return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
-                }
-                Ok(s)
-            })
-            .collect::<Result<_>>()?;
-        let hess: Vec<Option<Vec<f64>>> = stats.iter().map(|s| s.mean_hessian()).collect();
-        for ((name, lin), &slot) in linears(blk).into_iter().zip(sharing.which) {
-            let full = format!("{p}{name}");
-            acc.before += lin.storage_bytes();
-            let input = LayerInput { block: bi, slot, stats: &stats[slot], hessian: hess[slot].as_deref() };
-            if let Some((new, report)) = solve(&full, lin, &input)? {
-                acc.layers.push(report);
-                *lin = new;
+        let mut run = blk.clone();
+        if int8 {
+            for (_, l) in linears(&mut run) {
+                *l = runner(l)?;
             }
-            acc.after += lin.storage_bytes();
         }
-        // The next block sees this block's solved outputs.
+        let mut inputs: Vec<Tensor> = Vec::with_capacity(xs.len());
         for x in xs.iter_mut() {
-            *x = fwd(blk, x)?;
+            inputs.push(stage(&run, 0, x, None)?.expect("stage 0 gives an input"));
+        }
+        for s in 0..STAGES {
+            let k = inputs.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
+            let mut st = if hessian { ActStats::hessian(k) } else { ActStats::channels(k) };
+            for part in inputs.chunks(PARTS) {
+                let v: Vec<Vec<f32>> =
+                    part.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<std::result::Result<_, _>>()?;
+                st.observe_many(&v.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            }
+            if st.non_finite {
+                return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
+            }
+            let hess = st.mean_hessian();
+            let mut ls = linears(blk);
+            let mut rs = linears(&mut run);
+            for (i, ((name, lin), (_, r))) in ls.iter_mut().zip(rs.iter_mut()).enumerate() {
+                if which[i] != s {
+                    continue;
+                }
+                let full = format!("{p}{name}");
+                acc.before += lin.storage_bytes();
+                let input = LayerInput { block: bi, slot: s, stats: &st, hessian: hess.as_deref() };
+                if let Some((new, report)) = solve(&full, lin, &input)? {
+                    acc.layers.push(report);
+                    **r = runner(&new)?;
+                    **lin = new;
+                }
+                acc.after += lin.storage_bytes();
+            }
+            // The next stage's inputs, computed with the solved Linears (each window's old input dropped as
+            // its new one is made).
+            let mut next = Vec::with_capacity(inputs.len());
+            for (x, input) in xs.iter_mut().zip(std::mem::take(&mut inputs)) {
+                if let Some(n) = stage(&run, s + 1, x, Some(&input))? {
+                    next.push(n);
+                }
+            }
+            inputs = next;
         }
         progress(bi + 1, nb);
     }

@@ -129,7 +129,7 @@ fn smoothquant_is_exact_and_static_roundtrips() {
         };
         let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
         let before = run(&l);
-        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into(), int8: false };
         let mut cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
         assert!(cal.stats.values().all(|s| s.rows > 0), "{family}: every Linear observed");
         let r = whittle_quant::smooth::smooth(&mut l.model, &mut cal.stats, 0.5).unwrap();
@@ -171,7 +171,7 @@ fn awq_is_exact_and_not_worse_than_rounding() {
         m.forward(&x, &mut KvCache::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     };
     let before = run(&l);
-    let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+    let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into(), int8: false };
     let mut cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
     let rtn = whittle_core::Rtn { bits: 4, group: 32, zero_point: false };
     let r = whittle_quant::awq::awq(&mut l.model, &mut cal.stats, |_, k| (k % 32 == 0).then_some(rtn), 10, |_, _| {})
@@ -192,7 +192,7 @@ fn imatrix_file_has_llama_cpp_layout() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
     let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let o = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into() };
+    let o = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into(), int8: false };
     let cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
     let out = d.path().join("imatrix.gguf");
     let n = whittle_quant::imatrix::write_imatrix(&cal.stats, &out, "tiny", 4, 16).unwrap();
@@ -216,7 +216,8 @@ fn layerwise_gptq_runs_on_both_families_and_beats_rounding() {
     use whittle_quant::calib::CalibOptions;
     use whittle_quant::gptq::GptqOptions;
     let rtn = whittle_core::Rtn { bits: 3, group: 32, zero_point: true };
-    for family in ["llama", "bert"] {
+    // With the calibration forward in f32 and in int8 (`--calib-int8`).
+    for (family, int8) in [("llama", false), ("bert", false), ("llama", true), ("bert", true)] {
         let d = tempfile::tempdir().unwrap();
         if family == "llama" {
             tiny_llama(d.path());
@@ -224,7 +225,7 @@ fn layerwise_gptq_runs_on_both_families_and_beats_rounding() {
             whittle_models::testing::tiny_bert_sized(d.path(), 32, 64);
         }
         let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into() };
+        let o = CalibOptions { samples: 8, seq_len: 16, source: "tiny".into(), int8 };
         let r = whittle_quant::layerwise::gptq_model(
             &mut l,
             &tiny_text(),
@@ -259,7 +260,7 @@ fn sensitivity_and_target_bpw_on_a_tiny_decoder() {
         .into_iter()
         .map(|(n, l)| (n, l.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap()))
         .collect();
-    let o = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into() };
+    let o = CalibOptions { samples: 2, seq_len: 16, source: "tiny".into(), int8: false };
     let so = SensitivityOptions { group_size: 32, ..Default::default() };
     let s = sensitivity(&mut l, &tiny_text(), &o, &so, |_, _| {}).unwrap();
     let fit = l.model.linears().iter().filter(|(n, l)| n.contains("layers") && l.in_features() % 32 == 0).count();
@@ -341,4 +342,50 @@ fn low_rank_factors_are_quantized_separately_and_round_trip() {
 
 fn regex_escape(s: &str) -> String {
     s.replace('.', "\\.")
+}
+
+/// The blocks' stages (what the layer-wise engine runs) compose to their forward, on both families.
+#[test]
+fn block_stages_compose_to_the_forward() {
+    use whittle_models::bert::AttnMask;
+    for family in ["llama", "bert"] {
+        let d = tempfile::tempdir().unwrap();
+        if family == "llama" {
+            tiny_llama(d.path());
+        } else {
+            whittle_models::testing::tiny_bert_sized(d.path(), 32, 64);
+        }
+        let l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 4, 6]], &Device::Cpu).unwrap();
+        type Stage<'a> = dyn Fn(usize, &mut Tensor, Option<&Tensor>) -> Option<Tensor> + 'a;
+        let run = |stage: &Stage, x: &Tensor| {
+            let mut x = x.clone();
+            let mut input = stage(0, &mut x, None);
+            for s in 1..=4 {
+                input = stage(s, &mut x, input.as_ref());
+            }
+            assert!(input.is_none());
+            x
+        };
+        let (full, staged) = match &l.model {
+            Model::Llama(m) => {
+                let (cos, sin, mask) = m.block_inputs(8).unwrap();
+                let x = m.embed(&ids).unwrap();
+                let b = &m.blocks[0];
+                let hd = m.config.head_dim;
+                let full = b.forward(&x, &cos, &sin, mask.as_ref(), &mut None, hd).unwrap();
+                let staged = run(&|s, x, i| b.stage(s, x, i, &cos, &sin, mask.as_ref(), hd).unwrap(), &x);
+                (full, staged)
+            }
+            Model::Bert(m) => {
+                let x = m.embed(&ids, &ids.zeros_like().unwrap()).unwrap();
+                let (b, hd, lens) = (&m.blocks[0], m.config.head_dim, [8usize]);
+                let full = b.forward(&x, &AttnMask::Lengths(&lens), hd).unwrap();
+                let staged = run(&|s, x, i| b.stage(s, x, i, &AttnMask::Lengths(&lens), hd).unwrap(), &x);
+                (full, staged)
+            }
+        };
+        let diff = (full - staged).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{family}: {diff}");
+    }
 }

@@ -71,6 +71,8 @@ pub struct TBertBlock {
 
 pub struct TrainBert {
     pub word: Var,
+    /// The second factor of a factorised word embedding (see `BertEmbeddings::word_v`).
+    pub word_v: Option<Var>,
     pub position: Var,
     pub token_type: Var,
     pub emb_norm: TNorm,
@@ -106,6 +108,7 @@ impl TrainBert {
         }
         Ok(Self {
             word: Var::from_tensor(&e.word)?,
+            word_v: e.word_v.as_ref().map(Var::from_tensor).transpose()?,
             position: Var::from_tensor(&e.position)?,
             token_type: Var::from_tensor(&e.token_type)?,
             emb_norm: TNorm::new(&e.norm)?,
@@ -116,13 +119,19 @@ impl TrainBert {
     }
 
     pub fn vars(&self) -> Vec<(String, &Var)> {
-        let mut v = vec![
-            ("embeddings.word_embeddings.weight".to_string(), &self.word),
+        let mut v = match &self.word_v {
+            Some(wv) => vec![
+                ("embeddings.word_embeddings.weight_u".to_string(), &self.word),
+                ("embeddings.word_embeddings.weight_v".to_string(), wv),
+            ],
+            None => vec![("embeddings.word_embeddings.weight".to_string(), &self.word)],
+        };
+        v.extend([
             ("embeddings.position_embeddings.weight".into(), &self.position),
             ("embeddings.token_type_embeddings.weight".into(), &self.token_type),
             ("embeddings.LayerNorm.weight".into(), &self.emb_norm.w),
             ("embeddings.LayerNorm.bias".into(), &self.emb_norm.b),
-        ];
+        ]);
         for (i, b) in self.blocks.iter().enumerate().filter(|(i, _)| !self.shared.contains_key(i)) {
             let p = format!("encoder.layer.{i}.");
             for (n, l) in [
@@ -151,6 +160,7 @@ impl TrainBert {
         let t = |v: &Var| v.as_tensor().detach();
         let e = &mut m.embeddings;
         (e.word, e.position, e.token_type) = (t(&self.word), t(&self.position), t(&self.token_type));
+        e.word_v = self.word_v.as_ref().map(t);
         (e.norm.weight, e.norm.bias) = (t(&self.emb_norm.w), t(&self.emb_norm.b));
         for (b, tb) in m.blocks.iter_mut().zip(&self.blocks) {
             b.query = tb.q.to_linear()?;
@@ -168,8 +178,13 @@ impl TrainBert {
     /// Mean-pooled, L2-normalised sentence embeddings (B, C) of a padded batch (mask 1 = token).
     pub fn embed(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let c = self.word.dim(1)?;
-        let word = self.word.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+        let word = self.word.as_tensor().index_select(&ids.flatten_all()?, 0)?; // (B·T, r or C)
+        let word = match &self.word_v {
+            Some(v) => word.matmul(v.as_tensor())?,
+            None => word,
+        };
+        let c = word.dim(1)?;
+        let word = word.reshape((b, t, c))?;
         let typ = self.token_type.as_tensor().index_select(&type_ids.flatten_all()?, 0)?.reshape((b, t, c))?;
         let pos = self.position.as_tensor().narrow(0, 0, t)?.unsqueeze(0)?;
         let mut x = self.emb_norm.forward(&(word + typ)?.broadcast_add(&pos)?)?;
