@@ -89,8 +89,11 @@ for w in $what; do
       # tokens for scale (pp512 × 128).
       F="$OUT/base-F16.gguf"
       for n in 16 128; do
-        /usr/bin/time -f "{\"gptq_windows\": $n, \"wall_s\": %e, \"peak_rss_kb\": %M}" \
-          $W quantize "$F" --scheme w4a16 --group-size 64 --method gptq --act-order --calib-samples $n -o "$OUT/gptq-time" --force >/dev/null
+        for mode in "" --calib-int8; do
+          /usr/bin/time -f "{\"gptq_windows\": $n, \"mode\": \"${mode:-f32}\", \"wall_s\": %e, \"peak_rss_kb\": %M}" \
+            $W quantize "$F" --scheme w4a16 --group-size 64 --method gptq --act-order --calib-samples $n $mode -o "$OUT/gptq-time$mode" --force >/dev/null
+          $W eval "$OUT/gptq-time$mode" --chunks 16 --json
+        done
       done
       $W bench "$F" --reps 3 --json
       ;;
@@ -134,6 +137,14 @@ for w in $what; do
       for m in "$B" "$OUT/lr-svd-llm-60" "$B" "$OUT/lr-svd-llm-60"; do
         $W bench "$m" --reps 5 --json
       done
+      # Sharing (ALBERT) on MiniLM: pairs of blocks, with and without the factorised embedding, then a 20-minute
+      # distillation of the smaller one (STS-B before and after).
+      $W share "$M/all-MiniLM-L6-v2" --groups 0-1,2-3,4-5 -o "$OUT/mini-share" --force --json
+      $W share "$M/all-MiniLM-L6-v2" --groups 0-1,2-3,4-5 --embedding-rank 192 -o "$OUT/mini-share-e192" --force --json
+      /usr/bin/time -o "$OUT/time.json" -f "{\"distill\": \"mini-share-e192\", \"wall_s\": %e, \"peak_rss_kb\": %M}" \
+        $W distill --teacher "$M/all-MiniLM-L6-v2" --student "$OUT/mini-share-e192" -o "$OUT/mini-share-e192-kd" --max-time 20m --force >&2
+      cat "$OUT/time.json"
+      $W eval "$OUT/mini-share-e192-kd" --task sts --json
       ;;
     prune-structured)
       # Structured removal (#6): SmolLM2 with 1 of 3 KV groups and 25% of FFN neurons gone (~27% of the

@@ -258,6 +258,28 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// [`with_f32_slice`] for several CPU tensors at once.
+pub fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let cs: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<std::result::Result<_, _>>()?;
+    let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(cs.len());
+    for ((st, layout), t) in guards.iter().zip(&cs) {
+        match &**st {
+            candle_core::Storage::Cpu(cpu) => {
+                let s = cpu.as_slice::<f32>()?;
+                slices.push(&s[layout.start_offset()..layout.start_offset() + t.elem_count()]);
+            }
+            _ => {
+                return Err(crate::Error::Linear {
+                    name: String::new(),
+                    msg: "with_f32_slices needs CPU tensors".into(),
+                })
+            }
+        }
+    }
+    Ok(f(&slices))
+}
+
 impl Linear {
     /// A dense Linear from a weight (out, in) and an optional bias (out,).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {

@@ -72,20 +72,29 @@ impl ActStats {
             _ => return parts.iter().for_each(|x| self.observe(x)),
         }
         let k = self.k;
-        if parts.iter().any(|x| x.iter().any(|v| !v.is_finite())) {
+        use rayon::prelude::*;
+        if parts.par_iter().any(|x| x.iter().any(|v| !v.is_finite())) {
             self.non_finite = true;
             return;
         }
         let acc = self.xtx.as_mut().expect("checked above");
         xtx_add(parts, k, acc);
-        for x in parts {
-            for row in x.chunks_exact(k) {
-                for (a, &v) in self.absmax.iter_mut().zip(row) {
-                    *a = a.max(v.abs());
+        let absmax = parts
+            .par_iter()
+            .map(|x| {
+                let mut m = vec![0f32; k];
+                for row in x.chunks_exact(k) {
+                    for (a, &v) in m.iter_mut().zip(row) {
+                        *a = a.max(v.abs());
+                    }
                 }
-            }
-            self.rows += x.len() / k;
+                m
+            })
+            .reduce(|| vec![0f32; k], |a, b| a.iter().zip(&b).map(|(x, y)| x.max(*y)).collect());
+        for (a, m) in self.absmax.iter_mut().zip(absmax) {
+            *a = a.max(m);
         }
+        self.rows += parts.iter().map(|x| x.len() / k).sum::<usize>();
         // Σ x² per channel: the diagonal of Σ xᵀx.
         for j in 0..k {
             self.sumsq[j] = acc[j * k + j];

@@ -49,6 +49,99 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
     Ok(Tensor::from_vec(out, (b, t, w), q.device())?)
 }
 
+/// SwiGLU's `silu(g) · u` (LLaMA's MLP), fused, split over the thread pool.
+///
+/// # Shapes
+/// - `g`, `u`: the same shape, f32; returns that shape
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let mut v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+    const CHUNK: usize = 4096;
+    let n = v.len();
+    let p = SendPtr(v.as_mut_ptr());
+    crate::linear::with_f32_slice(u, |us| {
+        assert_eq!(us.len(), n, "silu_mul: gate and up differ in size");
+        CandlePool.for_each(n.div_ceil(CHUNK), &|range| {
+            #[allow(clippy::redundant_locals)]
+            let p = p;
+            for c in range {
+                let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+                // SAFETY: chunk [a, b) of `v` is touched by this task only.
+                let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) };
+                whittle_kernels::act::silu_mul(s, &us[a..b]);
+            }
+        });
+    })?;
+    Ok(Tensor::from_vec(v, g.shape(), g.device())?)
+}
+
+/// Query rows per task of [`causal_attention`]: a block of queries needs the keys up to its last row only.
+const QUERY_BLOCK: usize = 128;
+
+/// Causal self-attention with grouped-query heads (head h reads kv head h / (H / KV)): per (batch row,
+/// head, block of 128 queries), scores against the keys up to the block's last query by faer's GEMM, causal
+/// softmax in place, times the values, written straight into the (B, T, H·D) layout the output projection
+/// reads. Query i sits at position `S − T + i` (after S − T cached keys) and sees keys 0..=S − T + i.
+///
+/// # Shapes
+/// - `q`: (B, H, T, D); `k`, `v`: (B, KV, S, D) f32; returns (B, T, H·D)
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, kvh, s, _) = k.dims4()?;
+    let (rep, off, w) = (h / kvh, s - t, h * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks = t.div_ceil(QUERY_BLOCK);
+    let mut out = vec![0f32; b * t * w];
+    let op = SendPtr(out.as_mut_ptr());
+    crate::linear::with_f32_slice(q, |qs| {
+        crate::linear::with_f32_slice(k, |ks| {
+            crate::linear::with_f32_slice(v, |vs| {
+                CandlePool.for_each(b * h * blocks, &|range| {
+                    #[allow(clippy::redundant_locals)]
+                    let op = op;
+                    let mut p = Vec::new();
+                    for task in range {
+                        let (bh, qb) = (task / blocks, task % blocks);
+                        let (bi, hi) = (bh / h, bh % h);
+                        let kv = bi * kvh + hi / rep;
+                        let (r0, rows) = (qb * QUERY_BLOCK, QUERY_BLOCK.min(t - qb * QUERY_BLOCK));
+                        let keys = (off + r0 + rows).min(s);
+                        let qm = faer::MatRef::from_row_major_slice(&qs[(bh * t + r0) * d..][..rows * d], rows, d);
+                        let km = faer::MatRef::from_row_major_slice(&ks[kv * s * d..][..keys * d], keys, d);
+                        let vm = faer::MatRef::from_row_major_slice(&vs[kv * s * d..][..keys * d], keys, d);
+                        p.resize(rows * keys, 0.0);
+                        let mut pm = faer::MatMut::from_row_major_slice_mut(&mut p, rows, keys);
+                        faer::linalg::matmul::matmul(
+                            pm.as_mut(),
+                            faer::Accum::Replace,
+                            qm,
+                            km.transpose(),
+                            1.0f32,
+                            faer::Par::Seq,
+                        );
+                        for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+                            whittle_kernels::act::causal_softmax_row(row, off + r0 + r, scale);
+                        }
+                        let pm = faer::MatRef::from_row_major_slice(&p, rows, keys);
+                        // SAFETY: rows r0..r0 + rows of batch row bi, head hi's D columns: this task's alone;
+                        // the view stays inside `out` (row stride H·D).
+                        let om = unsafe {
+                            faer::MatMut::from_raw_parts_mut(
+                                op.0.add((bi * t + r0) * w + hi * d),
+                                rows,
+                                d,
+                                w as isize,
+                                1,
+                            )
+                        };
+                        faer::linalg::matmul::matmul(om, faer::Accum::Replace, pm, vm, 1.0f32, faer::Par::Seq);
+                    }
+                });
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (b, t, w), q.device())?)
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint chunks.
@@ -58,6 +151,32 @@ unsafe impl Sync for SendPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causal_attention_matches_masked_softmax() {
+        use candle_core::Device;
+        let dev = &Device::Cpu;
+        // 2 batch rows, 4 heads over 2 kv heads, 130 queries after 3 cached keys (two query blocks).
+        let (b, h, kvh, t, s, d) = (2, 4, 2, 130, 133, 16);
+        let r = |n: &[usize], seed: u32| {
+            let len: usize = n.iter().product();
+            let v: Vec<f32> =
+                (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+            Tensor::from_vec(v, n, dev).unwrap()
+        };
+        let (q, k, v) = (r(&[b, h, t, d], 1), r(&[b, kvh, s, d], 2), r(&[b, kvh, s, d], 3));
+        let got = causal_attention(&q, &k, &v).unwrap();
+        let rep =
+            |x: &Tensor| x.unsqueeze(2).unwrap().expand((b, kvh, 2, s, d)).unwrap().reshape((b, h, s, d)).unwrap();
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if j <= s - t + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (t, s), dev).unwrap();
+        let sc = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.25).unwrap().broadcast_add(&mask).unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&sc).unwrap();
+        let want = p.matmul(&rep(&v)).unwrap().transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 
     #[test]
     fn gelu_matches_candle() {

@@ -86,25 +86,133 @@ unsafe fn gelu_erf_avx512(xs: &mut [f32]) {
             poly = _mm512_fmadd_ps(poly, t, c(a));
         }
         poly = _mm512_mul_ps(poly, t);
-        // exp(-ax²)
-        let e = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), ax), ax), c(-87.0));
-        let magic = c(12_582_912.0);
-        let tt = _mm512_fmadd_ps(e, c(std::f32::consts::LOG2_E), magic);
-        let nn = _mm512_sub_epi32(_mm512_castps_si512(tt), _mm512_castps_si512(magic));
-        let nf = _mm512_sub_ps(tt, magic);
-        let r = _mm512_fnmadd_ps(nf, c(1.428_606_8e-6), _mm512_fnmadd_ps(nf, c(0.693_145_75), e));
-        let mut q = c(1.0 / 720.0);
-        for a in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            q = _mm512_fmadd_ps(q, r, c(a));
-        }
-        let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(nn, _mm512_set1_epi32(127)), 23));
-        let ex = _mm512_mul_ps(q, pow2);
+        let ex = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), ax), ax)); // exp(-ax²)
         let erf_abs = _mm512_fnmadd_ps(poly, ex, c(1.0));
         let erf = bits::or(erf_abs, bits::and(u, sign));
         let y = _mm512_mul_ps(_mm512_mul_ps(c(0.5), x), _mm512_add_ps(c(1.0), erf));
         _mm512_storeu_ps(p, y);
     }
     gelu_erf_scalar(&mut xs[n..]);
+}
+
+/// [`exp_fast`] on sixteen lanes: the same operations in the same order.
+///
+/// # Safety
+/// AVX-512F must be available (call from an `avx512f` function).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let e = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
+    let magic = c(12_582_912.0);
+    let tt = _mm512_fmadd_ps(e, c(std::f32::consts::LOG2_E), magic);
+    let nn = _mm512_sub_epi32(_mm512_castps_si512(tt), _mm512_castps_si512(magic));
+    let nf = _mm512_sub_ps(tt, magic);
+    let r = _mm512_fnmadd_ps(nf, c(1.428_606_8e-6), _mm512_fnmadd_ps(nf, c(0.693_145_75), e));
+    let mut q = c(1.0 / 720.0);
+    for a in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        q = _mm512_fmadd_ps(q, r, c(a));
+    }
+    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(nn, _mm512_set1_epi32(127)), 23));
+    _mm512_mul_ps(q, pow2)
+}
+
+/// SwiGLU's product in place: `g ← silu(g) · u = g · u / (1 + exp(−g))` (LLaMA's MLP).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F checked.
+        return unsafe { silu_mul_avx512(g, u) };
+    }
+    silu_mul_scalar(g, u)
+}
+
+/// [`silu_mul`] one element at a time.
+pub fn silu_mul_scalar(g: &mut [f32], u: &[f32]) {
+    for (x, &y) in g.iter_mut().zip(u) {
+        *x = *x * y / (1.0 + exp_fast(-*x));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = g.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        let p = g.as_mut_ptr().add(i);
+        let x = _mm512_loadu_ps(p);
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let y =
+            _mm512_div_ps(_mm512_mul_ps(x, _mm512_loadu_ps(u.as_ptr().add(i))), _mm512_add_ps(_mm512_set1_ps(1.0), e));
+        _mm512_storeu_ps(p, y);
+    }
+    silu_mul_scalar(&mut g[n..], &u[n..]);
+}
+
+/// Causal softmax of one row of attention scores in place: `row[j] ← softmax(scale · row[..=last])[j]` for
+/// `j ≤ last`, 0 after (keys after the query).
+pub fn causal_softmax_row(row: &mut [f32], last: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F checked.
+        return unsafe { causal_softmax_row_avx512(row, last, scale) };
+    }
+    causal_softmax_row_scalar(row, last, scale)
+}
+
+/// [`causal_softmax_row`] one element at a time.
+pub fn causal_softmax_row_scalar(row: &mut [f32], last: usize, scale: f32) {
+    let n = (last + 1).min(row.len());
+    let mx = row[..n].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
+    let mut z = 0.0;
+    for v in row[..n].iter_mut() {
+        *v = exp_fast(*v * scale - mx);
+        z += *v;
+    }
+    let inv = 1.0 / z;
+    row[..n].iter_mut().for_each(|v| *v *= inv);
+    row[n..].fill(0.0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn causal_softmax_row_avx512(row: &mut [f32], last: usize, scale: f32) {
+    use std::arch::x86_64::*;
+    let n = (last + 1).min(row.len());
+    let p = row.as_mut_ptr();
+    let full = n / 16 * 16;
+    // Lanes past `n` in the last vector are masked out.
+    let tail: __mmask16 = ((1u32 << (n - full)) - 1) as __mmask16;
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(16) {
+        mv = _mm512_max_ps(mv, _mm512_loadu_ps(p.add(i)));
+    }
+    mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_maskz_loadu_ps(tail, p.add(full)));
+    let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * scale);
+    let sc = _mm512_set1_ps(scale);
+    let mut zv = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        let e = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(i)), sc, mx));
+        _mm512_storeu_ps(p.add(i), e);
+        zv = _mm512_add_ps(zv, e);
+    }
+    if tail != 0 {
+        let e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), sc, mx));
+        let e = _mm512_maskz_mov_ps(tail, e);
+        _mm512_mask_storeu_ps(p.add(full), tail, e);
+        zv = _mm512_add_ps(zv, e);
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(zv));
+    for i in (0..full).step_by(16) {
+        _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+    }
+    if tail != 0 {
+        _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), inv));
+    }
+    row[n..].fill(0.0);
 }
 
 /// The reference: libm's `erf`, in f64.
@@ -165,6 +273,32 @@ mod tests {
         gelu_erf_scalar(&mut b);
         for ((x, a), b) in xs.iter().zip(&a).zip(&b) {
             assert!((a - b).abs() <= 1e-6 * x.abs().max(1.0), "gelu({x}) = {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn silu_mul_and_causal_softmax_match_scalar_and_std() {
+        let g: Vec<f32> = (-1500..1511).map(|i| i as f32 * 0.011).collect();
+        let u: Vec<f32> = g.iter().map(|x| 0.5 - x * 0.3).collect();
+        let (mut a, mut b) = (g.clone(), g.clone());
+        silu_mul(&mut a, &u);
+        silu_mul_scalar(&mut b, &u);
+        for (((x, y), a), b) in g.iter().zip(&u).zip(&a).zip(&b) {
+            let want = (*x as f64) * (*y as f64) / (1.0 + (-*x as f64).exp());
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "silu_mul({x}) = {a} vs {b}");
+            assert!((*a as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "silu_mul({x}) = {a} vs {want}");
+        }
+        for (len, last) in [(37, 0), (37, 15), (37, 16), (37, 36), (64, 47), (5, 4)] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32 * 0.3 - 12.0).collect();
+            let (mut a, mut b) = (row.clone(), row.clone());
+            causal_softmax_row(&mut a, last, 0.125);
+            causal_softmax_row_scalar(&mut b, last, 0.125);
+            let mx = row[..=last].iter().fold(f64::MIN, |m, &v| m.max(v as f64 * 0.125));
+            let z: f64 = row[..=last].iter().map(|&v| (v as f64 * 0.125 - mx).exp()).sum();
+            for j in 0..len {
+                let want = if j <= last { (row[j] as f64 * 0.125 - mx).exp() / z } else { 0.0 };
+                assert!((a[j] as f64 - want).abs() < 1e-6 && (b[j] as f64 - want).abs() < 1e-6, "{len} {last} {j}");
+            }
         }
     }
 

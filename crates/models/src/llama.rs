@@ -415,9 +415,11 @@ impl LlamaBlock {
     ) -> Result<Tensor> {
         let (b, t, _c) = hx.dims3()?;
         let (h, kvh) = (self.n_head, self.n_kv_head);
-        let q = self.q.forward(hx)?.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
-        let k = self.k.forward(hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
-        let v = self.v.forward(hx)?.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.q, &self.k, &self.v], hx)?.try_into().expect("three outputs");
+        let q = q.reshape((b, t, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let k = k.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
+        let v = v.reshape((b, t, kvh, head_dim))?.transpose(1, 2)?; // (B, KV, T, D)
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
@@ -435,6 +437,11 @@ impl LlamaBlock {
             })???;
             return Ok(Tensor::from_vec(a, (1, 1, h * head_dim), hx.device())?);
         }
+        if mask.is_some() {
+            // Prefill: `mask` is the causal mask (T, S) of `block_inputs` / `forward_hidden`, applied by position
+            // in the fused kernel (no (B, H, T, S) mask add, no repeated kv heads).
+            return Ok(whittle_core::ops::causal_attention(&q, &k, &v)?);
+        }
         let rep = h / kvh;
         let repeat = |t: &Tensor| -> Result<Tensor> {
             if rep == 1 {
@@ -451,7 +458,7 @@ impl LlamaBlock {
     /// silu(gate(n)) · up(n): down's input (B, T, F) from gate/up's `n`.
     fn gate_up(&self, n: &Tensor) -> Result<Tensor> {
         let [g, u]: [Tensor; 2] = Linear::forward_shared(&[&self.gate, &self.up], n)?.try_into().expect("two outputs");
-        Ok((g.silu()? * u)?)
+        Ok(whittle_core::ops::silu_mul(&g, &u)?)
     }
 
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {

@@ -4,7 +4,8 @@
 //! next Linears' inputs (o), and so on to the block output, which feeds the next block (GPTQ's "true
 //! sequential" order: every Linear sees the inputs the quantized model before it produces). Peak memory is the
 //! model plus one stage's Hessian plus the calibration activations: the residual stream and one stage's inputs
-//! (samples × tokens × width floats each, the widest being the MLP's).
+//! (samples × tokens × width floats each); the last stage's, the MLP's hidden activations and the widest, are
+//! made a few windows at a time, twice, instead of being held.
 
 use std::time::Instant;
 
@@ -272,13 +273,31 @@ fn run_blocks<B: Clone>(
             inputs.push(stage(&run, 0, x, None)?.expect("stage 0 gives an input"));
         }
         for s in 0..STAGES {
-            let k = inputs.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
-            let mut st = if hessian { ActStats::hessian(k) } else { ActStats::channels(k) };
-            for part in inputs.chunks(PARTS) {
-                let v: Vec<Vec<f32>> =
-                    part.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<std::result::Result<_, _>>()?;
-                st.observe_many(&v.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            // The last stage's inputs (the MLP's hidden activations, the widest) are streamed: made a few
+            // windows at a time to be observed, then made again to run the stage, never held for every
+            // window (a quarter of the stage's compute for a third of the engine's peak memory).
+            let streamed = s == STAGES - 1;
+            let mut st: Option<ActStats> = None;
+            let mut observe = |part: &[Tensor]| -> Result<()> {
+                let k = part.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
+                let st = st.get_or_insert_with(|| if hessian { ActStats::hessian(k) } else { ActStats::channels(k) });
+                Ok(whittle_core::linear::with_f32_slices(part, |v| st.observe_many(v))?)
+            };
+            if streamed {
+                for (xp, part) in xs.chunks(PARTS).zip(inputs.chunks(PARTS)) {
+                    let made: Vec<Tensor> = xp
+                        .iter()
+                        .zip(part)
+                        .map(|(x, i)| Ok(stage(&run, s, &mut x.clone(), Some(i))?.expect("the stage gives an input")))
+                        .collect::<Result<_>>()?;
+                    observe(&made)?;
+                }
+            } else {
+                for part in inputs.chunks(PARTS) {
+                    observe(part)?;
+                }
             }
+            let st = st.unwrap_or_else(|| ActStats::channels(0));
             if st.non_finite {
                 return Err(Error::NonFinite(format!("{p}* (inputs on the calibration text)")));
             }
@@ -299,10 +318,17 @@ fn run_blocks<B: Clone>(
                 }
                 acc.after += lin.storage_bytes();
             }
+            if s + 1 == STAGES - 1 {
+                continue; // the streamed stage makes its inputs from these
+            }
             // The next stage's inputs, computed with the solved Linears (each window's old input dropped as
             // its new one is made).
             let mut next = Vec::with_capacity(inputs.len());
             for (x, input) in xs.iter_mut().zip(std::mem::take(&mut inputs)) {
+                let input = match streamed {
+                    true => stage(&run, s, &mut x.clone(), Some(&input))?.expect("the stage gives an input"),
+                    false => input,
+                };
                 if let Some(n) = stage(&run, s + 1, x, Some(&input))? {
                     next.push(n);
                 }
