@@ -1071,8 +1071,12 @@ fn cmd_quantize(m: &ModelArg, scheme: &str, output: &std::path::Path, q: &QuantA
             );
         }
     }
-    if calib.calib_int8 && !matches!(calib.method.as_str(), "gptq" | "awq-gptq") {
+    let gptq = matches!(calib.method.as_str(), "gptq" | "awq-gptq");
+    if calib.calib_int8 && !gptq {
         bail!("--calib-int8 runs GPTQ's layer-wise calibration in int8; it needs --method gptq or awq-gptq");
+    }
+    if calib.act_order && !gptq {
+        bail!("--act-order orders GPTQ's columns; it needs --method gptq or awq-gptq");
     }
     let awq = match calib.method.as_str() {
         "rtn" => false,
@@ -1829,6 +1833,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
             let mut l = open(&m)?;
+            if calib.is_some() && embedding_rank.is_none() {
+                bail!("--calib weights --embedding-rank; pass --embedding-rank R too");
+            }
+            if embedding_rank.is_some() && !matches!(l.model, Model::Bert(_)) {
+                bail!("--embedding-rank factorises a BERT encoder's word embeddings; {} is a decoder (its embeddings are tied to the output head)", m.model);
+            }
             let n = l.model.n_blocks();
             let groups = if groups == "auto" {
                 share::auto_groups(&l.model, unique.unwrap_or(n.div_ceil(2)))?
@@ -1860,12 +1870,6 @@ fn run(cli: Cli) -> Result<()> {
             };
             let bytes_in = whittle_eval::bench::model_bytes(&l);
             let (qname, q0) = quality(&l)?;
-            if calib.is_some() && embedding_rank.is_none() {
-                bail!("--calib weights --embedding-rank; pass --embedding-rank R too");
-            }
-            if embedding_rank.is_some() && !matches!(l.model, Model::Bert(_)) {
-                bail!("--embedding-rank factorises a BERT encoder's word embeddings; {} is a decoder (its embeddings are tied to the output head)", m.model);
-            }
             let r = share::share_blocks(&mut l, &groups, init)?;
             let emb = match embedding_rank {
                 Some(rank) => {

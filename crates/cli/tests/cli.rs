@@ -172,6 +172,11 @@ fn quantize_bad_input_is_a_clear_error() {
     let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "w8a8-dynamic", "-o", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     assert!(!g.exists());
+    // GPTQ's flags without GPTQ.
+    for flag in ["--calib-int8", "--act-order"] {
+        let o = whittle(&["quantize", minilm.to_str().unwrap(), "--scheme", "w4a16", flag, "-o", "/nonexistent/q"]);
+        assert!(!o.status.success() && stderr(&o).contains(flag) && stderr(&o).contains("gptq"), "{}", stderr(&o));
+    }
     // With --force it writes, and the result reloads and embeds.
     let o = whittle(&[
         "quantize",
@@ -224,6 +229,8 @@ fn prune_and_mixed_precision_bad_input_is_a_clear_error() {
         (&["quantize", m, "--scheme", "w4a16", "--target-bpw", "4", "--candidates", "4,5", "-o", o], "`5`"),
         (&["sensitivity", m], "LLaMA decoders"),
         (&["lowrank", smol.to_str().unwrap(), "--attention-rank", "8", "-o", o], "rope"),
+        (&["share", smol.to_str().unwrap(), "--embedding-rank", "64", "-o", o], "BERT encoder"),
+        (&["share", m, "--groups", "0-1", "--calib", "x.txt", "-o", o], "--embedding-rank R"),
     ];
     for (args, want) in cases {
         let r = whittle(args);
