@@ -78,6 +78,7 @@ impl ActStats {
             return;
         }
         let acc = self.xtx.as_mut().expect("checked above");
+        let diag0: Vec<f64> = (0..k).map(|j| acc[j * k + j]).collect();
         xtx_add(parts, k, acc);
         let absmax = parts
             .par_iter()
@@ -95,9 +96,9 @@ impl ActStats {
             *a = a.max(m);
         }
         self.rows += parts.iter().map(|x| x.len() / k).sum::<usize>();
-        // Σ x² per channel: the diagonal of Σ xᵀx.
+        // Σ x² per channel: what these parts added to the diagonal of Σ xᵀx.
         for j in 0..k {
-            self.sumsq[j] = acc[j * k + j];
+            self.sumsq[j] += acc[j * k + j] - diag0[j];
         }
     }
 

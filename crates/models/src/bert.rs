@@ -273,7 +273,12 @@ impl Bert {
     /// Builds the model from HF-named tensors (an optional `bert.` prefix is accepted).
     pub fn load(config: BertConfig, w: &Weights) -> Result<Self> {
         let c = &config;
-        let p = if w.src.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let p =
+            if ["weight", "weight_u"].iter().any(|t| w.src.contains(&format!("bert.embeddings.word_embeddings.{t}"))) {
+                "bert."
+            } else {
+                ""
+            };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: w.get(&format!("{p}{name}.weight"), &[c.hidden_size])?,
