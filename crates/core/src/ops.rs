@@ -12,6 +12,12 @@ use crate::Result;
 /// - any shape, f32; returns the same shape
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     let mut v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    par_chunks(&mut v, &|_, s| whittle_kernels::act::gelu_erf(s));
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// Runs `f(offset, chunk)` over 4096-element chunks of `v` on the thread pool.
+fn par_chunks(v: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     const CHUNK: usize = 4096;
     let n = v.len();
     let p = SendPtr(v.as_mut_ptr());
@@ -21,11 +27,9 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         for c in range {
             let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             // SAFETY: chunk [a, b) of `v` is touched by this task only.
-            let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) };
-            whittle_kernels::act::gelu_erf(s);
+            f(a, unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) });
         }
     });
-    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
 }
 
 /// Fused encoder attention over right-padded batches (see `whittle_kernels::attn`).
@@ -55,21 +59,9 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
 /// - `g`, `u`: the same shape, f32; returns that shape
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let mut v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-    const CHUNK: usize = 4096;
-    let n = v.len();
-    let p = SendPtr(v.as_mut_ptr());
     crate::linear::with_f32_slice(u, |us| {
-        assert_eq!(us.len(), n, "silu_mul: gate and up differ in size");
-        CandlePool.for_each(n.div_ceil(CHUNK), &|range| {
-            #[allow(clippy::redundant_locals)]
-            let p = p;
-            for c in range {
-                let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                // SAFETY: chunk [a, b) of `v` is touched by this task only.
-                let s = unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) };
-                whittle_kernels::act::silu_mul(s, &us[a..b]);
-            }
-        });
+        assert_eq!(us.len(), v.len(), "silu_mul: gate and up differ in size");
+        par_chunks(&mut v, &|a, s| whittle_kernels::act::silu_mul(s, &us[a..a + s.len()]));
     })?;
     Ok(Tensor::from_vec(v, g.shape(), g.device())?)
 }
