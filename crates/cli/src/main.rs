@@ -2230,7 +2230,9 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            // Libraries name options as configs spell them; show them as this CLI's flags.
+            let msg = whittle_core::option_words(&format!("{e:#}"), |n| format!("--{}", n.replace('_', "-")));
+            eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
     }

@@ -12,7 +12,7 @@ pub mod sparse;
 
 pub use candle_core;
 pub use candle_core::{DType, Device, Tensor};
-pub use error::{Error, Result};
+pub use error::{option_words, Error, InvalidOption, Result};
 pub use linear::{
     kernel, set_fine_activations, set_kernel, with_f32_slice, BlockLinear, Linear, LinearWeight, LowRank, Rtn, Stored,
 };
