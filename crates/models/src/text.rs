@@ -84,3 +84,8 @@ pub fn encode_prompt(l: &Loaded, text: &str, force_bos: bool) -> Result<Vec<u32>
 pub fn decode(l: &Loaded, ids: &[u32]) -> Result<String> {
     l.tokenizer.decode(ids, true).map_err(|e| Error::Tokenize(e.to_string()))
 }
+
+/// One user turn in the ChatML template (SmolLM2's), ready for the assistant's reply.
+pub fn chat_prompt(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+}

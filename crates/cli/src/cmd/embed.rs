@@ -1,0 +1,57 @@
+//! `embed`: sentence embeddings of an encoder (mean pooling over the mask + L2 normalisation).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use whittle_models::text;
+
+use super::{Env, ModelArg};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub m: ModelArg,
+    /// Texts to embed
+    pub texts: Vec<String>,
+    /// Read texts from a file, one per line
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Truncate inputs to this many tokens (default: the model's max_seq_length, else 512)
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Print JSON: {"model", "dim", "embeddings": [[...], ...]}
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: &Args, env: &Env) -> Result<()> {
+    let mut all: Vec<String> = a.texts.clone();
+    if let Some(f) = &a.file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        all.extend(s.lines().filter(|l| !l.trim().is_empty()).map(String::from));
+    }
+    if all.is_empty() {
+        bail!("no texts: pass TEXT arguments or --file");
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let l = env.open(&a.m)?;
+    let max_len = a.max_len.or(l.max_seq_length).unwrap_or(512);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let e = text::embed_texts(&l, &refs, max_len, a.batch)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({"model": a.m.model, "dim": e.first().map_or(0, |x| x.len()), "embeddings": e});
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    for (t, v) in all.iter().zip(&e) {
+        let nums: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
+        writeln!(out, "{t}\t[{}]", nums.join(", "))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Calibration text and budgets, declared once for every stage that calibrates: the text (default
+//! WikiText-2 valid, never the test split) and how much of it each family runs by default.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use whittle_core::InvalidOption;
+use whittle_eval::data;
+use whittle_models::Loaded;
+use whittle_quant::calib::CalibOptions;
+
+use crate::Result;
+
+/// Default calibration windows for decoders (of 512 tokens); Wanda needs only per-channel norms, which 4
+/// windows already estimate well.
+pub const DECODER_SAMPLES: usize = 16;
+pub const WANDA_DECODER_SAMPLES: usize = 4;
+/// Default calibration sentences for encoders (of at most 128 tokens).
+pub const ENCODER_SAMPLES: usize = 256;
+
+/// The calibration options (the CLI's `--calib`, `--calib-samples`, `--calib-seq-len`; a `[calibration]`
+/// table in recipes). `None`: the default of the family and stage.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibConfig {
+    /// Calibration text (default: data/wikitext-2/wiki.valid.tokens, never the test split)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub calib: Option<PathBuf>,
+    /// Calibration samples: windows of --calib-seq-len tokens (decoders: 16; 4 for Wanda, 2 for
+    /// sensitivity) or sentences (encoders: 256)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub calib_samples: Option<usize>,
+    /// Tokens per calibration sample (decoders: 512, 256 for sensitivity; encoders: 128)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub calib_seq_len: Option<usize>,
+}
+
+/// The text and options a calibrating stage runs on.
+pub struct Calib {
+    pub text: String,
+    pub opts: CalibOptions,
+}
+
+impl CalibConfig {
+    /// Refuses empty budgets (before any model is loaded).
+    pub fn check(&self) -> Result<()> {
+        for (name, v) in [("calib_samples", self.calib_samples), ("calib_seq_len", self.calib_seq_len)] {
+            if v == Some(0) {
+                return Err(InvalidOption::new(name, 0, "must be at least 1").into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the text and fills the family's defaults: decoders `decoder_samples` windows of 512 tokens,
+    /// encoders 256 sentences of at most 128.
+    pub fn resolve(&self, l: &Loaded, decoder_samples: usize) -> Result<Calib> {
+        let decoder = l.model.is_decoder();
+        let samples = if decoder { decoder_samples } else { ENCODER_SAMPLES };
+        self.resolve_with(samples, if decoder { 512 } else { 128 })
+    }
+
+    /// Reads the text, with these defaults for what the config leaves open.
+    pub fn resolve_with(&self, samples: usize, seq_len: usize) -> Result<Calib> {
+        self.check()?;
+        let (source, text) = data::read_text(self.calib.as_deref(), data::WIKI_VALID)?;
+        let opts = CalibOptions {
+            samples: self.calib_samples.unwrap_or(samples),
+            seq_len: self.calib_seq_len.unwrap_or(seq_len),
+            source,
+            int8: false,
+        };
+        Ok(Calib { text, opts })
+    }
+}

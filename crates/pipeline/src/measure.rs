@@ -1,0 +1,208 @@
+//! Measurement as the stages and the CLI use it, all through `whittle_eval`: the task a model is scored on,
+//! the speed benchmark, the quick quality check of progressive schedules / sharing / training, the figures
+//! saved next to a model, and `compare`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use whittle_compress::schedule::Quality;
+use whittle_eval::{bench, classify, cloze, data, ppl, sts, Metrics};
+use whittle_models::Loaded;
+
+use crate::{bail, Ctx, Result};
+
+/// What `eval` scores.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Perplexity (decoders), llama.cpp protocol; with --base, KL divergence
+    Ppl,
+    /// Last-word accuracy on a JSONL of {"text": ...} (decoders)
+    Cloze,
+    /// STS-B Spearman x100 (encoders); with --base, cosine to the base's embeddings
+    Sts,
+    /// SST-2 accuracy of a logistic-regression probe on frozen embeddings (encoders)
+    Classify,
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Task (default: ppl for decoders, sts for encoders)
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub task: Option<Task>,
+    /// Data file (defaults: WikiText-2 test, the WikiText-2 cloze set, STS-B test, SST-2 dev)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub data: Option<PathBuf>,
+    /// Tokens per perplexity chunk
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 512))]
+    pub ctx: usize,
+    /// Score only the first N chunks (ppl) or lines (cloze)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub chunks: Option<usize>,
+    /// Encoder token cap (sts, classify)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub max_len: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { task: None, data: None, ctx: 512, chunks: None, max_len: 128 }
+    }
+}
+
+/// Scores `l` (named `name` in the result) on its task; `base` gives KL divergence (ppl) or embedding cosine
+/// (sts).
+pub fn evaluate(l: &Loaded, name: &str, c: &EvalConfig, base: Option<&Loaded>, ctx: &Ctx) -> Result<Metrics> {
+    let task = c.task.unwrap_or(if l.model.is_decoder() { Task::Ppl } else { Task::Sts });
+    let t0 = Instant::now();
+    let mut pb = ctx.progress(&format!("{task:?} {name}").to_lowercase());
+    let data_path = c.data.as_deref();
+    let mut m = match task {
+        Task::Ppl => {
+            let (_, text) = data::read_text(data_path, data::WIKI_TEST)?;
+            ppl::perplexity(l, &text, &ppl::PplOptions { ctx: c.ctx, chunks: c.chunks }, base, &mut pb)?
+        }
+        Task::Cloze => {
+            if c.chunks == Some(0) {
+                return Err(whittle_core::InvalidOption::new("chunks", 0, "must be at least 1").into());
+            }
+            let lines = data::parse_jsonl_texts(&data::read_text(data_path, data::CLOZE)?)?;
+            cloze::cloze(l, &lines, c.chunks, &mut pb)?
+        }
+        Task::Sts => {
+            let pairs = data::parse_sts(&data::read_text(data_path, data::STS_TEST)?)?;
+            sts::sts(l, &pairs, c.max_len, base, &mut pb)?
+        }
+        Task::Classify => {
+            let rows = data::parse_sst2(&data::read_text(data_path, data::SST2_DEV)?)?;
+            classify::classify(l, &rows, classify::N_TRAIN, c.max_len, &mut pb)?
+        }
+    };
+    m.model = Some(name.to_string());
+    m.seconds = Some(t0.elapsed().as_secs_f64());
+    Ok(m)
+}
+
+/// Options of [`bench`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields, default)]
+pub struct BenchConfig {
+    /// Encoder batch size
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub batch: usize,
+    /// Encoder token cap
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub max_len: usize,
+    /// Decoder prompt-processing length (llama-bench pp)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 512))]
+    pub pp: usize,
+    /// Decoder generated tokens (llama-bench tg)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub tg: usize,
+    /// Timed repetitions (median reported)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 5))]
+    pub reps: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        let o = bench::BenchOptions::default();
+        Self { batch: o.batch, max_len: o.max_len, pp: o.pp, tg: o.tg, reps: o.reps }
+    }
+}
+
+/// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg).
+pub fn bench(l: &Loaded, name: &str, c: &BenchConfig, ctx: &Ctx) -> Result<Metrics> {
+    let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
+    let o = bench::BenchOptions { batch: c.batch, max_len: c.max_len, pp: c.pp, tg: c.tg, reps: c.reps, ..Default::default() };
+    let mut pb = ctx.progress(&format!("bench {name}"));
+    let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
+    m.model = Some(name.to_string());
+    Ok(m)
+}
+
+/// The quick quality check of schedules, sharing and training: perplexity on the first `windows` WikiText-2
+/// test windows of 512 tokens (decoders), or STS-B test Spearman (encoders), with its throughput.
+pub fn quick_quality(l: &Loaded, windows: usize) -> Result<Quality> {
+    let t = Instant::now();
+    let mut quiet = |_: usize, _: usize| {};
+    let (name, value, lower_is_better, n) = if l.model.is_decoder() {
+        let (_, text) = data::read_text(None, data::WIKI_TEST)?;
+        let o = ppl::PplOptions { ctx: 512, chunks: Some(windows) };
+        let m = ppl::perplexity(l, &text, &o, None, &mut quiet)?;
+        ("ppl", m.ppl.unwrap_or(f64::NAN), true, m.tokens.unwrap_or(0) as f64)
+    } else {
+        let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
+        let m = sts::sts(l, &pairs, 128, None, &mut quiet)?;
+        ("sts", m.sts_spearman.unwrap_or(f64::NAN), false, 2.0 * pairs.len() as f64)
+    };
+    Ok(Quality { name: name.into(), value, lower_is_better, per_second: n / t.elapsed().as_secs_f64() })
+}
+
+/// Figures saved next to `model` by an earlier `--save`, if any.
+pub fn read_saved(model: &str) -> Option<Metrics> {
+    let s = std::fs::read_to_string(bench::results_path(Path::new(model))).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+/// Saves `m` next to `model` (merged over what is saved there); returns the file.
+pub fn save_results(model: &str, m: &Metrics) -> Result<PathBuf> {
+    let path = bench::results_path(Path::new(model));
+    let mut fresh = m.clone();
+    fresh.merge(read_saved(model).unwrap_or_default());
+    crate::output::write_json(&path, &fresh)?;
+    Ok(path)
+}
+
+/// Options of [`compare`].
+pub struct CompareOptions<'a> {
+    pub chunks: usize,
+    pub bench: &'a BenchConfig,
+    pub reuse: bool,
+    pub save: bool,
+}
+
+/// Evaluates and benchmarks `base` and each variant (the variants' quality measured against the base); one
+/// row per model, the base first.
+pub fn compare(
+    open: impl Fn(&str) -> Result<Loaded>,
+    base: &str,
+    variants: &[String],
+    o: &CompareOptions,
+    ctx: &Ctx,
+) -> Result<Vec<Metrics>> {
+    let base_l = open(base)?;
+    let decoder = base_l.model.is_decoder();
+    let complete = |m: &Metrics, is_base: bool| {
+        let (q, s) = if decoder { (m.ppl, m.pp_tok_s) } else { (m.sts_spearman, m.sent_per_s) };
+        q.is_some() && s.is_some() && (is_base || !decoder || m.kld_mean.is_some() || m.cos_mean.is_some())
+    };
+    let mut rows = Vec::new();
+    for name in std::iter::once(base).chain(variants.iter().map(String::as_str)) {
+        let is_base = name == base;
+        if let Some(m) = read_saved(name).filter(|m| o.reuse && complete(m, is_base)) {
+            ctx.note(&format!("reusing saved figures for {name}"));
+            rows.push(m);
+            continue;
+        }
+        let l = if is_base { None } else { Some(open(name)?) };
+        let lm = l.as_ref().unwrap_or(&base_l);
+        if lm.model.is_decoder() != decoder {
+            bail!("{name} is a {} but the base is a {}: compare models of one kind", lm.model.family(), base_l.model.family());
+        }
+        let ec = EvalConfig { chunks: Some(o.chunks), ..Default::default() };
+        let mut m = evaluate(lm, name, &ec, (!is_base).then_some(&base_l), ctx)?;
+        m.merge(bench(lm, name, o.bench, ctx)?);
+        if o.save {
+            ctx.note(&format!("saved {}", save_results(name, &m)?.display()));
+        }
+        rows.push(m);
+    }
+    Ok(rows)
+}
