@@ -23,7 +23,8 @@ fn structured_prune_then_w8a8_through_the_library_equals_the_two_commands() {
     let minilm = common::minilm();
     let d = tempfile::tempdir().unwrap();
     // Library: one model in memory through both stages, saved once.
-    let prune = PruneConfig { structured: Some("heads=0.25,ffn=0.3".into()), importance: "l2".into(), ..Default::default() };
+    let prune =
+        PruneConfig { structured: Some("heads=0.25,ffn=0.3".into()), importance: "l2".into(), ..Default::default() };
     let quant = QuantizeConfig { scheme: "w8a8-dynamic".into(), ..Default::default() };
     let mut l = whittle_models::load(minilm.to_str().unwrap(), &Default::default()).unwrap();
     let mut ctx = Ctx::quiet();
@@ -44,5 +45,8 @@ fn structured_prune_then_w8a8_through_the_library_equals_the_two_commands() {
     // And the result is a working, smaller encoder.
     let q = whittle_models::load(cli.to_str().unwrap(), &Default::default()).unwrap();
     assert!(q.model.linears().iter().any(|(_, l)| l.storage_name().contains("w8a8")));
-    assert!(read(&cli, "model.safetensors").len() < std::fs::metadata(minilm.join("model.safetensors")).unwrap().len() as usize);
+    assert!(
+        read(&cli, "model.safetensors").len()
+            < std::fs::metadata(minilm.join("model.safetensors")).unwrap().len() as usize
+    );
 }

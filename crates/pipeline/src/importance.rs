@@ -2,7 +2,7 @@
 //! alone, read by `quantize --target-bpw`) and importance matrices (Σx² per input channel, llama.cpp's GGUF
 //! imatrix format, read by GGUF quantization).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use whittle_core::InvalidOption;
@@ -18,7 +18,11 @@ pub fn parse_bits(s: &str, option: &'static str) -> Result<Vec<u32>> {
         .split(',')
         .map(|b| {
             b.trim().parse::<u32>().ok().filter(|b| [2, 3, 4, 8].contains(b)).ok_or_else(|| {
-                InvalidOption::new(option, format!("`{s}`"), format!("`{b}` is not a bit width of the grouped formats (8, 4, 3, 2)"))
+                InvalidOption::new(
+                    option,
+                    format!("`{s}`"),
+                    format!("`{b}` is not a bit width of the grouped formats (8, 4, 3, 2)"),
+                )
             })
         })
         .collect::<std::result::Result<Vec<u32>, _>>()?;
@@ -52,7 +56,13 @@ pub struct SensitivityConfig {
 
 impl Default for SensitivityConfig {
     fn default() -> Self {
-        Self { calibration: CalibConfig::default(), group_size: 64, zero_point: false, candidates: "8,4,3,2".into(), probe_bits: 3 }
+        Self {
+            calibration: CalibConfig::default(),
+            group_size: 64,
+            zero_point: false,
+            candidates: "8,4,3,2".into(),
+            probe_bits: 3,
+        }
     }
 }
 
@@ -78,7 +88,13 @@ impl SensitivityConfig {
 pub fn measure(l: &mut Loaded, calib: &CalibConfig, o: &SensitivityOptions, ctx: &Ctx) -> Result<Sensitivity> {
     let c = calib.resolve_with(2, 256)?;
     let s = mixed::sensitivity(l, &c.text, &c.opts, o, ctx.progress("sensitivity"))?;
-    ctx.note(&format!("sensitivity: {} layers on {} tokens of {} in {:.1}s", s.layers.len(), s.tokens, c.opts.source, s.seconds));
+    ctx.note(&format!(
+        "sensitivity: {} layers on {} tokens of {} in {:.1}s",
+        s.layers.len(),
+        s.tokens,
+        c.opts.source,
+        s.seconds
+    ));
     Ok(s)
 }
 

@@ -120,7 +120,14 @@ impl Default for BenchConfig {
 /// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg).
 pub fn bench(l: &Loaded, name: &str, c: &BenchConfig, ctx: &Ctx) -> Result<Metrics> {
     let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions { batch: c.batch, max_len: c.max_len, pp: c.pp, tg: c.tg, reps: c.reps, ..Default::default() };
+    let o = bench::BenchOptions {
+        batch: c.batch,
+        max_len: c.max_len,
+        pp: c.pp,
+        tg: c.tg,
+        reps: c.reps,
+        ..Default::default()
+    };
     let mut pb = ctx.progress(&format!("bench {name}"));
     let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
     m.model = Some(name.to_string());
@@ -194,7 +201,11 @@ pub fn compare(
         let l = if is_base { None } else { Some(open(name)?) };
         let lm = l.as_ref().unwrap_or(&base_l);
         if lm.model.is_decoder() != decoder {
-            bail!("{name} is a {} but the base is a {}: compare models of one kind", lm.model.family(), base_l.model.family());
+            bail!(
+                "{name} is a {} but the base is a {}: compare models of one kind",
+                lm.model.family(),
+                base_l.model.family()
+            );
         }
         let ec = EvalConfig { chunks: Some(o.chunks), ..Default::default() };
         let mut m = evaluate(lm, name, &ec, (!is_base).then_some(&base_l), ctx)?;

@@ -16,10 +16,12 @@ fn recipes_name_stages_and_keys_as_the_cli_does() {
     assert_eq!(p.eval_windows, PruneConfig::default().eval_windows);
     assert_eq!(s.name(), "prune");
     s.check().unwrap();
-    let q = stage("stage = \"quantize\"\nscheme = \"w4a16\"\ngroup_size = 64\noverride = [\".*lm_head=keep\"]\n").unwrap();
+    let q =
+        stage("stage = \"quantize\"\nscheme = \"w4a16\"\ngroup_size = 64\noverride = [\".*lm_head=keep\"]\n").unwrap();
     let AnyStage::Quantize(q) = q else { panic!() };
     assert_eq!((q.group_size, q.overrides.len(), q.method.as_str()), (64, 1, "rtn"));
-    let d = stage("stage = \"distill\"\nteacher = \"t\"\nstudent = \"s\"\n[train]\noutput = \"o\"\nlr = 1e-4\n").unwrap();
+    let d =
+        stage("stage = \"distill\"\nteacher = \"t\"\nstudent = \"s\"\n[train]\noutput = \"o\"\nlr = 1e-4\n").unwrap();
     assert_eq!(d.name(), "distill");
     d.check().unwrap();
 }
@@ -28,8 +30,11 @@ fn recipes_name_stages_and_keys_as_the_cli_does() {
 fn unknown_stages_keys_and_bad_combinations_are_refused() {
     assert!(stage("stage = \"sparsify\"\n").unwrap_err().contains("sparsify"));
     assert!(stage("stage = \"prune\"\nsparsty = 0.5\n").unwrap_err().contains("sparsty"));
-    assert!(stage("stage = \"distill\"\nteacher = \"t\"\n[train]\nlearning_rate = 1\n").unwrap_err().contains("learning_rate"));
-    let e = stage("stage = \"structured\"\nmethod = \"wanda\"\nstructured = \"heads=0.5\"\n").unwrap().check().unwrap_err();
+    assert!(stage("stage = \"distill\"\nteacher = \"t\"\n[train]\nlearning_rate = 1\n")
+        .unwrap_err()
+        .contains("learning_rate"));
+    let e =
+        stage("stage = \"structured\"\nmethod = \"wanda\"\nstructured = \"heads=0.5\"\n").unwrap().check().unwrap_err();
     assert!(e.to_string().contains("option `method`"), "{e}");
     let bad = |c: QuantizeConfig, want: &str| {
         let e = c.check().unwrap_err().to_string();

@@ -101,4 +101,3 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     }
     Ok(())
 }
-

@@ -33,7 +33,8 @@ pub fn run<C: clap::Args + Stage>(a: &Args<C>, env: &Env) -> Result<()> {
     output::check(&a.out.output, a.out.force)?;
     let mut l = env.open(&a.m)?;
     let mut report = a.cfg.apply(&mut l, &mut env.ctx())?;
-    output::save(&l, &a.out.output, Some(report.as_mut())).with_context(|| format!("writing {}", a.out.output.display()))?;
+    output::save(&l, &a.out.output, Some(report.as_mut()))
+        .with_context(|| format!("writing {}", a.out.output.display()))?;
     print_report(report.as_ref(), a.json, Some(&a.out.output))
 }
 

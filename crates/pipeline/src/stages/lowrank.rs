@@ -1,8 +1,6 @@
 //! `lowrank`: W ≈ U·V of block Linears (SVD, ASVD, SVD-LLM; ranks by ratio, energy or rank), or — with
 //! `attention_rank` — the queries and keys of every head factorised jointly (BERT-style encoders).
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use whittle_compress::attention::{attention_rank, AttentionRankReport};
 use whittle_compress::lowrank::{lowrank_model, LowRankOptions, LowRankReport, Method, Target};
@@ -133,7 +131,8 @@ impl Report for LowrankStageReport {
     fn table(&self) -> Table {
         match &self.report {
             Done::Layers(r) => {
-                let mut t = Table::new(&["layer", "shape", "rank", "params", "after", "weight err", "output err", "ms"]);
+                let mut t =
+                    Table::new(&["layer", "shape", "rank", "params", "after", "weight err", "output err", "ms"]);
                 for x in &r.layers {
                     t.row(vec![
                         x.name.clone(),

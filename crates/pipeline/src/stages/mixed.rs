@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use whittle_models::Loaded;
 use whittle_quant::mixed::{self, Allocation, SensitivityOptions};
 use whittle_quant::{Plan, Scheme};
-use whittle_models::Loaded;
 
 use super::quantize::QuantizeConfig;
 use crate::importance::{self, parse_bits};
@@ -29,16 +29,30 @@ pub(super) fn check(c: &QuantizeConfig, plan: &Plan) -> Result<()> {
 }
 
 /// Assigns per-layer formats from the sensitivities into `plan` (layers the overrides name are left to them).
-pub(super) fn apply_target_bpw(c: &QuantizeConfig, l: &mut Loaded, plan: &mut Plan, target: f64, ctx: &Ctx) -> Result<()> {
+pub(super) fn apply_target_bpw(
+    c: &QuantizeConfig,
+    l: &mut Loaded,
+    plan: &mut Plan,
+    target: f64,
+    ctx: &Ctx,
+) -> Result<()> {
     check(c, plan)?;
     let candidates = parse_bits(&c.candidates, "candidates")?;
-    let o = SensitivityOptions { candidates: candidates.clone(), group_size: plan.group_size, zero_point: plan.zero_point, ..Default::default() };
+    let o = SensitivityOptions {
+        candidates: candidates.clone(),
+        group_size: plan.group_size,
+        zero_point: plan.zero_point,
+        ..Default::default()
+    };
     let mut s = match &c.sensitivity {
         Some(f) => importance::read(f, l, &o)?,
         None => {
             // A quick measurement: at most 4 windows of 256 tokens.
             let cal = &c.calibration;
-            let budget = crate::calib::CalibConfig { calib_samples: Some(cal.calib_samples.map_or(2, |n| n.min(4))), ..cal.clone() };
+            let budget = crate::calib::CalibConfig {
+                calib_samples: Some(cal.calib_samples.map_or(2, |n| n.min(4))),
+                ..cal.clone()
+            };
             importance::measure(l, &budget, &o, ctx)?
         }
     };
@@ -69,7 +83,10 @@ fn allocation_lines(a: &Allocation) -> Vec<String> {
         let kind = ch.name.rsplit('.').next().unwrap_or(&ch.name).trim_end_matches("_proj");
         grid.entry(block).or_default().push((kind.to_string(), ch.bits));
     }
-    let mut out = vec![format!("target-bpw {:.3}: chose {:.3} bpw, predicted KL {:.4e} (sum over layers)", a.target_bpw, a.bpw, a.predicted_kl)];
+    let mut out = vec![format!(
+        "target-bpw {:.3}: chose {:.3} bpw, predicted KL {:.4e} (sum over layers)",
+        a.target_bpw, a.bpw, a.predicted_kl
+    )];
     if let Some(row) = grid.values().next() {
         out.push(format!("block {}", row.iter().map(|(k, _)| format!("{k:>5}")).collect::<String>()));
     }

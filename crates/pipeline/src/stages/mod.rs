@@ -58,7 +58,9 @@ impl Stage for AnyStage {
     fn check(&self) -> Result<()> {
         if let Self::Structured(c) = self {
             if c.method.is_some() {
-                crate::bail!("a `structured` stage removes heads, neurons and blocks: option `method` belongs to `prune`");
+                crate::bail!(
+                    "a `structured` stage removes heads, neurons and blocks: option `method` belongs to `prune`"
+                );
             }
         }
         self.inner().check()
@@ -91,7 +93,8 @@ pub(crate) fn layer_table(layers: &[whittle_quant::LayerReport]) -> crate::Table
 
 /// "notes (N):" and the first eight per-layer notes.
 pub(crate) fn layer_notes(layers: &[whittle_quant::LayerReport]) -> Vec<String> {
-    let notes: Vec<String> = layers.iter().filter(|r| !r.note.is_empty()).map(|r| format!("  {}: {}", r.name, r.note)).collect();
+    let notes: Vec<String> =
+        layers.iter().filter(|r| !r.note.is_empty()).map(|r| format!("  {}: {}", r.name, r.note)).collect();
     if notes.is_empty() {
         return notes;
     }

@@ -1,8 +1,6 @@
 //! `prune`: unstructured and N:M pruning of every block Linear (magnitude, Wanda, SparseGPT; optionally
 //! progressive), or — with `structured` / `drop_layers` — structured removal ([`super::structured`]).
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use whittle_compress::pass::{self, KernelCheck, Method, PruneOptions, PruneReport};
 use whittle_compress::schedule::{parse_max_drop, parse_schedule, Step};
@@ -141,7 +139,9 @@ impl PruneConfig {
             bail!("option `schedule` gives the sparsities: drop option `sparsity`");
         }
         let sparsity = match (self.sparsity, pattern) {
-            (Some(s), _) if !(0.0..1.0).contains(&s) => return Err(InvalidOption::new("sparsity", s, "must be in [0, 1)").into()),
+            (Some(s), _) if !(0.0..1.0).contains(&s) => {
+                return Err(InvalidOption::new("sparsity", s, "must be in [0, 1)").into())
+            }
             (Some(s), _) => s,
             (None, _) if scheduled => 0.0,
             (None, Pattern::NM { n, m }) => 1.0 - n as f64 / m as f64,
@@ -155,12 +155,21 @@ impl PruneConfig {
         let quant = match &self.then_quantize {
             Some(sch) => match Scheme::parse(sch)? {
                 Scheme::WeightOnly { bits } => Some(Rtn { bits, group: self.group_size, zero_point: false }),
-                _ => return Err(InvalidOption::new("then_quantize", sch, "a grouped weight-only scheme (w8a16, w4a16, w3a16, w2a16)").into()),
+                _ => {
+                    return Err(InvalidOption::new(
+                        "then_quantize",
+                        sch,
+                        "a grouped weight-only scheme (w8a16, w4a16, w3a16, w2a16)",
+                    )
+                    .into())
+                }
             },
             None => None,
         };
         if scheduled && pattern != Pattern::Unstructured {
-            bail!("option `schedule` steps through unstructured sparsities; an N:M pattern fixes the sparsity at 1 - N/M");
+            bail!(
+                "option `schedule` steps through unstructured sparsities; an N:M pattern fixes the sparsity at 1 - N/M"
+            );
         }
         Ok(PruneOptions { method, sparsity, pattern, global, damp: self.damp, quant, sparse: self.sparse()? })
     }

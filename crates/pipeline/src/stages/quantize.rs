@@ -150,7 +150,11 @@ impl QuantizeConfig {
         let weight_only = matches!(plan.default, Scheme::WeightOnly { .. });
         let m = self.method()?;
         if m != Method::Rtn && !weight_only {
-            bail!("option `method` {} applies to the weight-only schemes (w8a16, w4a16, w3a16, w2a16), not {}", self.method, plan.default.name());
+            bail!(
+                "option `method` {} applies to the weight-only schemes (w8a16, w4a16, w3a16, w2a16), not {}",
+                self.method,
+                plan.default.name()
+            );
         }
         Ok(plan)
     }
@@ -159,8 +163,18 @@ impl QuantizeConfig {
     pub fn check_output(&self, out: &Path) -> Result<()> {
         let to_gguf = out.extension().is_some_and(|e| e == "gguf");
         match (to_gguf, self.gguf_ftype()) {
-            (true, None) => Err(InvalidOption::new("scheme", &self.scheme, format!("cannot be written as GGUF ({}); GGUF schemes: {}", out.display(), gguf_out::GGUF_SCHEMES)).into()),
-            (false, Some(_)) => Err(InvalidOption::new("scheme", &self.scheme, format!("a GGUF file type: write it to NAME.gguf (got {})", out.display())).into()),
+            (true, None) => Err(InvalidOption::new(
+                "scheme",
+                &self.scheme,
+                format!("cannot be written as GGUF ({}); GGUF schemes: {}", out.display(), gguf_out::GGUF_SCHEMES),
+            )
+            .into()),
+            (false, Some(_)) => Err(InvalidOption::new(
+                "scheme",
+                &self.scheme,
+                format!("a GGUF file type: write it to NAME.gguf (got {})", out.display()),
+            )
+            .into()),
             _ => Ok(()),
         }
     }
@@ -224,7 +238,8 @@ fn weight_only_format(plan: &Plan, name: &str, k: usize) -> Option<Rtn> {
 impl QuantizeConfig {
     /// SmoothQuant → (recalibrate) → AWQ → rounding; calibrates only when a step needs it.
     fn round(&self, l: &mut Loaded, plan: &Plan, awq: bool, ctx: &Ctx) -> Result<whittle_quant::Report> {
-        let statics = std::iter::once(plan.default).chain(plan.overrides.iter().map(|o| o.1)).any(|s| s == Scheme::W8A8Static);
+        let statics =
+            std::iter::once(plan.default).chain(plan.overrides.iter().map(|o| o.1)).any(|s| s == Scheme::W8A8Static);
         let mut stats = None;
         if statics || awq || self.smoothquant.is_some() || self.calibration.calib.is_some() {
             let c = self.calibration.resolve(l, DECODER_SAMPLES)?;
@@ -247,7 +262,13 @@ impl QuantizeConfig {
                 }
             }
             if awq {
-                let r = awq::awq(&mut l.model, &mut cal.stats, |n, k| weight_only_format(plan, n, k), 20, ctx.progress("awq"))?;
+                let r = awq::awq(
+                    &mut l.model,
+                    &mut cal.stats,
+                    |n, k| weight_only_format(plan, n, k),
+                    20,
+                    ctx.progress("awq"),
+                )?;
                 let (e0, e1) = r.iter().fold((0.0, 0.0), |(a, b), g| (a + g.rtn_error, b + g.awq_error));
                 let alphas: Vec<String> = r.iter().take(6).map(|g| format!("{:.2}", g.alpha)).collect();
                 ctx.note(&format!(
@@ -304,7 +325,12 @@ pub fn quantize_gguf(model: &str, out: &Path, c: &QuantizeConfig) -> Result<Box<
     }
     let src = whittle_formats::gguf::Gguf::open(&path)?;
     let im = c.imatrix.as_deref().map(whittle_quant::imatrix::read_imatrix).transpose()?;
-    let o = gguf_out::GgufOptions { ftype, overrides: &c.overrides, allow_requantize: c.allow_requantize, imatrix: im.as_ref() };
+    let o = gguf_out::GgufOptions {
+        ftype,
+        overrides: &c.overrides,
+        allow_requantize: c.allow_requantize,
+        imatrix: im.as_ref(),
+    };
     let report = gguf_out::write_gguf(&src, out, &o)?;
     let bytes = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     Ok(Box::new(QuantStageReport { report, bytes_in: bytes(&path), bytes_out: bytes(out), verb: "quantized" }))

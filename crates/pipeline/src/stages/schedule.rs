@@ -17,9 +17,8 @@ pub(super) fn run(
     ctx: &Ctx,
 ) -> Result<Vec<Step>> {
     let unit = if l.model.is_decoder() { "tok/s" } else { "sent/s" };
-    let eval = |l: &Loaded| {
-        quick_quality(l, windows).map_err(|e| whittle_compress::Error::Usage(format!("evaluation: {e}")))
-    };
+    let eval =
+        |l: &Loaded| quick_quality(l, windows).map_err(|e| whittle_compress::Error::Usage(format!("evaluation: {e}")));
     let print = |s: &Step| {
         ctx.step(&format!(
             "step {:>2}  amount {:>5.3}  removed {:>6.2}%  Linears {:>8.2} MB  {} {:>9.4}  drop {:>+7.2}%  {:>8.1} {unit}{}",

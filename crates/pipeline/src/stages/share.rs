@@ -98,7 +98,8 @@ impl Stage for ShareConfig {
             None => None,
         };
         let after = quick_quality(l, QUALITY_WINDOWS)?;
-        let quality = if before.lower_is_better { format!("PPL ({QUALITY_WINDOWS} windows)") } else { "STS-B Spearman".into() };
+        let quality =
+            if before.lower_is_better { format!("PPL ({QUALITY_WINDOWS} windows)") } else { "STS-B Spearman".into() };
         Ok(Box::new(ShareStageReport {
             report,
             embedding,
@@ -137,7 +138,11 @@ impl Report for ShareStageReport {
         for g in &r.groups {
             let ch: Vec<String> = g.rel_change.iter().map(|c| format!("{c:.3}")).collect();
             let from = g.central.map_or("mean".to_string(), |c| format!("block {c}"));
-            out.push(format!("blocks {:?} share one set of weights ({from}); relative change per member: {}", g.blocks, ch.join(", ")));
+            out.push(format!(
+                "blocks {:?} share one set of weights ({from}); relative change per member: {}",
+                g.blocks,
+                ch.join(", ")
+            ));
         }
         if let Some(e) = &self.embedding {
             out.push(format!(

@@ -30,7 +30,11 @@ fn plan(c: &PruneConfig) -> Result<Plan> {
     let drop: Vec<usize> = match &c.drop_layers {
         Some(d) => d
             .split(',')
-            .map(|v| v.trim().parse::<usize>().map_err(|_| InvalidOption::new("drop_layers", d, format!("`{v}` is not a block index"))))
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| InvalidOption::new("drop_layers", d, format!("`{v}` is not a block index")))
+            })
             .collect::<std::result::Result<_, _>>()?,
         None => Vec::new(),
     };
@@ -68,7 +72,10 @@ fn taylor(l: &Loaded, cal: &crate::calib::Calib, ctx: &Ctx) -> Result<BTreeMap<S
     };
     let ids = text::encode_prompt(l, &cal.text, false)?;
     let w = whittle_train::Windows::new(&ids, cal.opts.seq_len, 1, 0, &cal.opts.source)?;
-    ctx.note(&format!("taylor: gradients of the LM loss on {} windows of {} tokens", cal.opts.samples, cal.opts.seq_len));
+    ctx.note(&format!(
+        "taylor: gradients of the LM loss on {} windows of {} tokens",
+        cal.opts.samples, cal.opts.seq_len
+    ));
     Ok(whittle_train::taylor_saliency(m, &w, cal.opts.samples, 1)?)
 }
 
@@ -77,7 +84,11 @@ pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Bo
     let Plan { s, imp, mut drop } = plan(c)?;
     let sched = c.schedule()?;
     if s.layers >= l.model.n_blocks() {
-        bail!("option `structured` layers={}: the model has {} blocks; at least one must stay", s.layers, l.model.n_blocks());
+        bail!(
+            "option `structured` layers={}: the model has {} blocks; at least one must stay",
+            s.layers,
+            l.model.n_blocks()
+        );
     }
     let cal = c.calibration.resolve(l, DECODER_SAMPLES)?;
     let params_in: usize = l.model.linears().iter().map(|(_, l)| l.num_params()).sum();
@@ -102,7 +113,16 @@ pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Bo
             Some(bi) => st::least_influential(bi, (s.layers as f64 * a).round() as usize),
             None => drop.clone(),
         };
-        let r = st::prune_structured_with(model, &sa, imp, c.global, stats.as_ref(), saliency.as_ref(), &drop_a, influence.as_deref())?;
+        let r = st::prune_structured_with(
+            model,
+            &sa,
+            imp,
+            c.global,
+            stats.as_ref(),
+            saliency.as_ref(),
+            &drop_a,
+            influence.as_deref(),
+        )?;
         last = Some(r);
         Ok(())
     };

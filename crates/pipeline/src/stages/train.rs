@@ -183,7 +183,11 @@ fn parse_time(s: &str) -> Result<f64> {
 /// Block indices like `0,2,4`.
 fn parse_blocks(s: &str, option: &'static str) -> Result<Vec<usize>> {
     s.split(',')
-        .map(|v| v.trim().parse().map_err(|_| InvalidOption::new(option, format!("`{s}`"), format!("`{v}` is not a block index")).into()))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| InvalidOption::new(option, format!("`{s}`"), format!("`{v}` is not a block index")).into())
+        })
         .collect()
 }
 
@@ -207,7 +211,12 @@ fn parse_hidden_map(s: &str, ls: usize, lt: usize) -> Result<Vec<(usize, usize)>
 impl TrainConfig {
     fn check(&self) -> Result<()> {
         if self.output.as_os_str().is_empty() {
-            return Err(InvalidOption::new("output", "(none)", "the directory the best student is written to is required").into());
+            return Err(InvalidOption::new(
+                "output",
+                "(none)",
+                "the directory the best student is written to is required",
+            )
+            .into());
         }
         self.max_time.as_deref().map(parse_time).transpose()?;
         Ok(())
@@ -252,7 +261,9 @@ impl DistillConfig {
             (Some(s), None) => Ok(s),
             (None, Some(_)) => Ok(&self.teacher),
             (Some(_), Some(_)) => bail!("option `student` and option `keep_layers` both give the student: use one"),
-            (None, None) => bail!("distill needs option `student` MODEL or option `keep_layers` 0,2,4 (student from the teacher)"),
+            (None, None) => {
+                bail!("distill needs option `student` MODEL or option `keep_layers` 0,2,4 (student from the teacher)")
+            }
         }
     }
 }
@@ -287,7 +298,8 @@ impl Stage for DistillConfig {
                 return Err(InvalidOption::new("keep_layers", b, format!("the teacher has blocks 0..{}", n - 1)).into());
             }
             let drop: Vec<usize> = (0..n).filter(|i| !keep.contains(i)).collect();
-            let (none, l2) = (whittle_compress::structured::Structured::default(), whittle_compress::structured::Importance::L2);
+            let (none, l2) =
+                (whittle_compress::structured::Structured::default(), whittle_compress::structured::Importance::L2);
             whittle_compress::structured::prune_structured(&mut l.model, &none, l2, false, None, &drop, None)?;
         }
         if t.model.vocab_size() != l.model.vocab_size() || t.tokenizer.get_vocab(true) != l.tokenizer.get_vocab(true) {
@@ -371,7 +383,12 @@ fn run(l: &mut Loaded, d: Option<(&DistillConfig, &Loaded)>, a: &TrainConfig, ct
     Ok(Box::new(TrainReport { what, outcome, metric, output: a.output.clone() }))
 }
 
-fn run_llama(l: &mut Loaded, d: Option<(&DistillConfig, &Loaded)>, a: &TrainConfig, ctx: &Ctx) -> Result<(Outcome, String)> {
+fn run_llama(
+    l: &mut Loaded,
+    d: Option<(&DistillConfig, &Loaded)>,
+    a: &TrainConfig,
+    ctx: &Ctx,
+) -> Result<(Outcome, String)> {
     let Model::Llama(sm) = &l.model else { unreachable!("decoders only") };
     let teacher = d.and_then(|(_, t)| match &t.model {
         Model::Llama(m) => Some(m),
@@ -421,7 +438,8 @@ fn run_bert(l: &mut Loaded, t: &Loaded, a: &TrainConfig, ctx: &Ctx) -> Result<(O
     let targets = whittle_models::text::embed_texts(t, &refs, 128, 32)?;
     let tok = whittle_models::text::truncating(&l.tokenizer, 128)?;
     let enc = tok.encode_batch(refs, true).map_err(|e| crate::Error::Config(format!("tokenizing: {e}")))?;
-    let sentences: Vec<(Vec<u32>, Vec<u32>)> = enc.iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect();
+    let sentences: Vec<(Vec<u32>, Vec<u32>)> =
+        enc.iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect();
     let batch = a.batch.unwrap_or(32);
     if sentences.len() < batch {
         bail!("{} sentences: fewer than one batch of {batch}", sentences.len());
