@@ -1,14 +1,12 @@
 //! Calibration text and budgets, declared once for every stage that calibrates: the text (default
 //! WikiText-2 valid, never the test split) and how much of it each family runs by default.
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
 use whittle_core::InvalidOption;
 use whittle_eval::data;
 use whittle_models::Loaded;
 use whittle_quant::calib::CalibOptions;
 
+pub use crate::config::CalibConfig;
 use crate::Result;
 
 /// Default calibration windows for decoders (of 512 tokens); Wanda needs only per-channel norms, which 4
@@ -17,24 +15,6 @@ pub const DECODER_SAMPLES: usize = 16;
 pub const WANDA_DECODER_SAMPLES: usize = 4;
 /// Default calibration sentences for encoders (of at most 128 tokens).
 pub const ENCODER_SAMPLES: usize = 256;
-
-/// The calibration options (the CLI's `--calib`, `--calib-samples`, `--calib-seq-len`; a `[calibration]`
-/// table in recipes). `None`: the default of the family and stage.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct CalibConfig {
-    /// Calibration text (default: data/wikitext-2/wiki.valid.tokens, never the test split)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub calib: Option<PathBuf>,
-    /// Calibration samples: windows of --calib-seq-len tokens (decoders: 16; 4 for Wanda, 2 for
-    /// sensitivity) or sentences (encoders: 256)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub calib_samples: Option<usize>,
-    /// Tokens per calibration sample (decoders: 512, 256 for sensitivity; encoders: 128)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub calib_seq_len: Option<usize>,
-}
 
 /// The text and options a calibrating stage runs on.
 pub struct Calib {

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use whittle_core::InvalidOption;
 use whittle_models::Loaded;
 use whittle_quant::mixed::{self, Sensitivity, SensitivityOptions};
 
 use crate::calib::CalibConfig;
+pub use crate::config::{ImatrixConfig, SensitivityConfig};
 use crate::{bail, Ctx, Result};
 
 /// `8,4,3,2` → bit widths of the grouped formats (`option` names the option in errors).
@@ -30,40 +30,6 @@ pub fn parse_bits(s: &str, option: &'static str) -> Result<Vec<u32>> {
         return Err(InvalidOption::new(option, s, "give at least one bit width").into());
     }
     Ok(v)
-}
-
-/// Options of `sensitivity` (the CLI flags of `whittle sensitivity`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct SensitivityConfig {
-    /// Calibration text and budget (default: 2 windows of 256 tokens)
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub calibration: CalibConfig,
-    /// Weights per group of the candidate formats
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
-    pub group_size: usize,
-    /// Asymmetric candidate formats (a zero point per group)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub zero_point: bool,
-    /// Candidate bit widths
-    #[cfg_attr(feature = "cli", arg(long, default_value = "8,4,3,2"))]
-    pub candidates: String,
-    /// Bit width at which each layer's KL is measured
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 3))]
-    pub probe_bits: u32,
-}
-
-impl Default for SensitivityConfig {
-    fn default() -> Self {
-        Self {
-            calibration: CalibConfig::default(),
-            group_size: 64,
-            zero_point: false,
-            candidates: "8,4,3,2".into(),
-            probe_bits: 3,
-        }
-    }
 }
 
 impl SensitivityConfig {
@@ -117,16 +83,6 @@ pub fn read(path: &Path, l: &Loaded, o: &SensitivityOptions) -> Result<Sensitivi
         );
     }
     Ok(s)
-}
-
-/// Options of `imatrix` (the CLI flags of `whittle imatrix`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct ImatrixConfig {
-    /// Calibration text and budget (default: 16 windows of 512 tokens)
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub calibration: CalibConfig,
 }
 
 impl ImatrixConfig {

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod calib;
+pub mod config;
 pub mod ctx;
 pub mod importance;
 pub mod measure;

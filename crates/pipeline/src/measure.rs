@@ -5,55 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use whittle_compress::schedule::Quality;
 use whittle_eval::{bench, classify, cloze, data, ppl, sts, Metrics};
 use whittle_models::Loaded;
 
+pub use crate::config::{BenchConfig, EvalConfig, Task};
 use crate::{bail, Ctx, Result};
-
-/// What `eval` scores.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    /// Perplexity (decoders), llama.cpp protocol; with --base, KL divergence
-    Ppl,
-    /// Last-word accuracy on a JSONL of {"text": ...} (decoders)
-    Cloze,
-    /// STS-B Spearman x100 (encoders); with --base, cosine to the base's embeddings
-    Sts,
-    /// SST-2 accuracy of a logistic-regression probe on frozen embeddings (encoders)
-    Classify,
-}
-
-/// Options of [`evaluate`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct EvalConfig {
-    /// Task (default: ppl for decoders, sts for encoders)
-    #[cfg_attr(feature = "cli", arg(long, value_enum))]
-    pub task: Option<Task>,
-    /// Data file (defaults: WikiText-2 test, the WikiText-2 cloze set, STS-B test, SST-2 dev)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub data: Option<PathBuf>,
-    /// Tokens per perplexity chunk
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 512))]
-    pub ctx: usize,
-    /// Score only the first N chunks (ppl) or lines (cloze)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub chunks: Option<usize>,
-    /// Encoder token cap (sts, classify)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
-    pub max_len: usize,
-}
-
-impl Default for EvalConfig {
-    fn default() -> Self {
-        Self { task: None, data: None, ctx: 512, chunks: None, max_len: 128 }
-    }
-}
 
 /// Scores `l` (named `name` in the result) on its task; `base` gives KL divergence (ppl) or embedding cosine
 /// (sts).
@@ -86,35 +43,6 @@ pub fn evaluate(l: &Loaded, name: &str, c: &EvalConfig, base: Option<&Loaded>, c
     m.model = Some(name.to_string());
     m.seconds = Some(t0.elapsed().as_secs_f64());
     Ok(m)
-}
-
-/// Options of [`bench`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct BenchConfig {
-    /// Encoder batch size
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
-    pub batch: usize,
-    /// Encoder token cap
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
-    pub max_len: usize,
-    /// Decoder prompt-processing length (llama-bench pp)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 512))]
-    pub pp: usize,
-    /// Decoder generated tokens (llama-bench tg)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
-    pub tg: usize,
-    /// Timed repetitions (median reported)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 5))]
-    pub reps: usize,
-}
-
-impl Default for BenchConfig {
-    fn default() -> Self {
-        let o = bench::BenchOptions::default();
-        Self { batch: o.batch, max_len: o.max_len, pp: o.pp, tg: o.tg, reps: o.reps }
-    }
 }
 
 /// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg).

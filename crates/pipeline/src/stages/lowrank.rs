@@ -1,61 +1,14 @@
 //! `lowrank`: W ≈ U·V of block Linears (SVD, ASVD, SVD-LLM; ranks by ratio, energy or rank), or — with
 //! `attention_rank` — the queries and keys of every head factorised jointly (BERT-style encoders).
 
-use serde::{Deserialize, Serialize};
 use whittle_compress::attention::{attention_rank, AttentionRankReport};
 use whittle_compress::lowrank::{lowrank_model, LowRankOptions, LowRankReport, Method, Target};
 use whittle_models::Loaded;
 
-use crate::calib::{CalibConfig, DECODER_SAMPLES};
+use crate::calib::DECODER_SAMPLES;
+pub use crate::config::LowrankConfig;
 use crate::report::{human, percent};
 use crate::{bail, Ctx, Report, Result, Stage, Table};
-
-/// Options of `lowrank` (the CLI flags of `whittle lowrank`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct LowrankConfig {
-    /// svd, asvd or svd-llm
-    #[cfg_attr(feature = "cli", arg(long, default_value = "svd-llm"))]
-    pub method: String,
-    /// Keep this fraction of the block Linears' parameters (ranks allocated over all layers), in (0, 1]
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub ratio: Option<f64>,
-    /// Per layer, the smallest rank keeping this fraction of the singular-value energy, in (0, 1]
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub energy: Option<f64>,
-    /// The same rank in every layer
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub rank: Option<usize>,
-    /// Instead: factorise the queries and keys of every head jointly, so that the attention scores use
-    /// R + 1 values per head (BERT-style encoders; --method svd-llm whitens, svd does not)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub attention_rank: Option<usize>,
-    /// ASVD: exponent on the per-channel activation scale
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.5))]
-    pub alpha: f64,
-    /// SVD-LLM dampening of Σxᵀx (fraction of its mean diagonal)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.01))]
-    pub damp: f64,
-    /// Calibration text and budget
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub calibration: CalibConfig,
-}
-
-impl Default for LowrankConfig {
-    fn default() -> Self {
-        Self {
-            method: "svd-llm".into(),
-            ratio: None,
-            energy: None,
-            rank: None,
-            attention_rank: None,
-            alpha: 0.5,
-            damp: 0.01,
-            calibration: CalibConfig::default(),
-        }
-    }
-}
 
 impl LowrankConfig {
     /// The rank target (`None` with `attention_rank`).

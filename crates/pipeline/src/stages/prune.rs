@@ -1,7 +1,6 @@
 //! `prune`: unstructured and N:M pruning of every block Linear (magnitude, Wanda, SparseGPT; optionally
 //! progressive), or — with `structured` / `drop_layers` — structured removal ([`super::structured`]).
 
-use serde::{Deserialize, Serialize};
 use whittle_compress::pass::{self, KernelCheck, Method, PruneOptions, PruneReport};
 use whittle_compress::schedule::{parse_max_drop, parse_schedule, Step};
 use whittle_compress::{parse_pattern, Pattern};
@@ -9,95 +8,10 @@ use whittle_core::{InvalidOption, Rtn};
 use whittle_models::Loaded;
 use whittle_quant::Scheme;
 
-use crate::calib::{CalibConfig, DECODER_SAMPLES, WANDA_DECODER_SAMPLES};
+use crate::calib::{DECODER_SAMPLES, WANDA_DECODER_SAMPLES};
+pub use crate::config::PruneConfig;
 use crate::report::human;
 use crate::{bail, Ctx, Report, Result, Stage, Table};
-
-/// Options of `prune` (both kinds; the CLI flags of `whittle prune`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct PruneConfig {
-    /// Unstructured / N:M criterion: magnitude, wanda, sparsegpt
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub method: Option<String>,
-    /// Fraction of each block Linear's weights set to zero, in [0, 1) (unstructured)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub sparsity: Option<f64>,
-    /// unstructured, or N:M (N kept in every M consecutive inputs): 2:4, 4:8
-    #[cfg_attr(feature = "cli", arg(long, default_value = "unstructured"))]
-    pub pattern: String,
-    /// Magnitude threshold per layer, or one over all block Linears
-    #[cfg_attr(feature = "cli", arg(long, default_value = "layer"))]
-    pub scope: String,
-    /// Structured removal: fractions of each block's heads (KV groups) and FFN neurons, and a number of
-    /// blocks chosen by block influence, e.g. heads=0.25,ffn=0.3,layers=2
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub structured: Option<String>,
-    /// Blocks to remove, e.g. 10,11 (instead of layers=N)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub drop_layers: Option<String>,
-    /// Unit importance for --structured: activation (|W|·‖X‖ on calibration text), taylor (|w·∂L/∂w|,
-    /// gradients of the LM loss on calibration text; decoders), l2 or l1 (weight norms)
-    #[cfg_attr(feature = "cli", arg(long, default_value = "activation"))]
-    pub importance: String,
-    /// --structured: rank heads and neurons over all blocks (widths then differ per block) instead of
-    /// removing the same fraction from each
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub global: bool,
-    /// SparseGPT: quantize the kept weights in the same pass to this grouped format (e.g. w4a16; stored
-    /// dequantized)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub then_quantize: Option<String>,
-    /// Weights per group for --then-quantize
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
-    pub group_size: usize,
-    /// SparseGPT dampening
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.01))]
-    pub damp: f64,
-    /// How pruned Linears are stored: sparse (zeros not stored: N:M values + position codes, bitmap or
-    /// CSR, run by the sparse kernel) or dense
-    #[cfg_attr(feature = "cli", arg(long, default_value = "sparse"))]
-    pub storage: String,
-    /// Progressive pruning: sparsities (unstructured) or fractions of --structured to step through, e.g.
-    /// 0.1,0.3,0.5; evaluates after each step
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub schedule: Option<String>,
-    /// With --schedule: stop at the first step whose quality drops more than this (e.g. 2%) and keep the
-    /// last model within it
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub max_drop: Option<String>,
-    /// With --schedule: WikiText-2 test windows of 512 tokens per evaluation (decoders); encoders use the
-    /// STS-B test set
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4))]
-    pub eval_windows: usize,
-    /// Calibration text and budget
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub calibration: CalibConfig,
-}
-
-impl Default for PruneConfig {
-    fn default() -> Self {
-        Self {
-            method: None,
-            sparsity: None,
-            pattern: "unstructured".into(),
-            scope: "layer".into(),
-            structured: None,
-            drop_layers: None,
-            importance: "activation".into(),
-            global: false,
-            then_quantize: None,
-            group_size: 64,
-            damp: 0.01,
-            storage: "sparse".into(),
-            schedule: None,
-            max_drop: None,
-            eval_windows: 4,
-            calibration: CalibConfig::default(),
-        }
-    }
-}
 
 /// The parsed progressive schedule.
 pub(super) struct Schedule {

@@ -4,106 +4,16 @@
 //! per-layer overrides and mixed precision under a bit budget ([`super::mixed`]). GGUF file types are written
 //! tensor by tensor from a GGUF source ([`quantize_gguf`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use whittle_core::{InvalidOption, Rtn};
 use whittle_models::Loaded;
 use whittle_quant::gguf_out::{self, Ftype};
 use whittle_quant::{awq, calib, gptq, layerwise, smooth, Observer, Plan, Scheme};
 
-use crate::calib::{CalibConfig, DECODER_SAMPLES};
+use crate::calib::DECODER_SAMPLES;
+pub use crate::config::QuantizeConfig;
 use crate::{bail, Ctx, Report, Result, Stage, Table};
-
-/// Options of `quantize` (the CLI flags of `whittle quantize`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct QuantizeConfig {
-    /// Scheme: w8a8-dynamic, w8a8-static, w8a16, w4a16, w3a16, w2a16 (directory output), or a llama.cpp file
-    /// type for -o NAME.gguf: f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s,
-    /// q4_k_m, q5_k_s, q5_k_m, q6_k
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub scheme: String,
-    /// Per-layer scheme by regex on the layer name, e.g. 're:.*lm_head=w8a8-dynamic' (repeatable; last wins)
-    #[cfg_attr(feature = "cli", arg(long = "override"))]
-    #[serde(rename = "override")]
-    pub overrides: Vec<String>,
-    /// Quantize layers that are already quantized (from their dequantized weights)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub allow_requantize: bool,
-    /// Weights per group for w4a16/w8a16 (a multiple of 32; layers it does not divide get the largest
-    /// multiple of 32 below it that does, and the report says so)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
-    pub group_size: usize,
-    /// Asymmetric groups for w4a16/w8a16: a zero point per group
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub zero_point: bool,
-    /// Calibration text and budget
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub calibration: CalibConfig,
-    /// SmoothQuant strength alpha in [0, 1] (e.g. 0.5): migrate activation outliers into the weights first
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub smoothquant: Option<f32>,
-    /// How weight-only schemes round: rtn (plain rounding), gptq (layer by layer, Hessian error feedback) or
-    /// awq (activation-aware per-channel scales searched per layer group, then rounding), awq-gptq (both)
-    #[cfg_attr(feature = "cli", arg(long, default_value = "rtn"))]
-    pub method: String,
-    /// GPTQ dampening, a fraction of the Hessian's mean diagonal
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.01))]
-    pub damp: f64,
-    /// GPTQ act-order: columns by decreasing Hessian diagonal (static groups)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub act_order: bool,
-    /// GPTQ: run the calibration forward in int8 (w8a8, about 2× faster on VNNI CPUs); the Hessians then see
-    /// the inputs of an 8-bit-rounded model
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub calib_int8: bool,
-    /// w8a8-static activation range observer: minmax, percentile, mse, entropy
-    #[cfg_attr(feature = "cli", arg(long, default_value = "minmax"))]
-    pub observer: String,
-    /// Percentile for --observer percentile
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 99.99))]
-    pub percentile: f64,
-    /// Mixed precision: pick a grouped format per block Linear from --candidates so the block Linears average
-    /// at most this many bits per weight, minimising the predicted KL (weight-only schemes; --override wins)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub target_bpw: Option<f64>,
-    /// Per-layer costs from `whittle sensitivity` (default: measure them now, on the calibration text)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub sensitivity: Option<PathBuf>,
-    /// Candidate bit widths for --target-bpw (grouped by --group-size, --zero-point as given)
-    #[cfg_attr(feature = "cli", arg(long, default_value = "8,4,3,2"))]
-    pub candidates: String,
-    /// Importance matrix (llama.cpp's GGUF imatrix format, from `whittle imatrix` or `llama-imatrix`): GGUF
-    /// block types are quantized with ggml's importance-weighted quantizers, as llama-quantize does
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub imatrix: Option<PathBuf>,
-}
-
-impl Default for QuantizeConfig {
-    fn default() -> Self {
-        Self {
-            scheme: String::new(),
-            overrides: Vec::new(),
-            allow_requantize: false,
-            group_size: 128,
-            zero_point: false,
-            calibration: CalibConfig::default(),
-            smoothquant: None,
-            method: "rtn".into(),
-            damp: 0.01,
-            act_order: false,
-            calib_int8: false,
-            observer: "minmax".into(),
-            percentile: 99.99,
-            target_bpw: None,
-            sensitivity: None,
-            candidates: "8,4,3,2".into(),
-            imatrix: None,
-        }
-    }
-}
 
 /// How the weights are rounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

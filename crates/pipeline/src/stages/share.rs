@@ -2,48 +2,18 @@
 //! once — and optionally ALBERT's factorised word embedding, weighted by token counts in calibration text.
 //! Measures the quality before and after (before any recovery).
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use whittle_compress::share::{self, EmbeddingReport, Init, ShareReport};
 use whittle_eval::data;
 use whittle_models::{Loaded, Model};
 
+pub use crate::config::ShareConfig;
 use crate::measure::quick_quality;
 use crate::report::human;
 use crate::{bail, Ctx, Error, Report, Result, Stage};
 
 /// Windows of the quick perplexity check (decoders).
 const QUALITY_WINDOWS: usize = 4;
-
-/// Options of `share` (the CLI flags of `whittle share`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct ShareConfig {
-    /// Groups like 0-1,2-3, or auto (adjacent blocks merged by weight similarity down to --unique)
-    #[cfg_attr(feature = "cli", arg(long, default_value = "auto"))]
-    pub groups: String,
-    /// With --groups auto: unique blocks to keep (default: half the blocks)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub unique: Option<usize>,
-    /// Shared weights: the group's mean, or its most central member
-    #[cfg_attr(feature = "cli", arg(long, default_value = "mean"))]
-    pub init: String,
-    /// Also factorise the word embeddings to rank R (ALBERT's factorised embedding, BERT encoders): U·V with
-    /// the subspace weighted by token counts in --calib
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub embedding_rank: Option<usize>,
-    /// Text whose token counts weight --embedding-rank (default: data/wikitext-2/wiki.valid.tokens)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub calib: Option<PathBuf>,
-}
-
-impl Default for ShareConfig {
-    fn default() -> Self {
-        Self { groups: "auto".into(), unique: None, init: "mean".into(), embedding_rank: None, calib: None }
-    }
-}
 
 /// 1 + the count of each token of `l`'s vocabulary in `text` (one sentence per line).
 fn token_weights(l: &Loaded, text: &str) -> Result<Vec<f64>> {

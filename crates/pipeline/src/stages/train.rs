@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use whittle_core::InvalidOption;
 use whittle_eval::data;
 use whittle_models::{LoadOptions, Loaded, Model};
@@ -14,157 +13,9 @@ use whittle_train::bert::{SentenceObjective, TrainBert};
 use whittle_train::llama::TrainLlama;
 use whittle_train::{train, Hooks, LlamaObjective, LossOptions, Objective, Outcome, StepLog, TrainOptions, Windows};
 
+pub use crate::config::{DistillConfig, FinetuneConfig, TrainConfig};
 use crate::measure::quick_quality;
 use crate::{bail, Ctx, Report, Result, Stage};
-
-/// Training options both stages share (the CLI flags of `whittle distill` and `whittle finetune`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    /// Training text (default: data/wikitext-2/wiki.valid.tokens; encoders: one sentence per line, default
-    /// the STS-B dev and SST-2 dev sentences and the WikiText-2 valid lines)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub data: Option<PathBuf>,
-    /// Output directory: the best student by evaluation (written atomically)
-    #[cfg_attr(feature = "cli", arg(short, long))]
-    pub output: PathBuf,
-    /// Tokens per training window
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 256))]
-    pub seq_len: usize,
-    /// Windows (decoders, default 4) or sentences (encoders, default 32) per micro-batch
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub batch: Option<usize>,
-    /// Micro-batches per optimizer step (gradient accumulation)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
-    pub accum: usize,
-    /// Peak learning rate (AdamW; default 2e-4 decoders, 1e-4 encoders)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub lr: Option<f64>,
-    /// Warm-up steps (linear)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 10))]
-    pub warmup: usize,
-    /// Decay after warm-up: cosine or linear, to 10% of --lr
-    #[cfg_attr(feature = "cli", arg(long, default_value = "cosine"))]
-    pub decay: String,
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.01))]
-    pub weight_decay: f64,
-    /// Clip the global gradient norm to this (0 = no clipping)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
-    pub clip: f64,
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 200))]
-    pub max_steps: usize,
-    /// Stop after this much time: seconds, or with a unit (20m, 1h)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub max_time: Option<String>,
-    /// Stop at this step while the learning-rate schedule still spans --max-steps (to compare runs at the
-    /// same step)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub stop_at: Option<usize>,
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
-    pub seed: u64,
-    /// Evaluate every N steps: PPL on the first --eval-windows WikiText-2 test windows of 512 (decoders),
-    /// STS-B test Spearman (encoders)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 25))]
-    pub eval_every: usize,
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4))]
-    pub eval_windows: usize,
-    /// Checkpoint every N steps
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 25))]
-    pub ckpt_every: usize,
-    /// Checkpoint directory (default: OUTPUT.ckpt)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub ckpt: Option<PathBuf>,
-    /// Continue from the checkpoint (same flags)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub resume: bool,
-    /// Stop after this many evaluations without improvement (0 = never)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
-    pub patience: usize,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            data: None,
-            output: PathBuf::new(),
-            seq_len: 256,
-            batch: None,
-            accum: 1,
-            lr: None,
-            warmup: 10,
-            decay: "cosine".into(),
-            weight_decay: 0.01,
-            clip: 1.0,
-            max_steps: 200,
-            max_time: None,
-            stop_at: None,
-            seed: 0,
-            eval_every: 25,
-            eval_windows: 4,
-            ckpt_every: 25,
-            ckpt: None,
-            resume: false,
-            patience: 0,
-        }
-    }
-}
-
-/// Distillation-only options.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct DistillConfig {
-    /// Teacher model
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub teacher: String,
-    /// Student model (e.g. the output of `whittle prune --structured`)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub student: Option<String>,
-    /// Build the student from the teacher, keeping these blocks (DistilBERT's initialisation), e.g. 0,2,4
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub keep_layers: Option<String>,
-    /// Soft-target temperature
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4.0))]
-    pub temperature: f64,
-    /// Weight of the soft-target term; 1 − alpha goes to hard-label cross-entropy
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.7))]
-    pub alpha: f64,
-    /// Student:teacher block pairs for hidden-state MSE, e.g. 0:0,1:2 (default: uniform over depth)
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub hidden_map: Option<String>,
-    /// Weight of the hidden-state MSE (0 = off)
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.0))]
-    pub hidden_weight: f64,
-    /// The training options (a `[train]` table in recipes)
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub train: TrainConfig,
-}
-
-impl Default for DistillConfig {
-    fn default() -> Self {
-        Self {
-            teacher: String::new(),
-            student: None,
-            keep_layers: None,
-            temperature: 4.0,
-            alpha: 0.7,
-            hidden_map: None,
-            hidden_weight: 0.0,
-            train: TrainConfig::default(),
-        }
-    }
-}
-
-/// Fine-tuning with hard labels only (decoders; the baseline distillation must beat).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(deny_unknown_fields, default)]
-pub struct FinetuneConfig {
-    /// The training options (a `[train]` table in recipes)
-    #[cfg_attr(feature = "cli", command(flatten))]
-    pub train: TrainConfig,
-}
 
 /// Seconds from `20m`, `1h`, `90s` or `90`.
 fn parse_time(s: &str) -> Result<f64> {
