@@ -543,8 +543,16 @@ enum OutDtype {
     Bf16,
 }
 
+/// The run configuration from `--kernel` / `--fine-activations`, set once in `main` before any command runs.
+static RUN_CONFIG: std::sync::OnceLock<whittle_core::RunConfig> = std::sync::OnceLock::new();
+
+/// The run configuration every model this process loads runs with.
+fn run_config() -> whittle_core::RunConfig {
+    RUN_CONFIG.get().cloned().unwrap_or_default()
+}
+
 fn open(m: &ModelArg) -> Result<Loaded> {
-    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize })
+    load(&m.model, &LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize, run: run_config() })
         .with_context(|| format!("loading model `{}`", m.model))
 }
 
@@ -2208,6 +2216,7 @@ fn main() -> ExitCode {
         let n = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    let mut forced = None;
     if let Some(k) = cli.kernel {
         let isa = match k {
             KernelArg::Ref => whittle_kernels::Isa::Ref,
@@ -2218,9 +2227,10 @@ fn main() -> ExitCode {
             eprintln!("error: --kernel {}: this CPU does not support it", isa.name());
             return ExitCode::FAILURE;
         }
-        whittle_core::set_kernel(Some(isa));
+        forced = Some(isa);
     }
-    whittle_core::set_fine_activations(cli.fine_activations);
+    let rc = whittle_core::RunConfig { isa: forced, fine_activations: cli.fine_activations, ..Default::default() };
+    RUN_CONFIG.set(rc).expect("set once");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

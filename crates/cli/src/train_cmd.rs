@@ -120,7 +120,8 @@ fn parse_time(s: &str) -> Result<f64> {
 }
 
 fn open(spec: &str) -> Result<Loaded> {
-    load(spec, &LoadOptions { tokenizer: None, dequantize: true }).with_context(|| format!("loading model `{spec}`"))
+    load(spec, &LoadOptions { tokenizer: None, dequantize: true, run: crate::run_config() })
+        .with_context(|| format!("loading model `{spec}`"))
 }
 
 /// The options both families share, from the flags and the loss terms.

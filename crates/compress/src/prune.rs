@@ -17,7 +17,7 @@ use std::fmt;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use whittle_core::Rtn;
-use whittle_quant::gptq::{hinv_upper, rtn_params};
+use whittle_quant::gptq::hinv_upper;
 
 use crate::{Error, Result};
 
@@ -252,18 +252,6 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// `v` rounded to the grid of scale `s` and zero point `z`, dequantized.
-fn rtn_round(rtn: Rtn, v: f32, s: f32, z: f32) -> f32 {
-    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    if rtn.zero_point {
-        let top = ((1u32 << rtn.bits) - 1) as f32;
-        s * (((v * inv).round() + z).clamp(0.0, top) - z)
-    } else {
-        let lim = ((1i32 << (rtn.bits - 1)) - 1) as f32;
-        s * (v * inv).round().clamp(-lim, lim)
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn solve(
     w: &[f32],
@@ -361,14 +349,9 @@ fn solve(
                 if i.is_multiple_of(g) {
                     let gi = i / g;
                     for r in 0..m {
-                        let (mut lo, mut hi, mut amax) = (0f32, 0f32, 0f32);
-                        for c in (i..i + g).filter(|&c| !pruned[c * m + r]) {
-                            let v = wt[c * m + r];
-                            lo = lo.min(v);
-                            hi = hi.max(v);
-                            amax = amax.max(v.abs());
-                        }
-                        (scale[r * ngroups + gi], zero[r * ngroups + gi]) = rtn_params(q, lo, hi, amax);
+                        let (lo, hi, amax) =
+                            Rtn::range((i..i + g).filter(|&c| !pruned[c * m + r]).map(|c| wt[c * m + r]));
+                        (scale[r * ngroups + gi], zero[r * ngroups + gi]) = q.params(lo, hi, amax);
                     }
                 }
             }
@@ -383,7 +366,7 @@ fn solve(
                     0.0
                 } else if let Some(q) = quant {
                     let gi = i / g;
-                    rtn_round(q, v, scale[r * ngroups + gi], zero[r * ngroups + gi])
+                    q.round(v, scale[r * ngroups + gi], zero[r * ngroups + gi]).1
                 } else {
                     v
                 };

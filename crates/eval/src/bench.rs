@@ -88,7 +88,8 @@ fn common(l: &Loaded, m: &mut Metrics) {
     m.threads = Some(threads());
     let int8 = l.model.linears().iter().any(|(_, lin)| lin.is_quantized());
     let sparse = l.model.linears().iter().any(|(_, lin)| lin.is_sparse());
-    let mut k = if int8 { format!("int8 {} + {}", whittle_core::kernel().name(), kernel()) } else { kernel() };
+    let mut k =
+        if int8 { format!("int8 {} + {}", l.model.run_config().dispatch().isa.name(), kernel()) } else { kernel() };
     if sparse {
         let isa = if whittle_kernels::sparse::PackedSparse::available() { "avx512" } else { "dense fallback" };
         k = format!("sparse f32 {isa} + {k}");

@@ -9,12 +9,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use whittle_core::{with_f32_slice, Linear, LinearWeight, Stored};
+use whittle_core::{with_f32_slice, Linear, LinearWeight, RunConfig, Stored};
 use whittle_formats::gguf::Gguf;
 
 use crate::bert::push_linear;
-use crate::loader::Weights;
 use crate::nn::{attention, embed, RmsNorm};
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// `config.json` as Hugging Face writes it for `model_type: llama | mistral | qwen2`.
@@ -496,6 +496,8 @@ pub struct Llama {
     /// The output projection; shares `embed_tokens`' storage when `config.tie_word_embeddings`.
     pub lm_head: Linear,
     inv_freq: Vec<f32>,
+    /// How the model runs ([`crate::Model::set_run_config`]).
+    pub run: RunConfig,
 }
 
 /// llama.cpp permutes the rows of Q and K so its interleaved RoPE sees HF's "rotate half" pairs;
@@ -575,7 +577,7 @@ impl Llama {
         let mut config = config;
         config.tie_word_embeddings = tied;
         let inv_freq = config.inv_freq();
-        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq })
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq, run: RunConfig::default() })
     }
 
     /// cos and sin of the rotary angles for positions `start..start+t`, (T, D/2) each, f32.

@@ -281,7 +281,7 @@ fn run_blocks<B: Clone>(
             let mut observe = |part: &[Tensor]| -> Result<()> {
                 let k = part.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
                 let st = st.get_or_insert_with(|| if hessian { ActStats::hessian(k) } else { ActStats::channels(k) });
-                Ok(whittle_core::linear::with_f32_slices(part, |v| st.observe_many(v))?)
+                Ok(whittle_core::backend::cpu::with_f32_slices(part, |v| st.observe_many(v))?)
             };
             if streamed {
                 for (xp, part) in xs.chunks(PARTS).zip(inputs.chunks(PARTS)) {
