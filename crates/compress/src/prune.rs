@@ -14,8 +14,9 @@
 
 use std::fmt;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
+use whittle_core::backend::cpu;
 use whittle_core::Rtn;
 use whittle_quant::gptq::hinv_upper;
 
@@ -391,8 +392,9 @@ fn solve(
             // After the block, as one GEMM: W[:, i2..]ᵀ −= U[i1..i2, i2..]ᵀ · E.
             let nt = k - i2;
             let ut: Vec<f32> = (i2..k).flat_map(|j| (i1..i2).map(move |i| u[i * k + j] as f32)).collect();
-            let ut = Tensor::from_vec(ut, (nt, nb), &Device::Cpu)?; // (nt, nb)
-            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), &Device::Cpu)?; // (nb, m)
+            let dev = &cpu::device();
+            let ut = Tensor::from_vec(ut, (nt, nb), dev)?; // (nt, nb)
+            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), dev)?; // (nb, m)
             let upd: Vec<f32> = ut.matmul(&e)?.flatten_all()?.to_vec1()?; // (nt, m)
             for (x, d) in wt[i2 * m..].iter_mut().zip(upd) {
                 *x -= d;

@@ -253,6 +253,17 @@ impl Linear {
         self.observer = None;
     }
 
+    /// The device of the layer's tensors: a dense weight's, else the bias's; packed (int8, block, sparse)
+    /// weights live on the CPU.
+    pub fn device(&self) -> candle_core::Device {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Dense(w), _) => w.device().clone(),
+            (LinearWeight::LowRank(lr), _) => lr.u.device(),
+            (_, Some(b)) => b.device().clone(),
+            _ => cpu::device(),
+        }
+    }
+
     /// The kernels this layer runs with.
     pub fn dispatch(&self) -> Dispatch {
         self.dispatch

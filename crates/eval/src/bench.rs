@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use whittle_models::llama::KvCache;
 use whittle_models::{names, text, Loaded, Model, SourceFormat};
 
@@ -158,7 +158,7 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
     // Token ids 1000.. as the peers' script uses (wrapped into the vocabulary).
     let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32).map(|i| (1000 + i) % vocab).collect();
     let run = |ids: &[u32], cache: &mut KvCache| -> Result<()> {
-        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let x = Tensor::new(ids, m.embed_tokens.device())?.unsqueeze(0)?;
         m.forward_last(&x, cache)?;
         Ok(())
     };

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use whittle_core::{with_f32_slice, Linear, LinearWeight, RunConfig, Stored};
 use whittle_formats::gguf::Gguf;
@@ -587,7 +587,7 @@ impl Llama {
         for p in start..start + t {
             angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
         }
-        let a = Tensor::from_vec(angles, (t, half), &Device::Cpu)?;
+        let a = Tensor::from_vec(angles, (t, half), self.embed_tokens.device())?;
         Ok((a.cos()?, a.sin()?))
     }
 
@@ -603,7 +603,7 @@ impl Llama {
         let mask = if t > 1 {
             let m: Vec<f32> =
                 (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-            Some(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+            Some(Tensor::from_vec(m, (t, t), self.embed_tokens.device())?)
         } else {
             None
         };
@@ -626,7 +626,7 @@ impl Llama {
             let s = past + t;
             let m: Vec<f32> =
                 (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-            Some(Tensor::from_vec(m, (t, s), &Device::Cpu)?)
+            Some(Tensor::from_vec(m, (t, s), self.embed_tokens.device())?)
         } else {
             None
         };
@@ -680,7 +680,7 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
     if let LinearWeight::Block(bl) = &l.weight {
         // Whole rows move: permute the codes, scales and mins of each row.
         let rows = l.out_features();
-        let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
+        let idx = Tensor::arange(0u32, rows as u32, &l.device())?.to_dtype(DType::F32)?.reshape((rows, 1))?;
         let perm: Vec<usize> =
             unpermute_rows(&idx, n_head)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as usize).collect();
         let bw = bl.packed.unpack().select_rows(&perm);
@@ -693,6 +693,7 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn permute_roundtrip() {

@@ -6,7 +6,8 @@
 //! `W[:, j] −= e · U_ij` for j > i. `U` comes without an explicit inverse: with J the reversal permutation,
 //! chol(J·H·J) = L gives H = R·Rᵀ with R = J·L·J upper, so U = R⁻¹ = J·L⁻¹·J.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use whittle_core::backend::cpu;
 use whittle_core::Rtn;
 use whittle_kernels::block::BlockWeights;
 
@@ -180,8 +181,9 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
             // After the batch, as one GEMM: W[:, i1..]ᵀ −= U[i0..i1, i1..]ᵀ · E.
             let (nb, nt) = (i1 - i0, k - i1);
             let ut: Vec<f32> = (i1..k).flat_map(|j| (i0..i1).map(move |i| u[i * k + j] as f32)).collect();
-            let ut = Tensor::from_vec(ut, (nt, nb), &Device::Cpu)?;
-            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), &Device::Cpu)?;
+            let dev = &cpu::device();
+            let ut = Tensor::from_vec(ut, (nt, nb), dev)?;
+            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), dev)?;
             let upd: Vec<f32> = ut.matmul(&e)?.flatten_all()?.to_vec1()?;
             for (x, d) in wp[i1 * m..].iter_mut().zip(upd) {
                 *x -= d;
