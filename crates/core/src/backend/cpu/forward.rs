@@ -218,3 +218,107 @@ impl Linear {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX_LINEAR_ABS_ERR: f32 = 1e-5;
+    /// int8 weights and activations: error relative to the output scale.
+    const MAX_W8A8_REL_ERR: f32 = 0.02;
+
+    #[test]
+    fn dense_forward_matches_naive() {
+        let dev = Device::Cpu;
+        let w = Tensor::arange(0f32, 12., &dev).unwrap().reshape((3, 4)).unwrap(); // (out=3, in=4)
+        let b = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+        let l = Linear::dense(w.clone(), Some(b)).unwrap();
+        let x = Tensor::new(&[[[1f32, 0., -1., 2.]]], &dev).unwrap(); // (1,1,4)
+        let y = l.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 3]);
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let wv: Vec<Vec<f32>> = w.to_vec2().unwrap();
+        let xv = [1f32, 0., -1., 2.];
+        for o in 0..3 {
+            let want: f32 = wv[o].iter().zip(xv).map(|(a, b)| a * b).sum::<f32>() + (o + 1) as f32;
+            assert!((y[o] - want).abs() < MAX_LINEAR_ABS_ERR, "row {o}: {} vs {want}", y[o]);
+        }
+        assert_eq!(l.num_params(), 15);
+    }
+
+    #[test]
+    fn int8_forward_is_close_to_dense() {
+        let dev = Device::Cpu;
+        let w = Tensor::arange(0f32, 64. * 48., &dev).unwrap().reshape((64, 48)).unwrap().sin().unwrap();
+        let b = Tensor::arange(0f32, 64., &dev).unwrap();
+        let dense = Linear::dense(w.clone(), Some(b.clone())).unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let q = Linear::int8_dynamic(PackedI8::from_f32(&wv, 64, 48), Some(b)).unwrap();
+        let x = (Tensor::arange(0f32, 3. * 5. * 48., &dev).unwrap().reshape((3, 5, 48)).unwrap() * 0.01)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let (a, c) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
+        assert_eq!(c.dims(), &[3, 5, 64]);
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err <= MAX_W8A8_REL_ERR * scale, "{err} vs scale {scale}");
+        assert_eq!(q.bits_per_weight(), 8.0 + 32.0 / 48.0);
+        let d = q.dequantize().unwrap();
+        let werr = (d - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(werr <= 1.0 / 127.0 / 2.0 + 1e-6);
+    }
+
+    #[test]
+    fn wrong_input_width_is_an_error() {
+        let dev = Device::Cpu;
+        let l = Linear::dense(Tensor::zeros((3, 4), DType::F32, &dev).unwrap(), None).unwrap();
+        let x = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        assert!(l.forward(&x).is_err());
+    }
+
+    /// Every ggml block type unpacks to the values candle's (ggml's reference) dequantizer gives, and the
+    /// block Linear's product is close to the dense product on those values.
+    #[test]
+    fn ggml_block_types_unpack_exactly_and_run() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (m, k) = (24, 512);
+        let w = (Tensor::arange(0f32, (m * k) as f32, &dev).unwrap().reshape((m, k)).unwrap() * 0.37)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let x = (Tensor::arange(0f32, (3 * k) as f32, &dev).unwrap().reshape((3, k)).unwrap() * 0.11)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let types = [
+            (GgmlDType::Q4_0, 2),
+            (GgmlDType::Q4_1, 3),
+            (GgmlDType::Q5_0, 6),
+            (GgmlDType::Q5_1, 7),
+            (GgmlDType::Q8_0, 8),
+            (GgmlDType::Q2K, 10),
+            (GgmlDType::Q3K, 11),
+            (GgmlDType::Q4K, 12),
+            (GgmlDType::Q5K, 13),
+            (GgmlDType::Q6K, 14),
+        ];
+        for (dt, id) in types {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let want: Vec<f32> = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let bw = whittle_kernels::ggml::unpack(id, &q.data().unwrap(), m, k).unwrap();
+            let got = bw.dequantize();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "{dt:?} [{i}]: {g} vs {w}");
+            }
+            let (name, _, _) = whittle_kernels::ggml::type_info(id).unwrap();
+            let lin = Linear::block(&bw, name, 4.5, None).unwrap();
+            let dense = Linear::dense(Tensor::from_vec(want, (m, k), &dev).unwrap(), None).unwrap();
+            let (a, b) = (dense.forward(&x).unwrap(), lin.forward(&x).unwrap());
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 0.02 * scale, "{dt:?}: {err} vs {scale}");
+        }
+    }
+}
