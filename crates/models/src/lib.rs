@@ -153,7 +153,8 @@ impl Model {
     }
 
     /// Runs the model as `rc` says: every Linear takes its kernels and activation blocks, and tensors the
-    /// model makes go to its device. Two models with different configurations run side by side.
+    /// model makes go to its device. Two models with different configurations run side by side. (Weights
+    /// already loaded stay where they are: the device is chosen when loading, [`LoadOptions::run`].)
     pub fn set_run_config(&mut self, rc: &RunConfig) {
         for (_, l) in self.linears_mut() {
             l.set_run_config(rc);

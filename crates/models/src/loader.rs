@@ -10,7 +10,7 @@ use whittle_formats::{tokenizer as tok, TensorInfo, TensorSource};
 
 use crate::bert::{Bert, BertConfig, HfBertConfig};
 use crate::llama::{HfLlamaConfig, Llama, LlamaConfig};
-use crate::weights::Weights;
+pub use crate::weights::Weights;
 use crate::{Error, Model, Result};
 
 /// The file formats a model can come from.
