@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -209,9 +209,10 @@ pub fn attention_rank(
     for (bi, (b, f)) in m.blocks.iter_mut().zip(factored).enumerate() {
         let rows = b.n_head * (r + 1);
         let before = b.query.num_params() + b.key.num_params() + 2 * b.query.out_features();
-        let t = |w: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(w, shape, &Device::Cpu);
-        b.query = Linear::dense(t(f.wq, (rows, c))?, Some(Tensor::from_vec(f.bq, rows, &Device::Cpu)?))?;
-        b.key = Linear::dense(t(f.wk, (rows, c))?, Some(Tensor::from_vec(f.bk, rows, &Device::Cpu)?))?;
+        let dev = b.query.device();
+        let t = |w: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(w, shape, &dev);
+        b.query = Linear::dense(t(f.wq, (rows, c))?, Some(Tensor::from_vec(f.bq, rows, &dev)?))?.inheriting(&b.query);
+        b.key = Linear::dense(t(f.wk, (rows, c))?, Some(Tensor::from_vec(f.bk, rows, &dev)?))?.inheriting(&b.key);
         blocks.push(BlockAttentionRank {
             block: bi,
             heads: b.n_head,

@@ -15,10 +15,11 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use faer::{Mat, Side};
 use rayon::prelude::*;
 use serde::Serialize;
+use whittle_core::backend::cpu;
 use whittle_core::observe::ActStats;
 use whittle_core::Linear;
 use whittle_models::Loaded;
@@ -253,8 +254,9 @@ fn choose_ranks(spectra: &[(Vec<f64>, usize, usize)], target: Target) -> Result<
 /// it is a report, not a solver input).
 fn output_energy(d: &[f64], m: usize, k: usize, h: &[f64]) -> f64 {
     let run = || -> candle_core::Result<f64> {
-        let dt = Tensor::from_vec(d.iter().map(|v| *v as f32).collect::<Vec<_>>(), (m, k), &Device::Cpu)?;
-        let ht = Tensor::from_vec(h.iter().map(|v| *v as f32).collect::<Vec<_>>(), (k, k), &Device::Cpu)?;
+        let dev = &cpu::device();
+        let dt = Tensor::from_vec(d.iter().map(|v| *v as f32).collect::<Vec<_>>(), (m, k), dev)?;
+        let ht = Tensor::from_vec(h.iter().map(|v| *v as f32).collect::<Vec<_>>(), (k, k), dev)?;
         Ok(dt.matmul(&ht)?.mul(&dt)?.sum_all()?.to_scalar::<f32>()? as f64)
     };
     run().unwrap_or(f64::NAN)
@@ -345,9 +347,9 @@ pub fn lowrank_model(
             (0..m).flat_map(|a| (0..r).map(move |j| (a, j))).map(|(a, j)| (f.u[(a, j)] * sq[j]) as f32).collect();
         let v: Vec<f32> =
             (0..r).flat_map(|j| (0..k).map(move |b| (j, b))).map(|(j, b)| (f.vt[(j, b)] * sq[j]) as f32).collect();
-        let ut = Tensor::from_vec(u, (m, r), &Device::Cpu)?;
-        let vt = Tensor::from_vec(v, (r, k), &Device::Cpu)?;
-        let new = Linear::low_rank(ut, vt, lin.bias.clone())?;
+        let ut = Tensor::from_vec(u, (m, r), &lin.device())?;
+        let vt = Tensor::from_vec(v, (r, k), &lin.device())?;
+        let new = Linear::low_rank(ut, vt, lin.bias.clone())?.inheriting(lin);
         let approx: Vec<f32> = new.dequantize()?.flatten_all()?.to_vec1()?;
         let diff: Vec<f64> = w.iter().zip(&approx).map(|(a, b)| (*a - *b) as f64).collect();
         let wd: Vec<f64> = w.iter().map(|v| *v as f64).collect();

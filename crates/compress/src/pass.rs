@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use whittle_core::{Linear, Rtn};
 use whittle_models::Loaded;
@@ -113,17 +113,17 @@ fn layer_report(
     }
 }
 
-/// The pruned layer, sparse (N:M when the pattern is) or dense as `o` asks.
-fn store(p: Vec<f32>, m: usize, k: usize, bias: Option<Tensor>, o: &PruneOptions) -> Result<Linear> {
-    let w = Tensor::from_vec(p, (m, k), &Device::Cpu)?;
+/// The pruned weights `p` of `lin`, sparse (N:M when the pattern is) or dense as `o` asks.
+fn store(p: Vec<f32>, m: usize, k: usize, lin: &Linear, o: &PruneOptions) -> Result<Linear> {
+    let (w, bias) = (Tensor::from_vec(p, (m, k), &lin.device())?, lin.bias.clone());
     if !o.sparse {
-        return Ok(Linear::dense(w, bias)?);
+        return Ok(Linear::dense(w, bias)?.inheriting(lin));
     }
     let nm = match o.pattern {
         Pattern::NM { n, m } => Some((n, m)),
         Pattern::Unstructured => None,
     };
-    Ok(Linear::sparse(&w, nm, bias)?)
+    Ok(Linear::sparse(&w, nm, bias)?.inheriting(lin))
 }
 
 /// Prunes every block Linear of `l` (see the module doc). `text`/`co` are the calibration text (Wanda,
@@ -174,7 +174,7 @@ pub fn prune_model(
                     None => prune::magnitude(&w, m, k, o.sparsity, o.pattern, name)?,
                 };
                 layers.push(layer_report(name, o, &w, &p, k, ts.elapsed().as_secs_f64(), None));
-                **lin = store(p, m, k, lin.bias.clone(), o)?;
+                **lin = store(p, m, k, lin, o)?;
                 progress(i + 1, total);
             }
         }
@@ -196,7 +196,7 @@ pub fn prune_model(
                     None => None,
                 };
                 let r = layer_report(name, o, &w, &p, k, ts.elapsed().as_secs_f64(), mse);
-                let new = store(p, m, k, lin.bias.clone(), o).map_err(wrap)?;
+                let new = store(p, m, k, lin, o).map_err(wrap)?;
                 Ok(Some((new, r)))
             };
             let r = run_layerwise(l, text, co, hessian, solve, &mut progress)?;
@@ -263,7 +263,7 @@ pub fn kernel_check(l: &Loaded, prefill_rows: usize) -> Result<Option<KernelChec
     let median_ms = |layers: &[&Linear], rows: usize, reps: usize| -> Result<f64> {
         let xs: Vec<Tensor> = layers
             .iter()
-            .map(|lin| Tensor::randn(0f32, 1.0, (rows, lin.in_features()), &Device::Cpu))
+            .map(|lin| Tensor::randn(0f32, 1.0, (rows, lin.in_features()), &lin.device()))
             .collect::<candle_core::Result<_>>()?;
         let mut times = Vec::new();
         for rep in 0..=reps {

@@ -14,10 +14,11 @@
 
 use std::fmt;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
+use whittle_core::backend::cpu;
 use whittle_core::Rtn;
-use whittle_quant::gptq::{hinv_upper, rtn_params};
+use whittle_quant::gptq::hinv_upper;
 
 use crate::{Error, Result};
 
@@ -252,18 +253,6 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// `v` rounded to the grid of scale `s` and zero point `z`, dequantized.
-fn rtn_round(rtn: Rtn, v: f32, s: f32, z: f32) -> f32 {
-    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    if rtn.zero_point {
-        let top = ((1u32 << rtn.bits) - 1) as f32;
-        s * (((v * inv).round() + z).clamp(0.0, top) - z)
-    } else {
-        let lim = ((1i32 << (rtn.bits - 1)) - 1) as f32;
-        s * (v * inv).round().clamp(-lim, lim)
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn solve(
     w: &[f32],
@@ -361,14 +350,9 @@ fn solve(
                 if i.is_multiple_of(g) {
                     let gi = i / g;
                     for r in 0..m {
-                        let (mut lo, mut hi, mut amax) = (0f32, 0f32, 0f32);
-                        for c in (i..i + g).filter(|&c| !pruned[c * m + r]) {
-                            let v = wt[c * m + r];
-                            lo = lo.min(v);
-                            hi = hi.max(v);
-                            amax = amax.max(v.abs());
-                        }
-                        (scale[r * ngroups + gi], zero[r * ngroups + gi]) = rtn_params(q, lo, hi, amax);
+                        let (lo, hi, amax) =
+                            Rtn::range((i..i + g).filter(|&c| !pruned[c * m + r]).map(|c| wt[c * m + r]));
+                        (scale[r * ngroups + gi], zero[r * ngroups + gi]) = q.params(lo, hi, amax);
                     }
                 }
             }
@@ -383,7 +367,7 @@ fn solve(
                     0.0
                 } else if let Some(q) = quant {
                     let gi = i / g;
-                    rtn_round(q, v, scale[r * ngroups + gi], zero[r * ngroups + gi])
+                    q.round(v, scale[r * ngroups + gi], zero[r * ngroups + gi]).1
                 } else {
                     v
                 };
@@ -408,8 +392,9 @@ fn solve(
             // After the block, as one GEMM: W[:, i2..]ᵀ −= U[i1..i2, i2..]ᵀ · E.
             let nt = k - i2;
             let ut: Vec<f32> = (i2..k).flat_map(|j| (i1..i2).map(move |i| u[i * k + j] as f32)).collect();
-            let ut = Tensor::from_vec(ut, (nt, nb), &Device::Cpu)?; // (nt, nb)
-            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), &Device::Cpu)?; // (nb, m)
+            let dev = &cpu::device();
+            let ut = Tensor::from_vec(ut, (nt, nb), dev)?; // (nt, nb)
+            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), dev)?; // (nb, m)
             let upd: Vec<f32> = ut.matmul(&e)?.flatten_all()?.to_vec1()?; // (nt, m)
             for (x, d) in wt[i2 * m..].iter_mut().zip(upd) {
                 *x -= d;

@@ -119,7 +119,7 @@ fn set_block(m: &mut Model, i: usize, ts: &[Tensor]) -> Result<()> {
     let lin = |l: &mut Linear, next: &mut dyn FnMut() -> Tensor| -> Result<()> {
         let w = next();
         let b = l.bias.as_ref().map(|_| next());
-        *l = Linear::dense(w, b)?;
+        *l = Linear::dense(w, b)?.inheriting(l);
         Ok(())
     };
     match m {

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use whittle_core::observe::ActStats;
 use whittle_core::Linear;
@@ -128,20 +128,20 @@ fn weights(l: &Linear) -> Result<Vec<f32>> {
 
 /// Rows `keep` of `l` (and of its bias), as a dense Linear.
 pub fn keep_rows(l: &Linear, keep: &[usize]) -> Result<Linear> {
-    let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+    let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &l.device())?;
     let w = l.dequantize()?.to_dtype(DType::F32)?.index_select(&idx, 0)?;
     let b = match &l.bias {
         Some(b) => Some(b.index_select(&idx, 0)?),
         None => None,
     };
-    Ok(Linear::dense(w, b)?)
+    Ok(Linear::dense(w, b)?.inheriting(l))
 }
 
 /// Columns `keep` of `l` (its bias unchanged), as a dense Linear.
 pub fn keep_cols(l: &Linear, keep: &[usize]) -> Result<Linear> {
-    let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+    let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &l.device())?;
     let w = l.dequantize()?.to_dtype(DType::F32)?.index_select(&idx, 1)?.contiguous()?;
-    Ok(Linear::dense(w, l.bias.clone())?)
+    Ok(Linear::dense(w, l.bias.clone())?.inheriting(l))
 }
 
 /// Σ over `rows` of ‖row‖ (l1 or squared l2) of the (m × k) matrix `w`.

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use whittle_kernels::int8::Parallel;
 
-use crate::linear::CandlePool;
+use crate::backend::cpu::{with_f32_slice, CandlePool};
 use crate::Result;
 
 /// Exact-form GELU, `x · ½(1 + erf(x/√2))`, with a vectorizable erf, split over the thread pool.
@@ -41,9 +41,9 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
     let (b, t, wq) = q.dims3()?;
     let w = v.dim(2)?;
     let (dq, d) = (wq / n_head, w / n_head);
-    let out = crate::linear::with_f32_slice(q, |qs| {
-        crate::linear::with_f32_slice(k, |ks| {
-            crate::linear::with_f32_slice(v, |vs| {
+    let out = with_f32_slice(q, |qs| {
+        with_f32_slice(k, |ks| {
+            with_f32_slice(v, |vs| {
                 whittle_kernels::filled(b * t * w, |out| {
                     whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, dq, d, lens, out, &CandlePool)
                 })
@@ -59,7 +59,7 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
 /// - `g`, `u`: the same shape, f32; returns that shape
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let mut v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-    crate::linear::with_f32_slice(u, |us| {
+    with_f32_slice(u, |us| {
         assert_eq!(us.len(), v.len(), "silu_mul: gate and up differ in size");
         par_chunks(&mut v, &|a, s| whittle_kernels::act::silu_mul(s, &us[a..a + s.len()]));
     })?;
@@ -84,9 +84,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let blocks = t.div_ceil(QUERY_BLOCK);
     let mut out = vec![0f32; b * t * w];
     let op = SendPtr(out.as_mut_ptr());
-    crate::linear::with_f32_slice(q, |qs| {
-        crate::linear::with_f32_slice(k, |ks| {
-            crate::linear::with_f32_slice(v, |vs| {
+    with_f32_slice(q, |qs| {
+        with_f32_slice(k, |ks| {
+            with_f32_slice(v, |vs| {
                 CandlePool.for_each(b * h * blocks, &|range| {
                     #[allow(clippy::redundant_locals)]
                     let op = op;

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use whittle_models::llama::KvCache;
 use whittle_models::{names, text, Loaded, Model, SourceFormat};
 
@@ -88,7 +88,8 @@ fn common(l: &Loaded, m: &mut Metrics) {
     m.threads = Some(threads());
     let int8 = l.model.linears().iter().any(|(_, lin)| lin.is_quantized());
     let sparse = l.model.linears().iter().any(|(_, lin)| lin.is_sparse());
-    let mut k = if int8 { format!("int8 {} + {}", whittle_core::kernel().name(), kernel()) } else { kernel() };
+    let mut k =
+        if int8 { format!("int8 {} + {}", l.model.run_config().dispatch().isa.name(), kernel()) } else { kernel() };
     if sparse {
         let isa = if whittle_kernels::sparse::PackedSparse::available() { "avx512" } else { "dense fallback" };
         k = format!("sparse f32 {isa} + {k}");
@@ -157,7 +158,7 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
     // Token ids 1000.. as the peers' script uses (wrapped into the vocabulary).
     let toks: Vec<u32> = (0..(o.pp.max(16 + o.tg)) as u32).map(|i| (1000 + i) % vocab).collect();
     let run = |ids: &[u32], cache: &mut KvCache| -> Result<()> {
-        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let x = Tensor::new(ids, m.embed_tokens.device())?.unsqueeze(0)?;
         m.forward_last(&x, cache)?;
         Ok(())
     };

@@ -7,7 +7,7 @@
 //! positions `ctx/2 - 1 .. ctx-2` predicting tokens `ctx/2 .. ctx-1`. PPL = exp(mean NLL); its standard error
 //! by the delta method, `ppl · sqrt(var(NLL) / (N-1))`, as llama.cpp prints it.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use whittle_models::llama::{KvCache, Llama};
 use whittle_models::{text, Loaded, Model};
 
@@ -58,7 +58,7 @@ fn argmax(row: &[f64]) -> usize {
 
 /// Logits of positions `from..ctx-1` of one chunk: (n, V) as rows.
 fn chunk_logits(m: &Llama, chunk: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
-    let ids = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?; // (1, ctx)
+    let ids = Tensor::new(chunk, m.embed_tokens.device())?.unsqueeze(0)?; // (1, ctx)
     let h = m.forward_hidden(&ids, &mut KvCache::default()).map_err(Error::Model)?; // (1, ctx, C)
     let n = chunk.len() - 1 - from;
     let h = h.narrow(1, from, n)?.squeeze(0)?; // (n, C)

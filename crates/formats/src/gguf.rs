@@ -145,6 +145,8 @@ pub struct Gguf {
     pub tensors: Vec<GgufTensor>,
     data_start: usize,
     mmap: Mmap,
+    /// Where loaded tensors are put (the CPU unless the loader's run configuration says otherwise).
+    pub device: Device,
 }
 
 struct Cursor<'a> {
@@ -343,7 +345,7 @@ impl Gguf {
                 });
             }
         }
-        Ok(Self { path, version, metadata, tensors, data_start, mmap })
+        Ok(Self { path, version, metadata, tensors, data_start, mmap, device: whittle_core::backend::cpu::device() })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -393,17 +395,17 @@ impl Gguf {
         let (_, dt) = ggml_type(t.type_id).expect("validated in open");
         let shape = t.shape();
         let raw = self.raw(t);
-        let dev = Device::Cpu;
+        let dev = &self.device;
         let out = match dt {
-            GgmlDType::F32 => Tensor::from_raw_buffer(raw, DType::F32, &shape, &dev)?,
-            GgmlDType::F16 => Tensor::from_raw_buffer(raw, DType::F16, &shape, &dev)?.to_dtype(DType::F32)?,
-            GgmlDType::BF16 => Tensor::from_raw_buffer(raw, DType::BF16, &shape, &dev)?.to_dtype(DType::F32)?,
+            GgmlDType::F32 => Tensor::from_raw_buffer(raw, DType::F32, &shape, dev)?,
+            GgmlDType::F16 => Tensor::from_raw_buffer(raw, DType::F16, &shape, dev)?.to_dtype(DType::F32)?,
+            GgmlDType::BF16 => Tensor::from_raw_buffer(raw, DType::BF16, &shape, dev)?.to_dtype(DType::F32)?,
             _ => {
                 // Block types: candle copies the blocks out of the mapping (the data section is
                 // `general.alignment`-aligned and the map page-aligned, so the blocks' f16 fields are
                 // aligned) and dequantizes with ggml's reference formulas.
-                let q = qtensor_from_ggml(dt, raw, shape.clone(), &dev)?;
-                q.dequantize(&dev)?
+                let q = qtensor_from_ggml(dt, raw, shape.clone(), dev)?;
+                q.dequantize(dev)?
             }
         };
         Ok(out)

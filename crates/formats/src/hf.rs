@@ -31,6 +31,8 @@ pub struct HfDir {
     /// Tensor name -> shard index, in file order of `infos`.
     index: HashMap<String, usize>,
     infos: Vec<TensorInfo>,
+    /// Where loaded tensors are put (the CPU unless the loader's run configuration says otherwise).
+    pub device: Device,
 }
 
 /// Reads and parses a JSON file, naming it in errors.
@@ -117,7 +119,7 @@ impl HfDir {
             }
             shards.push(shard);
         }
-        Ok(Self { dir, config, shards, index, infos })
+        Ok(Self { dir, config, shards, index, infos, device: whittle_core::backend::cpu::device() })
     }
 
     /// The shard, header entry and bytes of tensor `name`.
@@ -155,7 +157,7 @@ impl HfDir {
                 })
             }
         };
-        Ok(Tensor::from_raw_buffer(raw, dt, &ti.shape, &Device::Cpu)?)
+        Ok(Tensor::from_raw_buffer(raw, dt, &ti.shape, &self.device)?)
     }
 }
 

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
-use whittle_core::{Linear, Stored};
+use whittle_core::{Linear, RunConfig, Stored};
 
-use crate::loader::Weights;
 use crate::nn::{attention, embed, LayerNorm};
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// `config.json` as Hugging Face writes it for `model_type: bert`.
@@ -267,6 +267,8 @@ pub struct Bert {
     pub embeddings: BertEmbeddings,
     pub blocks: Vec<BertBlock>,
     pub pooler: Option<Linear>,
+    /// How the model runs ([`crate::Model::set_run_config`]).
+    pub run: RunConfig,
 }
 
 impl Bert {
@@ -351,7 +353,7 @@ impl Bert {
         } else {
             None
         };
-        Ok(Self { config, embeddings, blocks, pooler })
+        Ok(Self { config, embeddings, blocks, pooler, run: RunConfig::default() })
     }
 
     /// Word + token-type + position embeddings after LayerNorm: the input of block 0.
@@ -431,7 +433,7 @@ impl Bert {
 
 /// The stored tensors of a Linear under `name` (`name.weight`, `name.weight_scale`, `name.bias`).
 pub(crate) fn push_linear(v: &mut Vec<(String, Stored)>, name: &str, l: &Linear) -> Result<()> {
-    for (suffix, t) in l.stored()? {
+    for (suffix, t) in whittle_core::codec::write(l)? {
         v.push((format!("{name}.{suffix}"), t));
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! Autoregressive decoding with a KV cache: prefill the prompt once, then one token at a time.
 //! Greedy when `temperature == 0`, else temperature + top-k + top-p (nucleus) sampling with a seed.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
 use crate::llama::{KvCache, Llama};
@@ -91,7 +91,7 @@ pub fn generate(
     if n == 0 || prompt.is_empty() {
         return Ok(out);
     }
-    let mut input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?; // (1, T)
+    let mut input = Tensor::new(prompt, m.embed_tokens.device())?.unsqueeze(0)?; // (1, T)
     for _ in 0..n {
         let logits = m.forward_last(&input, &mut cache)?; // (1, V)
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
@@ -101,7 +101,7 @@ pub fn generate(
         if eos.contains(&next) {
             break;
         }
-        input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?; // (1, 1)
+        input = Tensor::new(&[next], m.embed_tokens.device())?.unsqueeze(0)?; // (1, 1)
     }
     Ok(out)
 }

@@ -16,11 +16,12 @@ pub mod save;
 pub mod stats;
 pub mod testing;
 pub mod text;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use loader::{load, LoadOptions, Loaded, SourceFormat, SourceInfo};
 
-use whittle_core::Linear;
+use whittle_core::{Linear, RunConfig};
 
 /// One in-memory model of any supported family.
 #[derive(Debug, Clone)]
@@ -149,6 +150,32 @@ impl Model {
             Model::Bert(m) => m.blocks[b] = m.blocks[leader].clone(),
             Model::Llama(m) => m.blocks[b] = m.blocks[leader].clone(),
         }
+    }
+
+    /// Runs the model as `rc` says: every Linear takes its kernels and activation blocks, and tensors the
+    /// model makes go to its device. Two models with different configurations run side by side. (Weights
+    /// already loaded stay where they are: the device is chosen when loading, [`LoadOptions::run`].)
+    pub fn set_run_config(&mut self, rc: &RunConfig) {
+        for (_, l) in self.linears_mut() {
+            l.set_run_config(rc);
+        }
+        match self {
+            Model::Bert(m) => m.run = rc.clone(),
+            Model::Llama(m) => m.run = rc.clone(),
+        }
+    }
+
+    /// The run configuration the model was loaded (or last set) with.
+    pub fn run_config(&self) -> &RunConfig {
+        match self {
+            Model::Bert(m) => &m.run,
+            Model::Llama(m) => &m.run,
+        }
+    }
+
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.run_config().device
     }
 
     pub fn named_tensors(&self) -> Result<Vec<(String, whittle_core::Stored)>> {

@@ -7,14 +7,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
-use whittle_core::{with_f32_slice, Linear, LinearWeight, Stored};
+use whittle_core::{with_f32_slice, Linear, LinearWeight, RunConfig, Stored};
 use whittle_formats::gguf::Gguf;
 
 use crate::bert::push_linear;
-use crate::loader::Weights;
 use crate::nn::{attention, embed, RmsNorm};
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// `config.json` as Hugging Face writes it for `model_type: llama | mistral | qwen2`.
@@ -496,6 +496,8 @@ pub struct Llama {
     /// The output projection; shares `embed_tokens`' storage when `config.tie_word_embeddings`.
     pub lm_head: Linear,
     inv_freq: Vec<f32>,
+    /// How the model runs ([`crate::Model::set_run_config`]).
+    pub run: RunConfig,
 }
 
 /// llama.cpp permutes the rows of Q and K so its interleaved RoPE sees HF's "rotate half" pairs;
@@ -575,7 +577,7 @@ impl Llama {
         let mut config = config;
         config.tie_word_embeddings = tied;
         let inv_freq = config.inv_freq();
-        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq })
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, inv_freq, run: RunConfig::default() })
     }
 
     /// cos and sin of the rotary angles for positions `start..start+t`, (T, D/2) each, f32.
@@ -585,7 +587,7 @@ impl Llama {
         for p in start..start + t {
             angles.extend(self.inv_freq.iter().map(|f| p as f32 * f));
         }
-        let a = Tensor::from_vec(angles, (t, half), &Device::Cpu)?;
+        let a = Tensor::from_vec(angles, (t, half), self.embed_tokens.device())?;
         Ok((a.cos()?, a.sin()?))
     }
 
@@ -601,7 +603,7 @@ impl Llama {
         let mask = if t > 1 {
             let m: Vec<f32> =
                 (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-            Some(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+            Some(Tensor::from_vec(m, (t, t), self.embed_tokens.device())?)
         } else {
             None
         };
@@ -624,7 +626,7 @@ impl Llama {
             let s = past + t;
             let m: Vec<f32> =
                 (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-            Some(Tensor::from_vec(m, (t, s), &Device::Cpu)?)
+            Some(Tensor::from_vec(m, (t, s), self.embed_tokens.device())?)
         } else {
             None
         };
@@ -678,7 +680,7 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
     if let LinearWeight::Block(bl) = &l.weight {
         // Whole rows move: permute the codes, scales and mins of each row.
         let rows = l.out_features();
-        let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((rows, 1))?;
+        let idx = Tensor::arange(0u32, rows as u32, &l.device())?.to_dtype(DType::F32)?.reshape((rows, 1))?;
         let perm: Vec<usize> =
             unpermute_rows(&idx, n_head)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as usize).collect();
         let bw = bl.packed.unpack().select_rows(&perm);
@@ -691,6 +693,7 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn permute_roundtrip() {

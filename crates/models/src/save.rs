@@ -1,5 +1,7 @@
 //! Writing a model as a Hugging Face directory that transformers loads: `config.json`,
-//! `model.safetensors`, `tokenizer.json` (+ `tokenizer_config.json`). Written atomically.
+//! `model.safetensors`, `tokenizer.json` (+ `tokenizer_config.json`). Written atomically. Each Linear's
+//! tensors, and the description of their formats in `config.json`, come from its codec
+//! ([`whittle_core::codec`]).
 
 use std::path::Path;
 
@@ -29,10 +31,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         .into_iter()
         .filter(|(n, _)| !alias_block(n))
         .map(|(n, t)| match t {
-            Stored::Tensor(t)
-                if ![".weight_scale", ".input_scale", ".input_zero_point"].iter().any(|s| n.ends_with(s))
-                    && t.dtype().is_float() =>
-            {
+            Stored::Tensor(t) if !whittle_core::codec::keeps_f32(&n) && t.dtype().is_float() => {
                 Ok((n, Stored::Tensor(t.to_dtype(dtype)?)))
             }
             other => Ok((n, other)),
@@ -53,11 +52,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             .collect();
         config["quantization_config"] = serde_json::json!({
             "quant_method": "whittle",
-            "formats": {
-                "w8a8-dynamic": "`.weight` int8 (out, in), symmetric per output channel, `.weight_scale` f32 (out); activations quantized per token (asymmetric u8) at run time",
-                "w8a8-static": "as w8a8-dynamic, plus `.input_scale` f32 [1] and `.input_zero_point` f32 [1]: activations x_u = clamp(round(x / scale) + zero, 0, 255) with the calibrated values",
-                "wNa16-gG[-asym]": "`.weight_packed` u8 (out, in·N/8): N-bit codes, lowest bits first; `.weight_scale` f32 (out, in/G); `.weight_zero_point` u8 (out, in/G) when asymmetric (w = s·(q − z)), else w = s·(q − 2^(N−1)); `.weight_shape` i64 [out, in]",
-            },
+            "formats": described(whittle_core::codec::quantization_formats()),
             "layers": layers,
         });
     }
@@ -71,11 +66,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
     if !sparse.is_empty() {
         config["sparsity_config"] = serde_json::json!({
             "format": "whittle",
-            "layouts": {
-                "N:M-sparse": "`.weight_nm` i64 [n, m]; `.weight_values` float (out, in·n/m), the kept weights of each group of m inputs in order; `.weight_indices` u8 (out, ⌈in·n/m·b/8⌉), each value's position in its group as a b = ⌈log2 m⌉-bit code, lowest bits first; `.weight_shape` i64 [out, in]",
-                "sparse-bitmap": "`.weight_bitmap` u8 (out, ⌈in/8⌉), bit j%8 of byte j/8 set where input j is kept; `.weight_values` float (nnz), row-major; `.weight_shape` i64 [out, in]",
-                "sparse-csr": "`.weight_values` float (nnz); `.weight_col_indices` u8 (nnz, 2), little-endian u16 columns; `.weight_row_ptr` i64 (out + 1); `.weight_shape` i64 [out, in]",
-            },
+            "layouts": described(whittle_core::codec::sparse_layouts()),
             "layers": sparse,
         });
     }
@@ -129,4 +120,13 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         Ok(())
     })?;
     Ok(())
+}
+
+/// `{name: description}` of the formats a codec writes ([`whittle_core::codec`]).
+fn described(formats: Vec<(&str, &str)>) -> serde_json::Value {
+    formats
+        .into_iter()
+        .map(|(n, d)| (n.to_string(), serde_json::Value::from(d)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

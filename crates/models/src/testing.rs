@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::json;
 use whittle_formats::hf::write_safetensors;
 
@@ -18,7 +18,7 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, shape, &whittle_core::backend::cpu::device()).unwrap()
 }
 
 /// A word-level tokenizer over `[UNK]`, `w1` ... `w{n-1}`.

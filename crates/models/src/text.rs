@@ -1,6 +1,6 @@
 //! Text in, tensors out: batching for encoders and prompt encoding for decoders.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::nn::mean_pool_normalize;
@@ -37,7 +37,7 @@ pub fn encode_batch(tok: &Tokenizer, texts: &[&str]) -> Result<Batch> {
         mask[r * t..r * t + n].copy_from_slice(e.get_attention_mask());
         lengths.push(n);
     }
-    let dev = Device::Cpu;
+    let dev = whittle_core::backend::cpu::device();
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, t), &dev)?,
         type_ids: Tensor::from_vec(types, (b, t), &dev)?,

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
@@ -37,7 +37,7 @@ fn group_error(x: &Tensor, consumers: &[(&Linear, Rtn)], s: &[f32]) -> Result<f6
         let ws: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * s[i % k]).collect();
         let q = rtn.quantize(&ws, m, k).dequantize();
         let d: Vec<f32> = q.iter().enumerate().map(|(i, v)| v / s[i % k] - w[i]).collect();
-        let dt = Tensor::from_vec(d, (m, k), &Device::Cpu)?;
+        let dt = Tensor::from_vec(d, (m, k), x.device())?;
         e += x.matmul(&dt.t()?)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(e)
@@ -46,7 +46,7 @@ fn group_error(x: &Tensor, consumers: &[(&Linear, Rtn)], s: &[f32]) -> Result<f6
 /// Searches α for one group; returns (α, scales, error at α = 0, error at α).
 fn search(st: &ActStats, consumers: &[(&Linear, Rtn)], grid: usize) -> Result<(f32, Vec<f32>, f64, f64)> {
     let k = st.k;
-    let x = Tensor::from_vec(st.sample.clone(), (st.sample.len() / k, k), &Device::Cpu)?;
+    let x = Tensor::from_vec(st.sample.clone(), (st.sample.len() / k, k), &consumers[0].0.device())?;
     let rms: Vec<f32> = st.mean_sq().iter().map(|v| v.sqrt().max(1e-6)).collect();
     let ones = vec![1f32; k];
     let base = group_error(&x, consumers, &ones)?;
@@ -94,7 +94,7 @@ fn norm_group(
         return Ok(());
     }
     let (a, s, e0, e1) = search(&stat(stats, &full[0])?, &c, grid)?;
-    let st = Tensor::from_vec(s.clone(), s.len(), &Device::Cpu)?;
+    let st = Tensor::from_vec(s.clone(), s.len(), norm.device())?;
     *norm = norm.div(&st)?;
     for l in ls.iter_mut() {
         **l = scale_columns(l, &st)?;
@@ -117,7 +117,7 @@ pub fn awq(
     let Model::Llama(m) = model else {
         return Err(Error::Unsupported("--method awq is implemented for LLaMA decoders".into()));
     };
-    let dev = Device::Cpu;
+    let dev = m.embed_tokens.device().clone();
     let mut out = Vec::new();
     let nb = m.blocks.len();
     for (i, b) in m.blocks.iter_mut().enumerate() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use whittle_core::observe::ActStats;
 use whittle_models::llama::KvCache;
 use whittle_models::{text, Loaded, Model};
@@ -86,7 +86,7 @@ fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(
             let windows = decoder_windows(l, text, o)?;
             let n = windows.len();
             for (i, w) in windows.iter().enumerate() {
-                let x = Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                let x = Tensor::new(w.as_slice(), m.embed_tokens.device())?.unsqueeze(0)?;
                 m.forward(&x, &mut KvCache::default())?;
                 progress(i + 1, n);
             }

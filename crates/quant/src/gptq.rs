@@ -6,7 +6,8 @@
 //! `W[:, j] −= e · U_ij` for j > i. `U` comes without an explicit inverse: with J the reversal permutation,
 //! chol(J·H·J) = L gives H = R·Rᵀ with R = J·L·J upper, so U = R⁻¹ = J·L⁻¹·J.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use whittle_core::backend::cpu;
 use whittle_core::Rtn;
 use whittle_kernels::block::BlockWeights;
 
@@ -125,14 +126,8 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
     // Parameters of group `gi` from its g columns (`cols`: g rows of m, as Wᵀ).
     let group_params = |cols: &[f32], gi: usize, scale: &mut [f32], zero: &mut [f32]| {
         for r in 0..m {
-            let (mut lo, mut hi, mut amax) = (0f32, 0f32, 0f32);
-            for c in 0..g {
-                let v = cols[c * m + r];
-                lo = lo.min(v);
-                hi = hi.max(v);
-                amax = amax.max(v.abs());
-            }
-            let (s, z) = rtn_params(rtn, lo, hi, amax);
+            let (lo, hi, amax) = Rtn::range((0..g).map(|c| cols[c * m + r]));
+            let (s, z) = rtn.params(lo, hi, amax);
             scale[r * ngroups + gi] = s;
             zero[r * ngroups + gi] = z;
         }
@@ -147,7 +142,6 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
     let mut wp: Vec<f32> = perm.iter().flat_map(|&c| wt[c * m..(c + 1) * m].iter().copied()).collect();
     let mut codes = vec![0u8; m * k];
     let half = 1i32 << (rtn.bits - 1);
-    let top = ((1u32 << rtn.bits) - 1) as f32;
     // A batch is a whole number of groups, so a group's parameters always see every earlier update.
     let lazy = g * (lazy / g).max(1);
     let mut errs = vec![0f32; lazy * m]; // (batch columns, m): e_i = (w_i − q_i) / U_ii
@@ -166,17 +160,8 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
             let col = &head[i * m..];
             let err = &mut errs[(i - i0) * m..(i - i0 + 1) * m];
             for r in 0..m {
-                let (s, z) = (scale[r * ngroups + gi], zero[r * ngroups + gi]);
-                let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
                 let v = col[r];
-                let (code, deq) = if rtn.zero_point {
-                    let q = ((v * inv).round() + z).clamp(0.0, top);
-                    (q as u8, s * (q - z))
-                } else {
-                    let lim = (half - 1) as f32;
-                    let q = (v * inv).round().clamp(-lim, lim);
-                    ((q as i32 + half) as u8, s * q)
-                };
+                let (code, deq) = rtn.round(v, scale[r * ngroups + gi], zero[r * ngroups + gi]);
                 codes[r * k + c] = code;
                 err[r] = (v - deq) / d;
             }
@@ -196,8 +181,9 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
             // After the batch, as one GEMM: W[:, i1..]ᵀ −= U[i0..i1, i1..]ᵀ · E.
             let (nb, nt) = (i1 - i0, k - i1);
             let ut: Vec<f32> = (i1..k).flat_map(|j| (i0..i1).map(move |i| u[i * k + j] as f32)).collect();
-            let ut = Tensor::from_vec(ut, (nt, nb), &Device::Cpu)?;
-            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), &Device::Cpu)?;
+            let dev = &cpu::device();
+            let ut = Tensor::from_vec(ut, (nt, nb), dev)?;
+            let e = Tensor::from_slice(&errs[..nb * m], (nb, m), dev)?;
             let upd: Vec<f32> = ut.matmul(&e)?.flatten_all()?.to_vec1()?;
             for (x, d) in wp[i1 * m..].iter_mut().zip(upd) {
                 *x -= d;
@@ -230,19 +216,6 @@ fn gptq_blocked(w: &[f32], m: usize, p: &Prepared, rtn: Rtn, o: GptqOptions, laz
         off: if rtn.zero_point { 0 } else { -half },
         act_block: 32,
     })
-}
-
-/// Scale and zero point (as a float code) of a group with extremes `lo` ≤ 0 ≤ `hi` and max |w| `amax`, with
-/// the same formulas as [`Rtn::quantize`].
-pub fn rtn_params(rtn: Rtn, lo: f32, hi: f32, amax: f32) -> (f32, f32) {
-    if rtn.zero_point {
-        let top = ((1u32 << rtn.bits) - 1) as f32;
-        let s = (hi - lo) / top;
-        let z = if s > 0.0 { (-lo / s).round().clamp(0.0, top) } else { 0.0 };
-        (s, z)
-    } else {
-        (amax / ((1i32 << (rtn.bits - 1)) - 1) as f32, 0.0)
-    }
 }
 
 #[cfg(test)]

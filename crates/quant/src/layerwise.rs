@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
 use whittle_kernels::int8::PackedI8;
@@ -23,8 +23,9 @@ use crate::{Error, LayerReport, Report, Result};
 /// Per-layer error on the calibration inputs, (1/m)·Σ_rows Δw·H·Δwᵀ / 2 = mean squared output error.
 pub fn output_mse(w: &[f32], wq: &[f32], m: usize, k: usize, h: &[f64]) -> Result<f64> {
     let d: Vec<f32> = w.iter().zip(wq).map(|(a, b)| a - b).collect();
-    let dt = Tensor::from_vec(d, (m, k), &Device::Cpu)?;
-    let ht = Tensor::from_vec(h.iter().map(|&v| v as f32).collect::<Vec<_>>(), (k, k), &Device::Cpu)?;
+    let dev = &whittle_core::backend::cpu::device();
+    let dt = Tensor::from_vec(d, (m, k), dev)?;
+    let ht = Tensor::from_vec(h.iter().map(|&v| v as f32).collect::<Vec<_>>(), (k, k), dev)?;
     let e = (dt.matmul(&ht)? * &dt)?.sum_all()?.to_scalar::<f32>()? as f64;
     Ok(e / 2.0 / m as f64)
 }
@@ -82,7 +83,7 @@ pub fn run_layerwise(
             let (cos, sin, mask) = m.block_inputs(co.seq_len)?;
             let mut xs: Vec<Tensor> = windows
                 .iter()
-                .map(|w| m.embed(&Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?))
+                .map(|w| m.embed(&Tensor::new(w.as_slice(), m.embed_tokens.device())?.unsqueeze(0)?))
                 .collect::<std::result::Result<_, _>>()?;
             let bytes = xs.len() * co.seq_len * m.config.hidden_size * 4;
             let hd = m.config.head_dim;
@@ -112,7 +113,7 @@ pub fn run_layerwise(
             for batch in sentences.chunks(16) {
                 let t = batch.iter().map(Vec::len).min().unwrap_or(0);
                 let ids: Vec<u32> = batch.iter().flat_map(|s| s[..t].iter().copied()).collect();
-                let ids = Tensor::from_vec(ids, (batch.len(), t), &Device::Cpu)?; // (B, T)
+                let ids = Tensor::from_vec(ids, (batch.len(), t), m.embeddings.word.device())?; // (B, T)
                 xs.push(m.embed(&ids, &ids.zeros_like()?)?);
                 tokens += batch.len() * t;
             }
@@ -200,7 +201,7 @@ pub fn gptq_model(
             rtn_output_mse: Some(rtn_output_mse),
             note: String::new(),
         };
-        Ok(Some((Linear::rtn(&q, rtn, lin.bias.clone())?, report)))
+        Ok(Some((Linear::rtn(&q, rtn, lin.bias.clone())?.inheriting(lin), report)))
     };
     let mut r = run_layerwise(l, text, co, true, solve, progress)?;
     r.rtn_output_mse = rtn_mse;
@@ -258,7 +259,7 @@ fn run_blocks<B: Clone>(
         }
         let (m, k) = (l.out_features(), l.in_features());
         let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
-        Ok(Linear::int8_dynamic(PackedI8::from_f32(&w, m, k), l.bias.clone())?)
+        Ok(Linear::int8_dynamic(PackedI8::from_f32(&w, m, k), l.bias.clone())?.inheriting(l))
     };
     for (bi, blk) in blocks.iter_mut().enumerate() {
         let p = format!("{prefix}.{bi}.");
@@ -281,7 +282,7 @@ fn run_blocks<B: Clone>(
             let mut observe = |part: &[Tensor]| -> Result<()> {
                 let k = part.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
                 let st = st.get_or_insert_with(|| if hessian { ActStats::hessian(k) } else { ActStats::channels(k) });
-                Ok(whittle_core::linear::with_f32_slices(part, |v| st.observe_many(v))?)
+                Ok(whittle_core::backend::cpu::with_f32_slices(part, |v| st.observe_many(v))?)
             };
             if streamed {
                 for (xp, part) in xs.chunks(PARTS).zip(inputs.chunks(PARTS)) {

@@ -277,12 +277,12 @@ fn quantize_linear(
             let zero = if scale > 0.0 { (-lo / scale).round().clamp(0.0, 255.0) as i32 } else { 0 };
             let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
             let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
-            Ok((Linear::int8_static(p, scale, zero, l.bias.clone())?, String::new()))
+            Ok((Linear::int8_static(p, scale, zero, l.bias.clone())?.inheriting(l), String::new()))
         }
         Scheme::W8A8Dynamic => {
             let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
             let p = PackedI8::from_f32(&w, l.out_features(), l.in_features());
-            Ok((Linear::int8_dynamic(p, l.bias.clone())?, String::new()))
+            Ok((Linear::int8_dynamic(p, l.bias.clone())?.inheriting(l), String::new()))
         }
         Scheme::WeightOnly { bits } => {
             let (m, k) = (l.out_features(), l.in_features());
@@ -295,7 +295,7 @@ fn quantize_linear(
             let (group, note) = group_for(plan.group_size, k, name)?;
             let rtn = whittle_core::Rtn { bits, group, zero_point: plan.zero_point };
             let w: Vec<f32> = l.dequantize()?.flatten_all()?.to_vec1()?;
-            Ok((Linear::rtn(&rtn.quantize(&w, m, k), rtn, l.bias.clone())?, note))
+            Ok((Linear::rtn(&rtn.quantize(&w, m, k), rtn, l.bias.clone())?.inheriting(l), note))
         }
     }
 }
@@ -336,7 +336,7 @@ fn quantize_low_rank(
             note = if note.is_empty() { n } else { format!("{note}; {n}") };
         }
     }
-    Ok((Linear::low_rank_of(qu, qv, l.bias.clone())?, note))
+    Ok((Linear::low_rank_of(qu, qv, l.bias.clone())?.inheriting(l), note))
 }
 
 /// Mean squared difference of two layers' outputs on the sample rows of `s`.
@@ -344,7 +344,7 @@ fn output_mse(a: &Linear, b: &Linear, s: &ActStats) -> Result<f64> {
     if s.sample.is_empty() {
         return Ok(0.0);
     }
-    let x = candle_core::Tensor::from_vec(s.sample.clone(), (s.sample.len() / s.k, s.k), &candle_core::Device::Cpu)?;
+    let x = candle_core::Tensor::from_vec(s.sample.clone(), (s.sample.len() / s.k, s.k), &a.device())?;
     let d = (a.forward(&x)? - b.forward(&x)?)?;
     Ok(d.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
 }

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
@@ -159,7 +159,7 @@ pub fn sensitivity(
     let mut inputs: Vec<Vec<Tensor>> = vec![Vec::with_capacity(windows.len()); nb]; // [block][window] (1, T, C)
     let mut base_logp: Vec<Vec<f32>> = Vec::new(); // [window] (T·V)
     for w in &windows {
-        let mut x = m.embed(&Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+        let mut x = m.embed(&Tensor::new(w.as_slice(), m.embed_tokens.device())?.unsqueeze(0)?)?;
         for (bi, blk) in m.blocks.iter().enumerate() {
             inputs[bi].push(x.clone());
             x = blk.forward(&x, &cos, &sin, mask.as_ref(), &mut None, hd)?;
@@ -222,7 +222,7 @@ pub fn sensitivity(
                 }
             }
             // The probe: this layer alone in the probe format (run densely, so only the weights differ).
-            let probe = Linear::dense(Tensor::from_vec(probe_w, (mo, k), &Device::Cpu)?, orig.bias.clone())?;
+            let probe = Linear::dense(Tensor::from_vec(probe_w, (mo, k), &orig.device())?, orig.bias.clone())?;
             *m.blocks[bi].linears_mut()[li].1 = probe;
             let mut kl = 0.0;
             for (wi, x0) in inputs[bi].iter().enumerate() {

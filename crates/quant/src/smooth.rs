@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use whittle_core::observe::ActStats;
 use whittle_core::Linear;
@@ -48,7 +48,7 @@ fn scales(x_absmax: &[f32], consumers: &[&Linear], alpha: f32) -> Result<Vec<f32
 /// Multiplies the columns of `l` by `s`.
 pub(crate) fn scale_columns(l: &Linear, s: &Tensor) -> Result<Linear> {
     let w = l.dequantize()?.broadcast_mul(&s.unsqueeze(0)?)?;
-    Ok(Linear::dense(w, l.bias.clone())?)
+    Ok(Linear::dense(w, l.bias.clone())?.inheriting(l))
 }
 
 /// Divides the rows (outputs) of `l` by `s`.
@@ -58,7 +58,7 @@ pub(crate) fn divide_rows(l: &Linear, s: &Tensor) -> Result<Linear> {
         Some(b) => Some(b.div(s)?),
         None => None,
     };
-    Ok(Linear::dense(w, b)?)
+    Ok(Linear::dense(w, b)?.inheriting(l))
 }
 
 /// The statistics of layers whose inputs were divided per channel by `s`: maxima, sums of squares and
@@ -93,7 +93,7 @@ pub fn smooth(model: &mut Model, stats: &mut BTreeMap<String, ActStats>, alpha: 
     if !(0.0..=1.0).contains(&alpha) {
         return Err(Error::Unsupported(format!("--smoothquant {alpha}: alpha must be in [0, 1]")));
     }
-    let dev = Device::Cpu;
+    let dev = model.device().clone();
     let mut reports = Vec::new();
     let mut record = |stats: &mut BTreeMap<String, ActStats>, names: Vec<String>, s: &[f32]| {
         let before = stats[&names[0]].absmax.iter().fold(0f32, |a, &b| a.max(b));

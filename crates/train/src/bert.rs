@@ -2,7 +2,7 @@
 //! candle's fused ones have no backward), and the sentence-embedding objective: the student's mean-pooled,
 //! normalised embedding should match the teacher's (1 − cosine + MSE; no labels needed).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use whittle_core::Linear;
 use whittle_models::bert::Bert;
 
@@ -242,7 +242,7 @@ impl Objective for SentenceObjective<'_> {
             types[r * t..r * t + ty.len()].copy_from_slice(ty);
             mask[r * t..r * t + id.len()].iter_mut().for_each(|m| *m = 1);
         }
-        let dev = &Device::Cpu;
+        let dev = self.student.word.device();
         let e = self.student.embed(
             &Tensor::from_vec(ids, (b, t), dev)?,
             &Tensor::from_vec(types, (b, t), dev)?,

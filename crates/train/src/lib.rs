@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use whittle_models::llama::Llama;
 
@@ -225,7 +225,8 @@ impl Windows {
             y.extend_from_slice(&w[1..]);
         }
         let t = self.windows[0].len() - 1;
-        Ok((Tensor::from_vec(x, (batch, t), &Device::Cpu)?, Tensor::from_vec(y, (batch, t), &Device::Cpu)?))
+        let dev = &whittle_core::backend::cpu::device();
+        Ok((Tensor::from_vec(x, (batch, t), dev)?, Tensor::from_vec(y, (batch, t), dev)?))
     }
 }
 
@@ -407,7 +408,8 @@ pub fn load_checkpoint(dir: &Path, s: &dyn Objective, opt: &mut AdamW) -> Result
         return Err(bad(format!("written for a different student ({what})")));
     }
     let read = |f: &str| -> Result<HashMap<String, Tensor>> {
-        candle_core::safetensors::load(dir.join(f), &Device::Cpu).map_err(|e| bad(format!("{f}: {e}")))
+        candle_core::safetensors::load(dir.join(f), &whittle_core::backend::cpu::device())
+            .map_err(|e| bad(format!("{f}: {e}")))
     };
     let (w, m, v) = (read("weights.safetensors")?, read("adam_m.safetensors")?, read("adam_v.safetensors")?);
     for (i, (n, var)) in s.vars().into_iter().enumerate() {

@@ -3,7 +3,7 @@
 //! softmax and rotary embeddings are written out here from differentiable primitives. Per-block widths
 //! (heads, KV groups, FFN neurons) come from each block's own weights, so pruned students train as they are.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use whittle_core::Linear;
 use whittle_models::llama::Llama;
 
@@ -98,7 +98,7 @@ impl TrainLlama {
             });
         }
         let (cos, sin, mask) = m.block_inputs(seq_len)?;
-        let mask = mask.unwrap_or(Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?);
+        let mask = mask.unwrap_or(Tensor::zeros((1, 1), DType::F32, cos.device())?);
         Ok(Self {
             embed: Var::from_tensor(&m.embed_tokens.to_dtype(DType::F32)?)?,
             blocks,
@@ -137,7 +137,7 @@ impl TrainLlama {
     pub fn write_back(&self, m: &mut Llama) -> Result<()> {
         let t = |v: &Var| v.as_tensor().detach();
         m.embed_tokens = t(&self.embed);
-        m.lm_head = Linear::dense(t(&self.embed), None)?;
+        m.lm_head = Linear::dense(t(&self.embed), None)?.inheriting(&m.lm_head);
         m.norm.weight = t(&self.norm);
         for (b, tb) in m.blocks.iter_mut().zip(&self.blocks) {
             b.attn_norm.weight = t(&tb.attn_norm);
@@ -151,7 +151,7 @@ impl TrainLlama {
                 (&mut b.up, &tb.up),
                 (&mut b.down, &tb.down),
             ] {
-                *l = Linear::dense(t(v), None)?;
+                *l = Linear::dense(t(v), None)?.inheriting(l);
             }
         }
         Ok(())

@@ -67,8 +67,8 @@ pub enum KernelArg {
 
 /// What every command needs from the global flags: how models are loaded and run.
 pub struct Env {
-    pub kernel: Option<whittle_kernels::Isa>,
-    pub fine_activations: bool,
+    /// Every model this process loads runs with it.
+    pub run: whittle_core::RunConfig,
     /// `--json`: notes and schedule lines go to stderr, stdout holds the JSON alone.
     pub json: bool,
 }
@@ -95,16 +95,16 @@ impl RunArgs {
         if let Some(isa) = kernel.filter(|i| !i.supported()) {
             anyhow::bail!("--kernel {}: this CPU does not support it", isa.name());
         }
-        whittle_core::set_kernel(kernel);
-        whittle_core::set_fine_activations(self.fine_activations);
-        Ok(Env { kernel, fine_activations: self.fine_activations, json: false })
+        let run =
+            whittle_core::RunConfig { isa: kernel, fine_activations: self.fine_activations, ..Default::default() };
+        Ok(Env { run, json: false })
     }
 }
 
 impl Env {
     /// Loads `m` with these run options.
     pub fn open(&self, m: &ModelArg) -> Result<Loaded> {
-        let o = LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize };
+        let o = LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize, run: self.run.clone() };
         load(&m.model, &o).with_context(|| format!("loading model `{}`", m.model))
     }
 

@@ -40,7 +40,7 @@ fn run(student: &str, stage: &dyn Stage, t: &TrainConfig, f: &RunFlags, env: &En
     if !t.resume {
         output::check(&t.output, f.force)?;
     }
-    let mut l = open_for_training(student)?;
+    let mut l = open_for_training(student, &env.run)?;
     let report = stage.apply(&mut l, &mut env.ctx())?;
     print_report(report.as_ref(), f.json, None)
 }

@@ -119,9 +119,9 @@ impl DistillConfig {
     }
 }
 
-/// Loads a model for training (block formats dequantized).
-pub fn open_for_training(spec: &str) -> Result<Loaded> {
-    Ok(whittle_models::load(spec, &LoadOptions { dequantize: true, ..Default::default() })?)
+/// Loads a model for training (block formats dequantized) with the run options `run`.
+pub fn open_for_training(spec: &str, run: &whittle_core::RunConfig) -> Result<Loaded> {
+    Ok(whittle_models::load(spec, &LoadOptions { tokenizer: None, dequantize: true, run: run.clone() })?)
 }
 
 impl Stage for DistillConfig {
@@ -141,7 +141,7 @@ impl Stage for DistillConfig {
 
     fn apply(&self, l: &mut Loaded, ctx: &mut Ctx) -> Result<Box<dyn Report>> {
         self.check()?;
-        let t = open_for_training(&self.teacher)?;
+        let t = open_for_training(&self.teacher, l.model.run_config())?;
         if let Some(keep) = &self.keep_layers {
             let keep = parse_blocks(keep, "keep_layers")?;
             let n = t.model.n_blocks();
@@ -229,7 +229,7 @@ fn run(l: &mut Loaded, d: Option<(&DistillConfig, &Loaded)>, a: &TrainConfig, ct
         },
     };
     if outcome.best_eval.is_some() && a.output.exists() {
-        *l = open_for_training(&a.output.display().to_string())?;
+        *l = open_for_training(&a.output.display().to_string(), l.model.run_config())?;
     }
     Ok(Box::new(TrainReport { what, outcome, metric, output: a.output.clone() }))
 }
