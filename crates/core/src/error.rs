@@ -62,6 +62,9 @@ mod tests {
         let e = InvalidOption::new("group_size", 48, "must be a positive multiple of 32 (see option `zero_point`)");
         let cli = option_words(&e.to_string(), |n| format!("--{}", n.replace('_', "-")));
         assert_eq!(cli, "--group-size 48: must be a positive multiple of 32 (see --zero-point)");
-        assert_eq!(option_words("no options here; option `` stays", |n| n.to_uppercase()), "no options here; option `` stays");
+        assert_eq!(
+            option_words("no options here; option `` stays", |n| n.to_uppercase()),
+            "no options here; option `` stays"
+        );
     }
 }

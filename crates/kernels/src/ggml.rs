@@ -6,23 +6,71 @@ use half::f16;
 
 use crate::block::BlockWeights;
 
-/// The ggml type ids this module reads, with their names, weights per block and bytes per block.
-pub const TYPES: &[(u32, &str, usize, usize)] = &[
-    (2, "q4_0", 32, 18),
-    (3, "q4_1", 32, 20),
-    (6, "q5_0", 32, 22),
-    (7, "q5_1", 32, 24),
-    (8, "q8_0", 32, 34),
-    (10, "q2_k", 256, 84),
-    (11, "q3_k", 256, 110),
-    (12, "q4_k", 256, 144),
-    (13, "q5_k", 256, 176),
-    (14, "q6_k", 256, 210),
+/// ggml type ids (`GGML_TYPE_*`) of the types in [`TYPES`].
+pub mod ty {
+    pub const F32: u32 = 0;
+    pub const F16: u32 = 1;
+    pub const Q4_0: u32 = 2;
+    pub const Q4_1: u32 = 3;
+    pub const Q5_0: u32 = 6;
+    pub const Q5_1: u32 = 7;
+    pub const Q8_0: u32 = 8;
+    pub const Q2_K: u32 = 10;
+    pub const Q3_K: u32 = 11;
+    pub const Q4_K: u32 = 12;
+    pub const Q5_K: u32 = 13;
+    pub const Q6_K: u32 = 14;
+    pub const BF16: u32 = 30;
+}
+
+/// One ggml tensor type: its id, its name as GGUF tools print it, weights per block and bytes per block
+/// (1 weight per "block" for the float types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlType {
+    pub id: u32,
+    pub name: &'static str,
+    pub block: usize,
+    pub bytes: usize,
+}
+
+/// The ggml tensor types whittle reads and writes: the one table of ids, names and sizes (GGUF reading,
+/// GGUF writing and the block unpacking below all use it).
+pub const TYPES: &[GgmlType] = &[
+    GgmlType { id: ty::F32, name: "f32", block: 1, bytes: 4 },
+    GgmlType { id: ty::F16, name: "f16", block: 1, bytes: 2 },
+    GgmlType { id: ty::Q4_0, name: "q4_0", block: 32, bytes: 18 },
+    GgmlType { id: ty::Q4_1, name: "q4_1", block: 32, bytes: 20 },
+    GgmlType { id: ty::Q5_0, name: "q5_0", block: 32, bytes: 22 },
+    GgmlType { id: ty::Q5_1, name: "q5_1", block: 32, bytes: 24 },
+    GgmlType { id: ty::Q8_0, name: "q8_0", block: 32, bytes: 34 },
+    GgmlType { id: ty::Q2_K, name: "q2_k", block: 256, bytes: 84 },
+    GgmlType { id: ty::Q3_K, name: "q3_k", block: 256, bytes: 110 },
+    GgmlType { id: ty::Q4_K, name: "q4_k", block: 256, bytes: 144 },
+    GgmlType { id: ty::Q5_K, name: "q5_k", block: 256, bytes: 176 },
+    GgmlType { id: ty::Q6_K, name: "q6_k", block: 256, bytes: 210 },
+    GgmlType { id: ty::BF16, name: "bf16", block: 1, bytes: 2 },
 ];
 
-/// (name, weights per block, bytes per block) of a block type this module reads.
+impl GgmlType {
+    /// The type with ggml id `id`, if whittle knows it.
+    pub fn by_id(id: u32) -> Option<&'static GgmlType> {
+        TYPES.iter().find(|t| t.id == id)
+    }
+
+    /// The type named `name` (case-insensitive: `q4_k`, `Q4_K`).
+    pub fn by_name(name: &str) -> Option<&'static GgmlType> {
+        TYPES.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether the type stores blocks of codes with scales (everything but f32, f16 and bf16).
+    pub fn is_block(&self) -> bool {
+        self.block > 1
+    }
+}
+
+/// (name, weights per block, bytes per block) of a block type this module reads (`None` for float types).
 pub fn type_info(type_id: u32) -> Option<(&'static str, usize, usize)> {
-    TYPES.iter().find(|t| t.0 == type_id).map(|t| (t.1, t.2, t.3))
+    GgmlType::by_id(type_id).filter(|t| t.is_block()).map(|t| (t.name, t.block, t.bytes))
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -11,26 +11,10 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 use whittle_formats::gguf::{write, Gguf, Value};
+use whittle_kernels::ggml::{ty, GgmlType};
 use whittle_models::names;
 
 use crate::{Error, LayerReport, Report, Result};
-
-/// ggml type ids.
-pub mod ty {
-    pub const F32: u32 = 0;
-    pub const F16: u32 = 1;
-    pub const Q4_0: u32 = 2;
-    pub const Q4_1: u32 = 3;
-    pub const Q5_0: u32 = 6;
-    pub const Q5_1: u32 = 7;
-    pub const Q8_0: u32 = 8;
-    pub const Q2_K: u32 = 10;
-    pub const Q3_K: u32 = 11;
-    pub const Q4_K: u32 = 12;
-    pub const Q5_K: u32 = 13;
-    pub const Q6_K: u32 = 14;
-    pub const BF16: u32 = 30;
-}
 
 /// A llama.cpp file type (`LLAMA_FTYPE_MOSTLY_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,28 +99,18 @@ impl Ftype {
     }
 }
 
-/// ggml type name and block size.
+/// ggml type name (`?` for an unknown id).
 pub fn type_name(t: u32) -> &'static str {
-    match t {
-        ty::F32 => "f32",
-        ty::F16 => "f16",
-        ty::BF16 => "bf16",
-        _ => whittle_kernels::ggml::type_info(t).map_or("?", |i| i.0),
-    }
+    GgmlType::by_id(t).map_or("?", |i| i.name)
 }
 
 fn block_size(t: u32) -> usize {
-    whittle_kernels::ggml::type_info(t).map_or(1, |i| i.1)
+    GgmlType::by_id(t).map_or(1, |i| i.block)
 }
 
-/// A ggml type by name (for `--override` values).
+/// A ggml type by name (for override values).
 fn parse_type(s: &str) -> Option<u32> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Some(ty::F32),
-        "f16" => Some(ty::F16),
-        "bf16" => Some(ty::BF16),
-        s => whittle_kernels::ggml::TYPES.iter().find(|t| t.1 == s).map(|t| t.0),
-    }
+    GgmlType::by_name(s).map(|t| t.id)
 }
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one between.

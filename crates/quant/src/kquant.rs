@@ -43,7 +43,7 @@ use std::mem::{align_of, size_of};
 
 use half::f16;
 
-use crate::gguf_out::ty;
+use whittle_kernels::ggml::ty;
 
 /// Weights per K-quant super-block.
 const QK_K: usize = 256;
@@ -194,7 +194,7 @@ fn fp32(h: [u8; 2]) -> f32 {
 // Public entry point.
 
 /// Quantizes `rows` rows of `cols` f32 values (row-major) to ggml type `type_id` (ids as in
-/// [`crate::gguf_out::ty`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K), with `imatrix` = per-column importance
+/// [`whittle_kernels::ggml::ty`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K), with `imatrix` = per-column importance
 /// (len `cols`) as llama-quantize's `--imatrix` gives it, or `None` for ggml's reference quantizers.
 /// Returns the ggml block bytes (`rows · cols / block · block_bytes`), byte layout identical to ggml's.
 ///
@@ -1775,6 +1775,6 @@ mod tests {
     }
 
     fn type_name(t: u32) -> &'static str {
-        crate::gguf_out::type_name(t)
+        whittle_kernels::ggml::GgmlType::by_id(t).map_or("?", |i| i.name)
     }
 }
