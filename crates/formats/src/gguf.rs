@@ -98,7 +98,7 @@ impl Value {
 }
 
 /// candle's dtype for a block type of [`whittle_kernels::ggml::TYPES`] (the table gives names and sizes).
-fn candle_block_dtype(id: u32) -> Option<GgmlDType> {
+pub fn candle_block_dtype(id: u32) -> Option<GgmlDType> {
     Some(match id {
         ty::Q4_0 => GgmlDType::Q4_0,
         ty::Q4_1 => GgmlDType::Q4_1,

@@ -6,23 +6,6 @@ use half::f16;
 
 use crate::block::BlockWeights;
 
-/// ggml type ids (`GGML_TYPE_*`) of the types in [`TYPES`].
-pub mod ty {
-    pub const F32: u32 = 0;
-    pub const F16: u32 = 1;
-    pub const Q4_0: u32 = 2;
-    pub const Q4_1: u32 = 3;
-    pub const Q5_0: u32 = 6;
-    pub const Q5_1: u32 = 7;
-    pub const Q8_0: u32 = 8;
-    pub const Q2_K: u32 = 10;
-    pub const Q3_K: u32 = 11;
-    pub const Q4_K: u32 = 12;
-    pub const Q5_K: u32 = 13;
-    pub const Q6_K: u32 = 14;
-    pub const BF16: u32 = 30;
-}
-
 /// One ggml tensor type: its id, its name as GGUF tools print it, weights per block and bytes per block
 /// (1 weight per "block" for the float types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,23 +16,35 @@ pub struct GgmlType {
     pub bytes: usize,
 }
 
-/// The ggml tensor types whittle reads and writes: the one table of ids, names and sizes (GGUF reading,
-/// GGUF writing and the block unpacking below all use it).
-pub const TYPES: &[GgmlType] = &[
-    GgmlType { id: ty::F32, name: "f32", block: 1, bytes: 4 },
-    GgmlType { id: ty::F16, name: "f16", block: 1, bytes: 2 },
-    GgmlType { id: ty::Q4_0, name: "q4_0", block: 32, bytes: 18 },
-    GgmlType { id: ty::Q4_1, name: "q4_1", block: 32, bytes: 20 },
-    GgmlType { id: ty::Q5_0, name: "q5_0", block: 32, bytes: 22 },
-    GgmlType { id: ty::Q5_1, name: "q5_1", block: 32, bytes: 24 },
-    GgmlType { id: ty::Q8_0, name: "q8_0", block: 32, bytes: 34 },
-    GgmlType { id: ty::Q2_K, name: "q2_k", block: 256, bytes: 84 },
-    GgmlType { id: ty::Q3_K, name: "q3_k", block: 256, bytes: 110 },
-    GgmlType { id: ty::Q4_K, name: "q4_k", block: 256, bytes: 144 },
-    GgmlType { id: ty::Q5_K, name: "q5_k", block: 256, bytes: 176 },
-    GgmlType { id: ty::Q6_K, name: "q6_k", block: 256, bytes: 210 },
-    GgmlType { id: ty::BF16, name: "bf16", block: 1, bytes: 2 },
-];
+/// Defines [`ty`] and [`TYPES`] from one list of (constant, id, name, weights per block, bytes per block).
+macro_rules! ggml_types {
+    ($($konst:ident = $id:literal, $name:literal, $block:literal, $bytes:literal;)*) => {
+        /// ggml type ids (`GGML_TYPE_*`) of the types in [`TYPES`].
+        pub mod ty {
+            $(pub const $konst: u32 = $id;)*
+        }
+
+        /// The ggml tensor types whittle reads and writes: the one table of ids, names and sizes (GGUF
+        /// reading, GGUF writing and the block unpacking below all use it).
+        pub const TYPES: &[GgmlType] = &[$(GgmlType { id: $id, name: $name, block: $block, bytes: $bytes }),*];
+    };
+}
+
+ggml_types! {
+    F32 = 0, "f32", 1, 4;
+    F16 = 1, "f16", 1, 2;
+    Q4_0 = 2, "q4_0", 32, 18;
+    Q4_1 = 3, "q4_1", 32, 20;
+    Q5_0 = 6, "q5_0", 32, 22;
+    Q5_1 = 7, "q5_1", 32, 24;
+    Q8_0 = 8, "q8_0", 32, 34;
+    Q2_K = 10, "q2_k", 256, 84;
+    Q3_K = 11, "q3_k", 256, 110;
+    Q4_K = 12, "q4_k", 256, 144;
+    Q5_K = 13, "q5_k", 256, 176;
+    Q6_K = 14, "q6_k", 256, 210;
+    BF16 = 30, "bf16", 1, 2;
+}
 
 impl GgmlType {
     /// The type with ggml id `id`, if whittle knows it.

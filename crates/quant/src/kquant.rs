@@ -2,7 +2,7 @@
 //! (ggml-org/llama.cpp, commit 01243c58): `quantize_q4_0`, `quantize_q4_1`, `quantize_q5_0`, `quantize_q5_1`,
 //! `quantize_q8_0`, `quantize_q2_K` … `quantize_q6_K`. With an importance matrix they run
 //! `quantize_row_*_impl`; without one, the reference quantizers `quantize_row_*_ref`. Both are ported, so
-//! [`quantize_weighted`] gives what `llama-quantize` writes with and without `--imatrix`.
+//! [`quantize_weighted`] gives what `llama-quantize` writes with and without an importance matrix (its imatrix option).
 //!
 //! The importance `qw_j` of input column `j` is what llama-imatrix measures (the mean of the squared
 //! activation of that channel). Each `_impl` turns it into per-weight weights and fits scales (and mins)
@@ -195,7 +195,7 @@ fn fp32(h: [u8; 2]) -> f32 {
 
 /// Quantizes `rows` rows of `cols` f32 values (row-major) to ggml type `type_id` (ids as in
 /// [`whittle_kernels::ggml::ty`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K), with `imatrix` = per-column importance
-/// (len `cols`) as llama-quantize's `--imatrix` gives it, or `None` for ggml's reference quantizers.
+/// (len `cols`) as llama-quantize's imatrix option gives it, or `None` for ggml's reference quantizers.
 /// Returns the ggml block bytes (`rows · cols / block · block_bytes`), byte layout identical to ggml's.
 ///
 /// Q8_0 has no importance-weighted variant in ggml; its imatrix is ignored, as there. Rows are quantized
@@ -1446,19 +1446,7 @@ mod tests {
     const MAX_WEIGHTED_ERR_RATIO_IMATRIX_VS_REF: f64 = 0.80;
 
     fn dtype(t: u32) -> GgmlDType {
-        match t {
-            ty::Q4_0 => GgmlDType::Q4_0,
-            ty::Q4_1 => GgmlDType::Q4_1,
-            ty::Q5_0 => GgmlDType::Q5_0,
-            ty::Q5_1 => GgmlDType::Q5_1,
-            ty::Q8_0 => GgmlDType::Q8_0,
-            ty::Q2_K => GgmlDType::Q2K,
-            ty::Q3_K => GgmlDType::Q3K,
-            ty::Q4_K => GgmlDType::Q4K,
-            ty::Q5_K => GgmlDType::Q5K,
-            ty::Q6_K => GgmlDType::Q6K,
-            _ => unreachable!(),
-        }
+        whittle_formats::gguf::candle_block_dtype(t).expect("a block type")
     }
 
     /// splitmix64 → N(0, 1) by Box–Muller; deterministic, no dependency.
