@@ -260,6 +260,18 @@ impl BertBlock {
     }
 }
 
+/// Stages: query/key/value read the block input, the attention output the attention's mix, intermediate the
+/// normalised residual, output the GELU activations.
+impl crate::layout::BlockLayout for BertBlock {
+    const STAGES: &'static [&'static [&'static str]] = &[
+        &["attention.self.query", "attention.self.key", "attention.self.value"],
+        &["attention.output.dense"],
+        &["intermediate.dense"],
+        &["output.dense"],
+    ];
+    const PREFIX: &'static str = "encoder.layer.";
+}
+
 /// A BERT encoder: embeddings, blocks and an optional pooler (dense + tanh on [CLS]).
 #[derive(Debug, Clone)]
 pub struct Bert {
@@ -310,7 +322,7 @@ impl Bert {
         for i in 0..c.num_layers {
             let pre = format!("{p}encoder.layer.{i}.");
             // The values give the head count (pruned blocks have fewer heads); queries and keys have as many
-            // heads, of head_dim values or fewer (low-rank attention, `whittle lowrank --attention-rank`).
+            // heads, of head_dim values or fewer (low-rank attention, `whittle lowrank` with option `attention_rank`).
             let v = w.linear_any(&format!("{pre}attention.self.value"), None, Some(c.hidden_size), true)?;
             let attn_width = v.out_features();
             if attn_width % c.head_dim != 0 {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
+use whittle_core::InvalidOption;
 use whittle_formats::gguf::{write, Gguf, Value};
 use whittle_kernels::ggml::{ty, GgmlType};
 use whittle_models::names;
@@ -229,7 +230,7 @@ pub struct GgufOptions<'a> {
     /// Per-tensor type by regex on the HF layer name (e.g. `model.layers.0.mlp.down_proj`), last match wins.
     pub overrides: &'a [String],
     pub allow_requantize: bool,
-    /// Mean x² per input channel by GGUF tensor name (`quantize --imatrix`), checked against the source.
+    /// Mean x² per input channel by GGUF tensor name (option `imatrix` of `quantize`), checked against the source.
     pub imatrix: Option<&'a std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
@@ -242,15 +243,17 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
     for s in o.overrides {
         let (re, tname) = crate::parse_override(s)?;
         let t = parse_type(tname).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "--override `{s}`: `{tname}` is not a GGUF tensor type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
-            ))
+            InvalidOption::new(
+                "override",
+                format!("`{s}`"),
+                format!("`{tname}` is not a GGUF tensor type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"),
+            )
         })?;
         overrides.push((re, t));
     }
     if let Some(im) = o.imatrix {
         let widths = src.tensors.iter().map(|t| (t.name.clone(), t.ne[0])).collect();
-        crate::imatrix::check_imatrix(im, &widths, "--imatrix")?;
+        crate::imatrix::check_imatrix(im, &widths, "option `imatrix`")?;
     }
     let n_layer = cfg.num_layers;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
@@ -279,7 +282,7 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
             if let Some((_, ot)) = overrides.iter().rev().find(|(re, _)| re.is_match(lname)) {
                 if shape[1] % block_size(*ot) != 0 {
                     return Err(Error::Unsupported(format!(
-                        "--override: `{lname}` has rows of {} values, not a multiple of {}'s block of {}",
+                        "option `override`: `{lname}` has rows of {} values, not a multiple of {}'s block of {}",
                         shape[1],
                         type_name(*ot),
                         block_size(*ot)
