@@ -412,12 +412,11 @@ pub fn prune_structured_with(
     let mut notes: Vec<Vec<String>> = vec![Vec::new(); nb];
     let keep_h = keep_counts(&hs, s.heads, global, "KV groups / heads", &mut notes);
     let keep_f = keep_counts(&fs, s.ffn, global, "FFN neurons", &mut notes);
-    let mut blocks = Vec::new();
+    let (dims_before, params_before) = (model.block_dims(), model.block_params());
     match model {
         Model::Llama(m) => {
             let hd = m.config.head_dim;
             for (bi, b) in m.blocks.iter_mut().enumerate() {
-                let before: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
                 let (h0, kv0, f0) = (b.n_head, b.n_kv_head, b.gate.out_features());
                 let rep = h0 / kv0;
                 if keep_h[bi] < kv0 {
@@ -437,28 +436,11 @@ pub fn prune_structured_with(
                     b.up = keep_rows(&b.up, &keep)?;
                     b.down = keep_cols(&b.down, &keep)?;
                 }
-                let after: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
-                blocks.push(BlockReport {
-                    block: bi,
-                    dropped: false,
-                    heads_before: h0,
-                    heads_after: b.n_head,
-                    kv_heads_before: kv0,
-                    kv_heads_after: b.n_kv_head,
-                    ffn_before: f0,
-                    ffn_after: b.gate.out_features(),
-                    params_before: before,
-                    params_after: after,
-                    influence: influence.map(|i| i[bi]),
-                    note: notes[bi].join("; "),
-                });
             }
-            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
         Model::Bert(m) => {
             let hd = m.config.head_dim;
             for (bi, b) in m.blocks.iter_mut().enumerate() {
-                let before: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
                 let (h0, f0) = (b.n_head, b.intermediate.out_features());
                 if keep_h[bi] < h0 {
                     let heads = top(&hs[bi], keep_h[bi]);
@@ -474,24 +456,32 @@ pub fn prune_structured_with(
                     b.intermediate = keep_rows(&b.intermediate, &keep)?;
                     b.output = keep_cols(&b.output, &keep)?;
                 }
-                let after: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
-                blocks.push(BlockReport {
-                    block: bi,
-                    dropped: false,
-                    heads_before: h0,
-                    heads_after: b.n_head,
-                    kv_heads_before: h0,
-                    kv_heads_after: b.n_head,
-                    ffn_before: f0,
-                    ffn_after: b.intermediate.out_features(),
-                    params_before: before,
-                    params_after: after,
-                    influence: influence.map(|i| i[bi]),
-                    note: notes[bi].join("; "),
-                });
             }
-            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
+    }
+    let (dims_after, params_after) = (model.block_dims(), model.block_params());
+    let mut blocks: Vec<BlockReport> = (0..nb)
+        .map(|bi| {
+            let (b0, b1) = (dims_before[bi], dims_after[bi]);
+            BlockReport {
+                block: bi,
+                dropped: false,
+                heads_before: b0.n_head,
+                heads_after: b1.n_head,
+                kv_heads_before: b0.n_kv_head,
+                kv_heads_after: b1.n_kv_head,
+                ffn_before: b0.ffn,
+                ffn_after: b1.ffn,
+                params_before: params_before[bi],
+                params_after: params_after[bi],
+                influence: influence.map(|i| i[bi]),
+                note: notes[bi].join("; "),
+            }
+        })
+        .collect();
+    match model {
+        Model::Llama(m) => m.config.num_layers = drop_blocks(&mut m.blocks, &uniq),
+        Model::Bert(m) => m.config.num_layers = drop_blocks(&mut m.blocks, &uniq),
     }
     for b in blocks.iter_mut() {
         if uniq.contains(&b.block) {

@@ -103,6 +103,15 @@ impl Model {
         }
     }
 
+    /// The parameters of each block's Linears, in block order.
+    pub fn block_params(&self) -> Vec<usize> {
+        let sum = |ls: &[(&str, &Linear)]| ls.iter().map(|(_, l)| l.num_params()).sum();
+        match self {
+            Model::Bert(m) => m.blocks.iter().map(|b| sum(&b.linears())).collect(),
+            Model::Llama(m) => m.blocks.iter().map(|b| sum(&b.linears())).collect(),
+        }
+    }
+
     /// Every Linear with its HF name, blocks first in order, then the head.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();
