@@ -322,7 +322,7 @@ impl Bert {
         for i in 0..c.num_layers {
             let pre = format!("{p}encoder.layer.{i}.");
             // The values give the head count (pruned blocks have fewer heads); queries and keys have as many
-            // heads, of head_dim values or fewer (low-rank attention, `whittle lowrank` with option `attention_rank`).
+            // heads, of head_dim values or fewer (low-rank attention, `whittle lowrank --attention-rank`).
             let v = w.linear_any(&format!("{pre}attention.self.value"), None, Some(c.hidden_size), true)?;
             let attn_width = v.out_features();
             if attn_width % c.head_dim != 0 {

@@ -118,7 +118,8 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("{}{i}.{n}", bert::BertBlock::PREFIX), l)));
+                    let p = bert::BertBlock::PREFIX;
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 if let Some(p) = &m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -126,9 +127,8 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(
-                        b.linears().into_iter().map(|(n, l)| (format!("{}{i}.{n}", llama::LlamaBlock::PREFIX), l)),
-                    );
+                    let p = llama::LlamaBlock::PREFIX;
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 v.push(("lm_head".into(), &m.lm_head));
             }
