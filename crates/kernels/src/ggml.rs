@@ -47,6 +47,18 @@ ggml_types! {
 }
 
 impl GgmlType {
+    /// The type with ggml id `id`, for const contexts: an unknown id panics (fails the build there).
+    pub const fn of(id: u32) -> GgmlType {
+        let mut i = 0;
+        while i < TYPES.len() {
+            if TYPES[i].id == id {
+                return TYPES[i];
+            }
+            i += 1;
+        }
+        panic!("not a ggml type of TYPES")
+    }
+
     /// The type with ggml id `id`, if whittle knows it.
     pub fn by_id(id: u32) -> Option<&'static GgmlType> {
         TYPES.iter().find(|t| t.id == id)

@@ -43,7 +43,7 @@ use std::mem::{align_of, size_of};
 
 use half::f16;
 
-use whittle_kernels::ggml::ty;
+use whittle_kernels::ggml::{ty, GgmlType};
 
 /// Weights per K-quant super-block.
 const QK_K: usize = 256;
@@ -154,25 +154,27 @@ struct BlockQ6K {
     d: [u8; 2],
 }
 
+/// `$t` is the block of ggml type `$id`: its size is the type's bytes per block (checked against
+/// [`whittle_kernels::ggml::TYPES`] at compile time), its weights the type's block.
 macro_rules! block {
-    ($t:ty, $qk:expr, $bytes:expr) => {
-        const _: () = assert!(size_of::<$t>() == $bytes && align_of::<$t>() == 1);
+    ($t:ty, $id:expr) => {
+        const _: () = assert!(size_of::<$t>() == GgmlType::of($id).bytes && align_of::<$t>() == 1);
         // SAFETY: `$t` is `#[repr(C)]` of byte arrays only; the assertion above checks alignment 1 and no padding.
         unsafe impl Block for $t {
-            const QK: usize = $qk;
+            const QK: usize = GgmlType::of($id).block;
         }
     };
 }
-block!(BlockQ4_0, 32, 18);
-block!(BlockQ4_1, 32, 20);
-block!(BlockQ5_0, 32, 22);
-block!(BlockQ5_1, 32, 24);
-block!(BlockQ8_0, 32, 34);
-block!(BlockQ2K, QK_K, 84);
-block!(BlockQ3K, QK_K, 110);
-block!(BlockQ4K, QK_K, 144);
-block!(BlockQ5K, QK_K, 176);
-block!(BlockQ6K, QK_K, 210);
+block!(BlockQ4_0, ty::Q4_0);
+block!(BlockQ4_1, ty::Q4_1);
+block!(BlockQ5_0, ty::Q5_0);
+block!(BlockQ5_1, ty::Q5_1);
+block!(BlockQ8_0, ty::Q8_0);
+block!(BlockQ2K, ty::Q2_K);
+block!(BlockQ3K, ty::Q3_K);
+block!(BlockQ4K, ty::Q4_K);
+block!(BlockQ5K, ty::Q5_K);
+block!(BlockQ6K, ty::Q6_K);
 
 /// Views `bytes` (a whole number of blocks) as blocks.
 fn blocks_mut<B: Block>(bytes: &mut [u8]) -> &mut [B] {
