@@ -1,4 +1,4 @@
-//! Low-rank attention (`whittle lowrank --attention-rank r`): the queries and keys of every head are
+//! Low-rank attention (`whittle lowrank`, option `attention_rank`): the queries and keys of every head are
 //! factorised jointly, so that the attention scores are computed in r + 1 dimensions instead of head_dim.
 //!
 //! Per head h, the score of query token i against key token j is
@@ -7,7 +7,7 @@
 //! alone shift a whole softmax row and drop out exactly. M_h is replaced by its best rank-r approximation
 //! A_h B_hᵀ in the metric of the inputs, `‖X (M_h − A Bᵀ) Xᵀ‖`: with Σ xᵀx = L Lᵀ (the query input's
 //! statistic, which the keys share), that is the SVD of `Lᵀ M_h L` truncated to r and mapped back by L⁻ᵀ
-//! (`--method svd` uses L = I). The new projections are `q′ = √(r+1)·[x A_h, 1]` and `k′ = [x B_h, c_h·x]`,
+//! (option `method` `svd` uses L = I). The new projections are `q′ = √(r+1)·[x A_h, 1]` and `k′ = [x B_h, c_h·x]`,
 //! so the key-bias term stays exact and the kernel's 1/√(r+1) scale is undone.
 //!
 //! BERT-style encoders only: LLaMA rotates q and k by position (rope) between the projections and the
@@ -20,7 +20,9 @@ use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
 use whittle_core::observe::ActStats;
-use whittle_core::Linear;
+use whittle_core::{InvalidOption, Linear};
+use whittle_models::bert::BertBlock;
+use whittle_models::BlockLayout;
 use whittle_models::{Loaded, Model};
 use whittle_quant::calib::{calibrate_with, CalibOptions};
 
@@ -150,25 +152,26 @@ pub fn attention_rank(
     let t0 = Instant::now();
     let Model::Bert(m) = &l.model else {
         return Err(Error::Usage(
-            "--attention-rank: LLaMA rotates queries and keys by position (rope) between the projections and the scores, so they cannot be factorised jointly; factorise q_proj/k_proj one by one (--ratio, --rank)".into(),
+            "option `attention_rank`: LLaMA rotates queries and keys by position (rope) between the projections and the scores, so they cannot be factorised jointly; factorise q_proj/k_proj one by one (option `ratio`, option `rank`)".into(),
         ));
     };
     if method == Method::Asvd {
-        return Err(Error::Usage("--attention-rank takes --method svd or svd-llm".into()));
+        return Err(Error::Usage("option `attention_rank` takes option `method` svd or svd-llm".into()));
     }
     let d = m.config.head_dim;
     if r == 0 || r + 1 >= d {
-        return Err(Error::Usage(format!(
-            "--attention-rank {r}: must be in 1..={} (the scores then use r + 1 < head_dim = {d} values per head)",
+        let reason = format!(
+            "must be in 1..={} (the scores then use r + 1 < head_dim = {d} values per head)",
             d.saturating_sub(2)
-        )));
+        );
+        return Err(InvalidOption::new("attention_rank", r, reason).into());
     }
     for (bi, b) in m.blocks.iter().enumerate() {
         if b.query.out_features() != b.value.out_features() {
             return Err(Error::Usage(format!("block {bi}: its attention is already low-rank")));
         }
     }
-    let is_query = |n: &str| n.starts_with("encoder.layer.") && n.ends_with(".attention.self.query");
+    let is_query = |n: &str| Model::is_block_linear(n) && n.ends_with(".attention.self.query");
     let (stats, tokens) = if method == Method::SvdLlm {
         let cal = calibrate_with(l, text, co, |n, k| is_query(n).then(|| ActStats::hessian(k)), &mut progress)?;
         (Some(cal.stats), cal.tokens)
@@ -182,7 +185,7 @@ pub fn attention_rank(
         .iter()
         .enumerate()
         .map(|(bi, b)| {
-            let name = format!("encoder.layer.{bi}.attention.self.query");
+            let name = format!("{}attention.self.query", BertBlock::prefix(bi));
             let v = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
             let bq = match &b.query.bias {
                 Some(t) => v(t.clone())?,

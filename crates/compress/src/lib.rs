@@ -19,15 +19,22 @@ pub mod schedule;
 pub mod share;
 pub mod structured;
 
+use whittle_core::InvalidOption;
+
 pub use prune::{global_threshold, magnitude, parse_pattern, sparsegpt, threshold, wanda, Pattern};
 
-/// Errors of the pruning solvers, naming the flag or layer at fault.
+/// Errors of the pruning solvers, naming the option or layer at fault (options as configs spell them, see
+/// [`whittle_core::InvalidOption`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--sparsity {0}: must be in [0, 1)")]
-    BadSparsity(f64),
-    #[error("--damp {0}: must be finite and ≥ 0")]
-    BadDamp(f64),
+    /// Option `sparsity` outside [0, 1).
+    #[error(transparent)]
+    BadSparsity(InvalidOption),
+    /// Option `damp` negative or not finite.
+    #[error(transparent)]
+    BadDamp(InvalidOption),
+    #[error(transparent)]
+    Option(#[from] InvalidOption),
     #[error("invalid sparsity pattern `{0}`: expected N:M with 0 < N < M (2:4, 4:8) or `unstructured`")]
     BadPattern(String),
     #[error("layer `{layer}`: {n}:{m} sparsity needs the input features k = {k} to be a multiple of M = {m}")]
@@ -51,3 +58,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Option `sparsity` outside [0, 1).
+    pub fn bad_sparsity(sparsity: f64) -> Self {
+        Error::BadSparsity(InvalidOption::new("sparsity", sparsity, "must be in [0, 1)"))
+    }
+
+    /// Option `damp` negative or not finite.
+    pub fn bad_damp(damp: f64) -> Self {
+        Error::BadDamp(InvalidOption::new("damp", damp, "must be finite and ≥ 0"))
+    }
+}

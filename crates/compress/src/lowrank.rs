@@ -8,9 +8,9 @@
 //! - `svd-llm` (Wang et al. 2024): S = L, the Cholesky factor of Σ xᵀx on calibration text, so that
 //!   ‖(W − W′)X‖ = ‖(W − W′)L‖ and truncating the smallest singular values minimises the output error.
 //!
-//! Statistics come from one calibration pass over the original model. Ranks: one per layer (`--rank`),
-//! from the singular-value energy (`--energy`), or allocated over all layers to keep a fraction of the
-//! parameters (`--ratio`): minimise Σ (relative truncation loss) under the parameter budget by a
+//! Statistics come from one calibration pass over the original model. Ranks: one per layer (option `rank`),
+//! from the singular-value energy (option `energy`), or allocated over all layers to keep a fraction of the
+//! parameters (option `ratio`): minimise Σ (relative truncation loss) under the parameter budget by a
 //! Lagrangian search, where a layer may also stay dense — it is never factorised where that saves nothing.
 
 use std::time::Instant;
@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 use whittle_core::backend::cpu;
 use whittle_core::observe::ActStats;
-use whittle_core::Linear;
-use whittle_models::Loaded;
+use whittle_core::{InvalidOption, Linear};
+use whittle_models::{Loaded, Model};
 use whittle_quant::calib::{calibrate_with, CalibOptions};
 
 use crate::{Error, Result};
@@ -40,7 +40,7 @@ impl Method {
             "svd" => Ok(Self::Svd),
             "asvd" => Ok(Self::Asvd),
             "svd-llm" => Ok(Self::SvdLlm),
-            _ => Err(Error::Usage(format!("--method {s}: valid: svd, asvd, svd-llm"))),
+            _ => Err(InvalidOption::new("method", s, "valid: svd, asvd, svd-llm").into()),
         }
     }
 
@@ -99,10 +99,6 @@ pub struct LowRankReport {
     pub params_after: usize,
     pub tokens: usize,
     pub seconds: f64,
-}
-
-fn is_block_linear(name: &str) -> bool {
-    name.starts_with("model.layers.") || name.starts_with("encoder.layer.")
 }
 
 /// The SVD of W·S with the un-whitening folded in: W ≈ Σ_i σ_i u_i v_iᵀ, where `vt` rows are v_iᵀ·S⁻¹.
@@ -193,7 +189,12 @@ fn choose_ranks(spectra: &[(Vec<f64>, usize, usize)], target: Target) -> Result<
             .iter()
             .map(|(s, m, k)| {
                 if r == 0 || r > s.len() {
-                    return Err(Error::Usage(format!("--rank {r}: must be in 1..={} for a {m}×{k} layer", s.len())));
+                    return Err(InvalidOption::new(
+                        "rank",
+                        r,
+                        format!("must be in 1..={} for a {m}×{k} layer", s.len()),
+                    )
+                    .into());
                 }
                 Ok((r <= max_useful_rank(*m, *k)).then_some(r))
             })
@@ -234,7 +235,7 @@ fn choose_ranks(spectra: &[(Vec<f64>, usize, usize)], target: Target) -> Result<
             while params(&pick(hi)) > budget {
                 hi *= 4.0;
                 if hi > 1e6 {
-                    return Err(Error::Usage(format!("--ratio {rho}: cannot reach that few parameters")));
+                    return Err(InvalidOption::new("ratio", rho, "cannot reach that few parameters").into());
                 }
             }
             for _ in 0..60 {
@@ -272,38 +273,38 @@ pub fn lowrank_model(
 ) -> Result<LowRankReport> {
     let t0 = Instant::now();
     match o.target {
-        Target::Ratio(r) | Target::Energy(r) if !(r > 0.0 && r <= 1.0) => {
-            return Err(Error::Usage(format!("--ratio / --energy {r}: must be in (0, 1]")));
+        Target::Ratio(r) if !(r > 0.0 && r <= 1.0) => {
+            return Err(InvalidOption::new("ratio", r, "must be in (0, 1]").into());
+        }
+        Target::Energy(r) if !(r > 0.0 && r <= 1.0) => {
+            return Err(InvalidOption::new("energy", r, "must be in (0, 1]").into());
         }
         _ => {}
     }
     if !(o.damp.is_finite() && o.damp >= 0.0) {
-        return Err(Error::BadDamp(o.damp));
+        return Err(Error::bad_damp(o.damp));
     }
     if let Target::Rank(r) = o.target {
-        let small = l.model.linears().into_iter().filter(|(n, _)| is_block_linear(n)).find(|(_, lin)| {
+        let small = l.model.block_linears().into_iter().find(|(_, lin)| {
             let q = lin.out_features().min(lin.in_features());
             r == 0 || r > q
         });
         if let Some((n, lin)) = small {
             let (m, k) = (lin.out_features(), lin.in_features());
-            return Err(Error::Usage(format!("--rank {r}: must be in 1..={} for `{n}` ({m}×{k})", m.min(k))));
+            return Err(
+                InvalidOption::new("rank", r, format!("must be in 1..={} for `{n}` ({m}×{k})", m.min(k))).into()
+            );
         }
     }
     // Σ xᵀx of every block Linear, from the original model (also for the output-error report).
-    let cal = calibrate_with(l, text, co, |n, k| is_block_linear(n).then(|| ActStats::hessian(k)), &mut progress)?;
-    let names: Vec<(String, usize, usize)> = l
-        .model
-        .linears()
-        .into_iter()
-        .filter(|(n, _)| is_block_linear(n))
-        .map(|(n, lin)| (n, lin.out_features(), lin.in_features()))
-        .collect();
+    let cal =
+        calibrate_with(l, text, co, |n, k| Model::is_block_linear(n).then(|| ActStats::hessian(k)), &mut progress)?;
+    let names: Vec<(String, usize, usize)> =
+        l.model.block_linears().into_iter().map(|(n, lin)| (n, lin.out_features(), lin.in_features())).collect();
     let weights: Vec<Vec<f32>> = l
         .model
-        .linears()
+        .block_linears()
         .into_iter()
-        .filter(|(n, _)| is_block_linear(n))
         .map(|(_, lin)| Ok(lin.dequantize()?.flatten_all()?.to_vec1()?))
         .collect::<Result<_>>()?;
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -321,8 +322,7 @@ pub fn lowrank_model(
         factored.iter().zip(&names).map(|((f, _), (_, m, k))| (f.sigma.clone(), *m, *k)).collect();
     let ranks = choose_ranks(&spectra, o.target)?;
     let mut layers = Vec::new();
-    let mut lins: Vec<(String, &mut Linear)> =
-        l.model.linears_mut().into_iter().filter(|(n, _)| is_block_linear(n)).collect();
+    let mut lins: Vec<(String, &mut Linear)> = l.model.block_linears_mut();
     for (i, ((name, lin), ((f, secs), rank))) in lins.iter_mut().zip(factored.into_iter().zip(&ranks)).enumerate() {
         let (m, k) = (lin.out_features(), lin.in_features());
         let w = &weights[i];

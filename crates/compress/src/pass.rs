@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
-use whittle_core::{Linear, Rtn};
+use whittle_core::{InvalidOption, Linear, Rtn};
 use whittle_models::Loaded;
 use whittle_quant::calib::CalibOptions;
 use whittle_quant::layerwise::{output_mse, run_layerwise, LayerInput};
@@ -30,7 +30,7 @@ impl Method {
             "magnitude" => Ok(Self::Magnitude),
             "wanda" => Ok(Self::Wanda),
             "sparsegpt" => Ok(Self::SparseGpt),
-            _ => Err(Error::Usage(format!("--method {s}: valid: magnitude, wanda, sparsegpt"))),
+            _ => Err(InvalidOption::new("method", s, "valid: magnitude, wanda, sparsegpt").into()),
         }
     }
 
@@ -71,10 +71,6 @@ pub struct PruneReport {
     pub zeros: usize,
     pub tokens: usize,
     pub seconds: f64,
-}
-
-fn is_block_linear(name: &str) -> bool {
-    name.starts_with("model.layers.") || name.starts_with("encoder.layer.")
 }
 
 /// Bits per weight of the pruned layer stored sparse (f32 values).
@@ -137,10 +133,12 @@ pub fn prune_model(
 ) -> Result<PruneReport> {
     let t0 = Instant::now();
     if !(0.0..1.0).contains(&o.sparsity) {
-        return Err(Error::BadSparsity(o.sparsity));
+        return Err(Error::bad_sparsity(o.sparsity));
     }
     if o.quant.is_some() && o.method != Method::SparseGpt {
-        return Err(Error::Usage("--then-quantize needs --method sparsegpt (pruning and GPTQ in one pass)".into()));
+        return Err(Error::Usage(
+            "option `then_quantize` needs option `method` sparsegpt (pruning and GPTQ in one pass)".into(),
+        ));
     }
     let mut layers = Vec::new();
     let mut tokens = 0;
@@ -148,13 +146,14 @@ pub fn prune_model(
         Method::Magnitude => {
             let thr = if o.global {
                 if o.pattern != Pattern::Unstructured {
-                    return Err(Error::Usage("--scope global applies to unstructured sparsity, not N:M".into()));
+                    return Err(
+                        InvalidOption::new("scope", "global", "applies to unstructured sparsity, not N:M").into()
+                    );
                 }
                 let ws: Vec<Vec<f32>> = l
                     .model
-                    .linears()
+                    .block_linears()
                     .into_iter()
-                    .filter(|(n, _)| is_block_linear(n))
                     .map(|(_, lin)| Ok(lin.dequantize()?.flatten_all()?.to_vec1()?))
                     .collect::<Result<_>>()?;
                 let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
@@ -162,8 +161,7 @@ pub fn prune_model(
             } else {
                 None
             };
-            let mut lins: Vec<(String, &mut Linear)> =
-                l.model.linears_mut().into_iter().filter(|(n, _)| is_block_linear(n)).collect();
+            let mut lins: Vec<(String, &mut Linear)> = l.model.block_linears_mut();
             let total = lins.len();
             for (i, (name, lin)) in lins.iter_mut().enumerate() {
                 let ts = Instant::now();
@@ -180,23 +178,22 @@ pub fn prune_model(
         }
         Method::Wanda | Method::SparseGpt => {
             let hessian = o.method == Method::SparseGpt;
-            let solve = |name: &str, lin: &Linear, x: &LayerInput| -> whittle_quant::Result<_> {
+            let solve = |name: &str, lin: &Linear, x: &LayerInput| -> Result<_> {
                 let ts = Instant::now();
                 let (m, k) = (lin.out_features(), lin.in_features());
                 let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
-                let wrap = |e: Error| whittle_quant::Error::Unsupported(e.to_string());
                 let p = if hessian {
                     let h = x.hessian.expect("the engine observes Hessians for SparseGPT");
-                    prune::sparsegpt(&w, m, k, h, o.sparsity, o.pattern, o.damp, o.quant, name).map_err(wrap)?
+                    prune::sparsegpt(&w, m, k, h, o.sparsity, o.pattern, o.damp, o.quant, name)?
                 } else {
-                    prune::wanda(&w, m, k, &x.stats.sumsq, o.sparsity, o.pattern, name).map_err(wrap)?
+                    prune::wanda(&w, m, k, &x.stats.sumsq, o.sparsity, o.pattern, name)?
                 };
                 let mse = match x.hessian {
                     Some(h) => Some(output_mse(&w, &p, m, k, h)?),
                     None => None,
                 };
                 let r = layer_report(name, o, &w, &p, k, ts.elapsed().as_secs_f64(), mse);
-                let new = store(p, m, k, lin, o).map_err(wrap)?;
+                let new = store(p, m, k, lin, o)?;
                 Ok(Some((new, r)))
             };
             let r = run_layerwise(l, text, co, hessian, solve, &mut progress)?;
@@ -207,9 +204,8 @@ pub fn prune_model(
     let params = layers.iter().map(|r| r.params).sum();
     let zeros = l
         .model
-        .linears()
+        .block_linears()
         .into_iter()
-        .filter(|(n, _)| is_block_linear(n))
         .map(|(_, lin)| -> Result<usize> {
             let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
             Ok(w.iter().filter(|v| **v == 0.0).count())
@@ -253,7 +249,7 @@ impl KernelCheck {
 /// Measures [`KernelCheck`] on `l`'s sparse block Linears; `None` when it has none.
 pub fn kernel_check(l: &Loaded, prefill_rows: usize) -> Result<Option<KernelCheck>> {
     let sparse: Vec<(String, &Linear)> =
-        l.model.linears().into_iter().filter(|(n, lin)| is_block_linear(n) && lin.is_sparse()).collect();
+        l.model.block_linears().into_iter().filter(|(_, lin)| lin.is_sparse()).collect();
     if sparse.is_empty() {
         return Ok(None);
     }

@@ -40,7 +40,7 @@ impl fmt::Display for Pattern {
     }
 }
 
-/// Parses `--pattern`: `unstructured`, or `N:M` with 0 < N < M (`2:4`, `4:8`).
+/// Parses option `pattern`: `unstructured`, or `N:M` with 0 < N < M (`2:4`, `4:8`).
 pub fn parse_pattern(s: &str) -> Result<Pattern> {
     let t = s.trim().to_ascii_lowercase();
     if t == "unstructured" {
@@ -61,7 +61,7 @@ fn check_sparsity(sparsity: f64) -> Result<()> {
     if (0.0..1.0).contains(&sparsity) {
         Ok(())
     } else {
-        Err(Error::BadSparsity(sparsity))
+        Err(Error::bad_sparsity(sparsity))
     }
 }
 
@@ -154,7 +154,7 @@ pub fn magnitude(w: &[f32], m: usize, k: usize, sparsity: f64, p: Pattern, layer
     Ok(prune_by_score(w, m, k, sparsity, nm, |r, c| w[r * k + c].abs() as f64))
 }
 
-/// Global magnitude threshold over several layers (`--scope global`): the |w| value below which the
+/// Global magnitude threshold over several layers (option `scope` `global`): the |w| value below which the
 /// `sparsity` fraction of all weights lies — the ⌊n·sparsity⌋-th smallest |w| of all n weights, so that
 /// [`threshold`] (which zeroes |w| < t) prunes exactly that many when no |w| ties with t. 0 for no weights.
 pub fn global_threshold(layers: &[&[f32]], sparsity: f64) -> Result<f32> {
@@ -268,7 +268,7 @@ fn solve(
 ) -> Result<Solved> {
     check_sparsity(sparsity)?;
     if !(damp.is_finite() && damp >= 0.0) {
-        return Err(Error::BadDamp(damp));
+        return Err(Error::bad_damp(damp));
     }
     check_len(layer, "weights", w.len(), m * k)?;
     check_len(layer, "Hessian", h.len(), k * k)?;
@@ -772,7 +772,7 @@ mod tests {
             assert!(matches!(sparsegpt(&w, m, k, &c.h, s, u, 0.01, None, "t"), Err(Error::BadSparsity(_))));
             assert!(matches!(global_threshold(&[&w], s), Err(Error::BadSparsity(_))));
         }
-        assert_eq!(magnitude(&w, m, k, 1.0, u, "t").unwrap_err().to_string(), "--sparsity 1: must be in [0, 1)");
+        assert_eq!(magnitude(&w, m, k, 1.0, u, "t").unwrap_err().to_string(), "option `sparsity` 1: must be in [0, 1)");
 
         // M does not divide k.
         let (w6, x6) = (rand_w(2, 6, 1), vec![1.0; 6]);

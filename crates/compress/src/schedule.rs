@@ -2,7 +2,8 @@
 //! drop exceeds a bound and keep the last model within it.
 
 use serde::Serialize;
-use whittle_models::Loaded;
+use whittle_core::InvalidOption;
+use whittle_models::{Loaded, Model};
 
 use crate::{Error, Result};
 
@@ -28,7 +29,7 @@ impl Quality {
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub step: usize,
-    /// The schedule's value at this step (sparsity, or the fraction of `--structured`).
+    /// The schedule's value at this step (sparsity, or the fraction of option `structured`).
     pub amount: f64,
     /// Block-Linear parameters that are zero or removed, as a fraction of the original.
     pub removed: f64,
@@ -40,17 +41,22 @@ pub struct Step {
     pub kept: bool,
 }
 
+/// Option `schedule` `s` is invalid: `reason`.
+fn bad_schedule(s: &str, reason: String) -> Error {
+    InvalidOption::new("schedule", format!("`{s}`"), reason).into()
+}
+
 /// Parses `0.1,0.3,0.5`: increasing values in (0, 1].
 pub fn parse_schedule(s: &str) -> Result<Vec<f64>> {
     let v: Vec<f64> = s
         .split(',')
-        .map(|x| x.trim().parse::<f64>().map_err(|_| Error::Usage(format!("--schedule `{s}`: `{x}` is not a number"))))
+        .map(|x| x.trim().parse::<f64>().map_err(|_| bad_schedule(s, format!("`{x}` is not a number"))))
         .collect::<Result<_>>()?;
     if v.is_empty() || v.iter().any(|x| !(*x > 0.0 && *x <= 1.0)) {
-        return Err(Error::Usage(format!("--schedule `{s}`: values must lie in (0, 1]")));
+        return Err(bad_schedule(s, "values must lie in (0, 1]".into()));
     }
     if v.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(Error::Usage(format!("--schedule `{s}`: values must increase")));
+        return Err(bad_schedule(s, "values must increase".into()));
     }
     Ok(v)
 }
@@ -63,7 +69,10 @@ pub fn parse_max_drop(s: &str) -> Result<f64> {
     };
     match num.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v * scale),
-        _ => Err(Error::Usage(format!("--max-drop `{s}`: expected a non-negative percentage like 2% or 0.02"))),
+        _ => {
+            Err(InvalidOption::new("max_drop", format!("`{s}`"), "expected a non-negative percentage like 2% or 0.02")
+                .into())
+        }
     }
 }
 
@@ -73,7 +82,7 @@ pub fn footprint(l: &Loaded, params_before: usize) -> Result<(f64, usize)> {
     let mut bytes = 0usize;
     for (n, lin) in l.model.linears() {
         bytes += lin.storage_bytes();
-        if n.starts_with("model.layers.") || n.starts_with("encoder.layer.") {
+        if Model::is_block_linear(&n) {
             let w: Vec<f32> = lin.dequantize()?.flatten_all()?.to_vec1()?;
             nonzero += w.iter().filter(|v| **v != 0.0).count();
         }
@@ -93,13 +102,8 @@ pub fn run_schedule(
     mut eval: impl FnMut(&Loaded) -> Result<Quality>,
     mut on_step: impl FnMut(&Step),
 ) -> Result<Vec<Step>> {
-    let params_before: usize = l
-        .model
-        .linears()
-        .iter()
-        .filter(|(n, _)| n.starts_with("model.layers.") || n.starts_with("encoder.layer."))
-        .map(|(_, lin)| lin.in_features() * lin.out_features())
-        .sum();
+    let params_before: usize =
+        l.model.block_linears().iter().map(|(_, lin)| lin.in_features() * lin.out_features()).sum();
     let base = eval(l)?;
     let (removed, bytes) = footprint(l, params_before)?;
     let row0 = Step { step: 0, amount: 0.0, removed, bytes, quality: base.clone(), drop: 0.0, kept: true };

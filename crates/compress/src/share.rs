@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 use serde::Serialize;
-use whittle_core::Linear;
+use whittle_core::{InvalidOption, Linear};
 use whittle_models::{Loaded, Model};
 
 use crate::{Error, Result};
@@ -21,7 +21,7 @@ impl Init {
         match s {
             "mean" => Ok(Self::Mean),
             "central" => Ok(Self::Central),
-            _ => Err(Error::Usage(format!("--init {s}: valid: mean, central"))),
+            _ => Err(InvalidOption::new("init", s, "valid: mean, central").into()),
         }
     }
 }
@@ -43,6 +43,11 @@ pub struct ShareReport {
     pub params_after: usize,
 }
 
+/// Option `groups` `s` is invalid: `reason`.
+fn bad_groups(s: &str, reason: String) -> Error {
+    InvalidOption::new("groups", format!("`{s}`"), reason).into()
+}
+
 /// Parses `0-1,2-3` (or `0-1-2`): groups of two or more blocks, each named once, all below `n`.
 pub fn parse_groups(s: &str, n: usize) -> Result<Vec<Vec<usize>>> {
     let mut seen = vec![false; n];
@@ -51,30 +56,27 @@ pub fn parse_groups(s: &str, n: usize) -> Result<Vec<Vec<usize>>> {
         let members: Vec<usize> = g
             .split('-')
             .map(|v| {
-                v.trim()
-                    .parse::<usize>()
-                    .map_err(|_| Error::Usage(format!("--groups `{s}`: `{v}` is not a block index")))
+                v.trim().parse::<usize>().map_err(|_| {
+                    InvalidOption::new("groups", format!("`{s}`"), format!("`{v}` is not a block index")).into()
+                })
             })
             .collect::<Result<_>>()?;
         if members.len() < 2 {
-            return Err(Error::Usage(format!("--groups `{s}`: `{g}` names one block; a group shares two or more")));
+            return Err(bad_groups(s, format!("`{g}` names one block; a group shares two or more")));
         }
         for &b in &members {
             if b >= n {
-                return Err(Error::Usage(format!(
-                    "--groups `{s}`: block {b} does not exist (the model has 0..{})",
-                    n - 1
-                )));
+                return Err(bad_groups(s, format!("block {b} does not exist (the model has 0..{})", n - 1)));
             }
             if seen[b] {
-                return Err(Error::Usage(format!("--groups `{s}`: block {b} is named twice")));
+                return Err(bad_groups(s, format!("block {b} is named twice")));
             }
             seen[b] = true;
         }
         groups.push(members);
     }
     if groups.is_empty() {
-        return Err(Error::Usage(format!("--groups `{s}`: no groups")));
+        return Err(bad_groups(s, "no groups".into()));
     }
     Ok(groups)
 }
@@ -172,7 +174,9 @@ fn shapes(ts: &[Tensor]) -> Vec<Vec<usize>> {
 pub fn auto_groups(m: &Model, unique: usize) -> Result<Vec<Vec<usize>>> {
     let n = m.n_blocks();
     if unique == 0 || unique >= n {
-        return Err(Error::Usage(format!("--unique {unique}: must be in 1..{n} (the model has {n} blocks)")));
+        return Err(
+            InvalidOption::new("unique", unique, format!("must be in 1..{n} (the model has {n} blocks)")).into()
+        );
     }
     let w: Vec<Vec<Tensor>> = (0..n).map(|i| block_tensors(m, i)).collect::<Result<_>>()?;
     let f: Vec<Vec<f32>> = w.iter().map(|t| flat(t)).collect::<Result<_>>()?;
@@ -194,9 +198,12 @@ pub fn auto_groups(m: &Model, unique: usize) -> Result<Vec<Vec<usize>>> {
             }
         }
         let Some((_, g)) = best else {
-            return Err(Error::Usage(format!(
-                "--groups auto: cannot reach {unique} groups (adjacent blocks differ in shape)"
-            )));
+            return Err(InvalidOption::new(
+                "groups",
+                "auto",
+                format!("cannot reach {unique} groups (adjacent blocks differ in shape)"),
+            )
+            .into());
         };
         let b = groups.remove(g + 1);
         groups[g].extend(b);
@@ -216,7 +223,7 @@ pub fn share_blocks(l: &mut Loaded, groups: &[Vec<usize>], init: Init) -> Result
         let ws: Vec<Vec<Tensor>> = g.iter().map(|&i| block_tensors(&l.model, i)).collect::<Result<_>>()?;
         if let Some(j) = (1..g.len()).find(|&j| shapes(&ws[j]) != shapes(&ws[0])) {
             return Err(Error::Usage(format!(
-                "--groups: blocks {} and {} have different shapes and cannot share",
+                "option `groups`: blocks {} and {} have different shapes and cannot share",
                 g[0], g[j]
             )));
         }
@@ -310,20 +317,18 @@ pub fn factorise_embeddings(l: &mut Loaded, rank: usize, weights: &[f64]) -> Res
     let t0 = std::time::Instant::now();
     let Model::Bert(m) = &mut l.model else {
         return Err(Error::Usage(
-            "--embedding-rank factorises a BERT encoder's word embeddings (a decoder's are tied to its output head)"
+            "option `embedding_rank` factorises a BERT encoder's word embeddings (a decoder's are tied to its output head)"
                 .into(),
         ));
     };
     let e = &mut m.embeddings;
     if e.word_v.is_some() {
-        return Err(Error::Usage("--embedding-rank: the word embeddings are already factorised".into()));
+        return Err(Error::Usage("option `embedding_rank`: the word embeddings are already factorised".into()));
     }
     let (v, c) = e.word.dims2()?;
     if rank == 0 || rank * (v + c) >= v * c {
-        return Err(Error::Usage(format!(
-            "--embedding-rank {rank}: a {v}×{c} table saves parameters only with a rank in 1..{}",
-            (v * c).div_ceil(v + c)
-        )));
+        let reason = format!("a {v}×{c} table saves parameters only with a rank in 1..{}", (v * c).div_ceil(v + c));
+        return Err(InvalidOption::new("embedding_rank", rank, reason).into());
     }
     if weights.len() != v {
         return Err(Error::Usage(format!("embedding weights: {} values for {v} tokens", weights.len())));

@@ -21,7 +21,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use whittle_core::observe::ActStats;
-use whittle_core::Linear;
+use whittle_core::{InvalidOption, Linear};
+use whittle_models::bert::BertBlock;
+use whittle_models::llama::LlamaBlock;
+use whittle_models::BlockLayout;
 use whittle_models::Model;
 
 use crate::{Error, Result};
@@ -45,7 +48,7 @@ impl Importance {
             "l2" => Ok(Self::L2),
             "activation" | "wanda" => Ok(Self::Activation),
             "taylor" => Ok(Self::Taylor),
-            _ => Err(Error::Usage(format!("--importance {s}: valid: l2, l1, activation, taylor"))),
+            _ => Err(InvalidOption::new("importance", s, "valid: l2, l1, activation, taylor").into()),
         }
     }
 }
@@ -66,12 +69,17 @@ impl Structured {
         let mut out = Self::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| {
-                Error::Usage(format!("--structured `{part}`: expected KEY=VALUE (heads=0.25,ffn=0.3,layers=2)"))
+                InvalidOption::new(
+                    "structured",
+                    format!("`{part}`"),
+                    "expected KEY=VALUE (heads=0.25,ffn=0.3,layers=2)",
+                )
             })?;
             let frac = |v: &str| -> Result<f64> {
-                let f: f64 = v.parse().map_err(|_| Error::Usage(format!("--structured {k}={v}: not a number")))?;
+                let f: f64 =
+                    v.parse().map_err(|_| InvalidOption::new("structured", format!("{k}={v}"), "not a number"))?;
                 if !(0.0..1.0).contains(&f) {
-                    return Err(Error::Usage(format!("--structured {k}={v}: a fraction in [0, 1)")));
+                    return Err(InvalidOption::new("structured", format!("{k}={v}"), "a fraction in [0, 1)").into());
                 }
                 Ok(f)
             };
@@ -79,10 +87,15 @@ impl Structured {
                 "heads" => out.heads = frac(v)?,
                 "ffn" => out.ffn = frac(v)?,
                 "layers" => {
-                    out.layers =
-                        v.parse().map_err(|_| Error::Usage(format!("--structured layers={v}: a whole number")))?
+                    out.layers = v
+                        .parse()
+                        .map_err(|_| InvalidOption::new("structured", format!("layers={v}"), "a whole number"))?
                 }
-                _ => return Err(Error::Usage(format!("--structured `{k}`: valid keys are heads, ffn, layers"))),
+                _ => {
+                    return Err(
+                        InvalidOption::new("structured", format!("`{k}`"), "valid keys are heads, ffn, layers").into()
+                    )
+                }
             }
         }
         Ok(out)
@@ -196,9 +209,9 @@ fn xnorm(stats: Option<&BTreeMap<String, ActStats>>, name: &str, imp: Importance
     if imp != Importance::Activation {
         return Ok(None);
     }
-    let s = stats
-        .and_then(|s| s.get(name))
-        .ok_or_else(|| Error::Usage(format!("--importance activation: no calibration statistics for `{name}`")))?;
+    let s = stats.and_then(|s| s.get(name)).ok_or_else(|| {
+        InvalidOption::new("importance", "activation", format!("no calibration statistics for `{name}`"))
+    })?;
     Ok(Some(s.sumsq.iter().map(|v| v.sqrt()).collect()))
 }
 
@@ -217,16 +230,18 @@ fn scores(
         }
         let s = saliency
             .and_then(|s| s.get(&name))
-            .ok_or_else(|| Error::Usage(format!("--importance taylor: no gradient saliency for `{name}`")))?;
+            .ok_or_else(|| InvalidOption::new("importance", "taylor", format!("no gradient saliency for `{name}`")))?;
         if s.len() != l.in_features() * l.out_features() {
-            return Err(Error::Usage(format!("--importance taylor: saliency of `{name}` has the wrong size")));
+            return Err(
+                InvalidOption::new("importance", "taylor", format!("saliency of `{name}` has the wrong size")).into()
+            );
         }
         Ok(s.clone())
     };
     let imp = if imp == Importance::Taylor { Importance::L1 } else { imp };
     match model {
         Model::Llama(m) => {
-            let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, format!("model.layers.{bi}."));
+            let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, LlamaBlock::prefix(bi));
             let (h0, kv0, f0) = (b.n_head, b.n_kv_head, b.gate.out_features());
             // KV group g owns KV head g and query heads g·rep .. (g+1)·rep (the order of the attention's repeat).
             let rep = h0 / kv0;
@@ -266,10 +281,10 @@ fn scores(
             Ok((heads, ffn))
         }
         Model::Bert(m) => {
-            let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, format!("encoder.layer.{bi}."));
+            let (b, hd, p) = (&m.blocks[bi], m.config.head_dim, BertBlock::prefix(bi));
             if b.query.out_features() != b.value.out_features() {
                 return Err(Error::Usage(format!(
-                    "block {bi} has low-rank attention (queries and keys of {} values per head): prune heads before `lowrank --attention-rank`",
+                    "block {bi} has low-rank attention (queries and keys of {} values per head): prune heads before `lowrank` with option `attention_rank`",
                     b.query.out_features() / b.n_head
                 )));
             }
@@ -377,13 +392,13 @@ pub fn prune_structured_with(
 ) -> Result<StructuredReport> {
     let nb = model.n_blocks();
     if let Some(&b) = drop.iter().find(|&&b| b >= nb) {
-        return Err(Error::Usage(format!("--drop-layers {b}: the model has blocks 0..{}", nb - 1)));
+        return Err(InvalidOption::new("drop_layers", b, format!("the model has blocks 0..{}", nb - 1)).into());
     }
     let mut uniq = drop.to_vec();
     uniq.sort_unstable();
     uniq.dedup();
     if uniq.len() != drop.len() {
-        return Err(Error::Usage(format!("--drop-layers {drop:?}: a block is named twice")));
+        return Err(InvalidOption::new("drop_layers", format!("{drop:?}"), "a block is named twice").into());
     }
     if uniq.len() >= nb {
         return Err(Error::Usage(format!("dropping {} of {nb} blocks would leave none", uniq.len())));
@@ -397,12 +412,11 @@ pub fn prune_structured_with(
     let mut notes: Vec<Vec<String>> = vec![Vec::new(); nb];
     let keep_h = keep_counts(&hs, s.heads, global, "KV groups / heads", &mut notes);
     let keep_f = keep_counts(&fs, s.ffn, global, "FFN neurons", &mut notes);
-    let mut blocks = Vec::new();
+    let (dims_before, params_before) = (model.block_dims(), model.block_params());
     match model {
         Model::Llama(m) => {
             let hd = m.config.head_dim;
             for (bi, b) in m.blocks.iter_mut().enumerate() {
-                let before: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
                 let (h0, kv0, f0) = (b.n_head, b.n_kv_head, b.gate.out_features());
                 let rep = h0 / kv0;
                 if keep_h[bi] < kv0 {
@@ -422,28 +436,11 @@ pub fn prune_structured_with(
                     b.up = keep_rows(&b.up, &keep)?;
                     b.down = keep_cols(&b.down, &keep)?;
                 }
-                let after: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
-                blocks.push(BlockReport {
-                    block: bi,
-                    dropped: false,
-                    heads_before: h0,
-                    heads_after: b.n_head,
-                    kv_heads_before: kv0,
-                    kv_heads_after: b.n_kv_head,
-                    ffn_before: f0,
-                    ffn_after: b.gate.out_features(),
-                    params_before: before,
-                    params_after: after,
-                    influence: influence.map(|i| i[bi]),
-                    note: notes[bi].join("; "),
-                });
             }
-            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
         Model::Bert(m) => {
             let hd = m.config.head_dim;
             for (bi, b) in m.blocks.iter_mut().enumerate() {
-                let before: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
                 let (h0, f0) = (b.n_head, b.intermediate.out_features());
                 if keep_h[bi] < h0 {
                     let heads = top(&hs[bi], keep_h[bi]);
@@ -459,24 +456,32 @@ pub fn prune_structured_with(
                     b.intermediate = keep_rows(&b.intermediate, &keep)?;
                     b.output = keep_cols(&b.output, &keep)?;
                 }
-                let after: usize = b.linears().iter().map(|(_, l)| l.num_params()).sum();
-                blocks.push(BlockReport {
-                    block: bi,
-                    dropped: false,
-                    heads_before: h0,
-                    heads_after: b.n_head,
-                    kv_heads_before: h0,
-                    kv_heads_after: b.n_head,
-                    ffn_before: f0,
-                    ffn_after: b.intermediate.out_features(),
-                    params_before: before,
-                    params_after: after,
-                    influence: influence.map(|i| i[bi]),
-                    note: notes[bi].join("; "),
-                });
             }
-            m.config.num_layers = drop_blocks(&mut m.blocks, &uniq);
         }
+    }
+    let (dims_after, params_after) = (model.block_dims(), model.block_params());
+    let mut blocks: Vec<BlockReport> = (0..nb)
+        .map(|bi| {
+            let (b0, b1) = (dims_before[bi], dims_after[bi]);
+            BlockReport {
+                block: bi,
+                dropped: false,
+                heads_before: b0.n_head,
+                heads_after: b1.n_head,
+                kv_heads_before: b0.n_kv_head,
+                kv_heads_after: b1.n_kv_head,
+                ffn_before: b0.ffn,
+                ffn_after: b1.ffn,
+                params_before: params_before[bi],
+                params_after: params_after[bi],
+                influence: influence.map(|i| i[bi]),
+                note: notes[bi].join("; "),
+            }
+        })
+        .collect();
+    match model {
+        Model::Llama(m) => m.config.num_layers = drop_blocks(&mut m.blocks, &uniq),
+        Model::Bert(m) => m.config.num_layers = drop_blocks(&mut m.blocks, &uniq),
     }
     for b in blocks.iter_mut() {
         if uniq.contains(&b.block) {
@@ -542,7 +547,7 @@ mod tests {
         assert_eq!((s.heads, s.ffn, s.layers), (0.25, 0.3, 2));
         for bad in ["heads=1.0", "ffn=-0.1", "layers=x", "depth=2", "heads"] {
             let e = Structured::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("--structured"), "{bad}: {e}");
+            assert!(e.contains("option `structured`"), "{bad}: {e}");
         }
     }
 

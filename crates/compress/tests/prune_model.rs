@@ -188,9 +188,11 @@ fn low_rank_factorisation_saves_parameters_and_reloads_on_both_families() {
     let d = tempfile::tempdir().unwrap();
     tiny_llama(d.path());
     let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    for (t, flag) in
-        [(Target::Ratio(1.5), "--ratio"), (Target::Ratio(0.0), "--ratio"), (Target::Rank(100_000), "--rank")]
-    {
+    for (t, flag) in [
+        (Target::Ratio(1.5), "option `ratio`"),
+        (Target::Ratio(0.0), "option `ratio`"),
+        (Target::Rank(100_000), "option `rank`"),
+    ] {
         let o = LowRankOptions { method: Method::Svd, target: t, alpha: 0.5, damp: 0.01 };
         let e = lowrank_model(&mut l, &o, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
         assert!(e.contains(flag), "{e}");
@@ -290,7 +292,7 @@ fn factorised_embeddings_weight_tokens_and_reload() {
     // Ranks that save nothing, the wrong number of weights, and a decoder are refused.
     for (r, w) in [(0, 40), (18, 40), (4, 39)] {
         let e = factorise_embeddings(&mut open(), r, &vec![1.0; w]).unwrap_err().to_string();
-        assert!(e.contains("--embedding-rank") || e.contains("39 values"), "{e}");
+        assert!(e.contains("option `embedding_rank`") || e.contains("39 values"), "{e}");
     }
     let dl = tempfile::tempdir().unwrap();
     tiny_llama(dl.path());
@@ -328,11 +330,11 @@ fn attention_rank_factorises_scores_and_reloads() {
     }
     // More rank, smaller score error and a closer model.
     assert!(errs[0].0 < errs[1].0 && errs[0].1 < errs[1].1, "{errs:?}");
-    // Bad ranks and LLaMA are refused with the flag named.
+    // Bad ranks and LLaMA are refused with the option named.
     let mut l = load(d.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     for r in [0, hd - 1, 1000] {
         let e = attention_rank(&mut l, r, Method::Svd, 0.01, &tiny_text(), &co, |_, _| {}).unwrap_err().to_string();
-        assert!(e.contains("--attention-rank"), "{e}");
+        assert!(e.contains("option `attention_rank`"), "{e}");
     }
     let d2 = tempfile::tempdir().unwrap();
     tiny_llama(d2.path());

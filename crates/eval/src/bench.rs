@@ -103,7 +103,7 @@ pub fn bench_encoder(l: &Loaded, pairs: &[StsPair], o: &BenchOptions, progress: 
         return Err(Error::Usage("bench_encoder needs an encoder".into()));
     };
     if o.batch == 0 || o.max_len < 2 {
-        return Err(Error::Usage("--batch must be >= 1 and --max-len >= 2".into()));
+        return Err(Error::Usage("option `batch` must be >= 1 and option `max_len` >= 2".into()));
     }
     let corpus: Vec<&str> = pairs.iter().flat_map(|p| [p.0.as_str(), p.1.as_str()]).take(o.n_sent).collect();
     if corpus.is_empty() {
@@ -151,7 +151,7 @@ pub fn bench_decoder(l: &Loaded, o: &BenchOptions, progress: Progress) -> Result
     let vocab = m.config.vocab_size as u32;
     if o.pp + 16 + o.tg > m.config.max_position_embeddings || o.pp == 0 || o.tg == 0 {
         return Err(Error::Usage(format!(
-            "--pp and --tg must be >= 1 and fit the context ({})",
+            "option `pp` and option `tg` must be >= 1 and fit the context ({})",
             m.config.max_position_embeddings
         )));
     }

@@ -17,6 +17,8 @@ pub enum Error {
     Line { path: String, line: usize, msg: String },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Option(#[from] whittle_core::InvalidOption),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,5 +1,5 @@
 //! Perplexity with llama.cpp's protocol, and KL divergence against a base model as llama.cpp's
-//! `--kl-divergence` reports it.
+//! option `kl_divergence` reports it.
 //!
 //! Protocol (`data/README.md`, and `llama-perplexity`): tokenize the whole text (BOS first when the model's
 //! tokenizer adds it, as llama.cpp's tokenizer does), cut it into chunks of `ctx` tokens, set each chunk's
@@ -8,6 +8,7 @@
 //! by the delta method, `ppl · sqrt(var(NLL) / (N-1))`, as llama.cpp prints it.
 
 use candle_core::Tensor;
+use whittle_core::InvalidOption;
 use whittle_models::llama::{KvCache, Llama};
 use whittle_models::{text, Loaded, Model};
 
@@ -33,7 +34,7 @@ fn decoder<'a>(l: &'a Loaded, what: &str) -> Result<&'a Llama> {
     match &l.model {
         Model::Llama(m) => Ok(m),
         Model::Bert(_) => Err(Error::Usage(format!(
-            "{what}: perplexity needs a decoder; {} is a BERT encoder (try --task sts)",
+            "{what}: perplexity needs a decoder; {} is a BERT encoder (try option `task` sts)",
             l.source.path.display()
         ))),
     }
@@ -77,32 +78,30 @@ pub fn perplexity(
 ) -> Result<Metrics> {
     let m = decoder(l, "model")?;
     let b = match base {
-        Some(b) => Some(decoder(b, "--base")?),
+        Some(b) => Some(decoder(b, "option `base`")?),
         None => None,
     };
     if o.ctx < 4 {
-        return Err(Error::Usage(format!("--ctx {} is too small (at least 4)", o.ctx)));
+        return Err(InvalidOption::new("ctx", o.ctx, "too small (at least 4)").into());
     }
     if o.ctx > m.config.max_position_embeddings {
-        return Err(Error::Usage(format!(
-            "--ctx {} is larger than the model's context ({} tokens)",
-            o.ctx, m.config.max_position_embeddings
-        )));
+        let reason = format!("larger than the model's context ({} tokens)", m.config.max_position_embeddings);
+        return Err(InvalidOption::new("ctx", o.ctx, reason).into());
     }
     if o.chunks == Some(0) {
-        return Err(Error::Usage("--chunks must be at least 1".into()));
+        return Err(InvalidOption::new("chunks", 0, "must be at least 1").into());
     }
     let ids = text::encode_prompt(l, text_in, false)?;
     if let Some(bl) = base {
         if bl.model.vocab_size() != l.model.vocab_size() || text::encode_prompt(bl, text_in, false)? != ids {
             return Err(Error::Usage(
-                "--base tokenizes the text differently: KL divergence needs the same tokenizer".into(),
+                "option `base` tokenizes the text differently: KL divergence needs the same tokenizer".into(),
             ));
         }
     }
     let available = ids.len() / o.ctx;
     if available == 0 {
-        return Err(Error::Usage(format!("the text has {} tokens, fewer than --ctx {}", ids.len(), o.ctx)));
+        return Err(Error::Usage(format!("the text has {} tokens, fewer than option `ctx` {}", ids.len(), o.ctx)));
     }
     let n_chunks = o.chunks.map_or(available, |c| c.min(available));
     let first = o.ctx / 2;

@@ -12,7 +12,7 @@ fn encoder_check(l: &Loaded, what: &str) -> Result<()> {
     match &l.model {
         Model::Bert(_) => Ok(()),
         Model::Llama(_) => Err(Error::Usage(format!(
-            "{what}: this task needs a sentence encoder; {} is a decoder (try --task ppl)",
+            "{what}: this task needs a sentence encoder; {} is a decoder (try option `task` ppl)",
             l.source.path.display()
         ))),
     }
@@ -41,7 +41,7 @@ pub fn sts(
 ) -> Result<Metrics> {
     encoder_check(l, "model")?;
     if let Some(b) = base {
-        encoder_check(b, "--base")?;
+        encoder_check(b, "option `base`")?;
     }
     let sents: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
     let e = embed_all(l, &sents, max_len, progress)?;

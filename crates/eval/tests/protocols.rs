@@ -92,9 +92,9 @@ fn ppl_bad_input() {
     let e = ppl::perplexity(&l, &text, &ppl::PplOptions { ctx: 128, chunks: None }, None, &mut quiet()).unwrap_err();
     assert!(e.to_string().contains("larger than the model's context"), "{e}");
     let e = ppl::perplexity(&l, &text, &ppl::PplOptions { ctx: 8, chunks: Some(0) }, None, &mut quiet()).unwrap_err();
-    assert!(e.to_string().contains("--chunks"), "{e}");
+    assert!(e.to_string().contains("option `chunks`"), "{e}");
     let e = ppl::perplexity(&l, "w3 w4", &ppl::PplOptions { ctx: 8, chunks: None }, None, &mut quiet()).unwrap_err();
-    assert!(e.to_string().contains("fewer than --ctx"), "{e}");
+    assert!(e.to_string().contains("fewer than option `ctx`"), "{e}");
     let b = tempfile::tempdir().unwrap();
     tiny_bert(b.path());
     let enc = open(b.path());

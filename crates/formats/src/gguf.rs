@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
+use whittle_kernels::ggml::{ty, GgmlType};
 
 use crate::error::io_err;
 use crate::{Error, Result, TensorInfo, TensorSource};
@@ -96,22 +97,19 @@ impl Value {
     }
 }
 
-/// ggml tensor types that whittle reads: (type id, name, dtype in candle).
-fn ggml_type(id: u32) -> Option<(&'static str, GgmlDType)> {
+/// candle's dtype for a block type of [`whittle_kernels::ggml::TYPES`] (the table gives names and sizes).
+pub fn candle_block_dtype(id: u32) -> Option<GgmlDType> {
     Some(match id {
-        0 => ("f32", GgmlDType::F32),
-        1 => ("f16", GgmlDType::F16),
-        2 => ("q4_0", GgmlDType::Q4_0),
-        3 => ("q4_1", GgmlDType::Q4_1),
-        6 => ("q5_0", GgmlDType::Q5_0),
-        7 => ("q5_1", GgmlDType::Q5_1),
-        8 => ("q8_0", GgmlDType::Q8_0),
-        10 => ("q2_k", GgmlDType::Q2K),
-        11 => ("q3_k", GgmlDType::Q3K),
-        12 => ("q4_k", GgmlDType::Q4K),
-        13 => ("q5_k", GgmlDType::Q5K),
-        14 => ("q6_k", GgmlDType::Q6K),
-        30 => ("bf16", GgmlDType::BF16),
+        ty::Q4_0 => GgmlDType::Q4_0,
+        ty::Q4_1 => GgmlDType::Q4_1,
+        ty::Q5_0 => GgmlDType::Q5_0,
+        ty::Q5_1 => GgmlDType::Q5_1,
+        ty::Q8_0 => GgmlDType::Q8_0,
+        ty::Q2_K => GgmlDType::Q2K,
+        ty::Q3_K => GgmlDType::Q3K,
+        ty::Q4_K => GgmlDType::Q4K,
+        ty::Q5_K => GgmlDType::Q5K,
+        ty::Q6_K => GgmlDType::Q6K,
         _ => return None,
     })
 }
@@ -300,13 +298,12 @@ impl Gguf {
             }
             let type_id = c.u32()?;
             let offset = c.u64()? as usize;
-            let Some((type_name, dt)) = ggml_type(type_id) else {
+            let Some(&GgmlType { name: type_name, block: bs, bytes: type_size, .. }) = GgmlType::by_id(type_id) else {
                 return Err(Error::UnknownDtype { path, tensor: name, dtype: format!("ggml type id {type_id}") });
             };
             let elems = ne.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            let bs = dt.block_size();
             let bytes = match elems {
-                Some(e) if ne[0] % bs == 0 => (e / bs).checked_mul(dt.type_size()),
+                Some(e) if ne[0] % bs == 0 => (e / bs).checked_mul(type_size),
                 _ => None,
             };
             let Some(bytes) = bytes else {
@@ -392,15 +389,15 @@ impl Gguf {
 
     /// Loads a tensor as f32 with its row-major shape, dequantizing block types.
     pub fn dequantize(&self, t: &GgufTensor) -> Result<Tensor> {
-        let (_, dt) = ggml_type(t.type_id).expect("validated in open");
         let shape = t.shape();
         let raw = self.raw(t);
         let dev = &self.device;
-        let out = match dt {
-            GgmlDType::F32 => Tensor::from_raw_buffer(raw, DType::F32, &shape, dev)?,
-            GgmlDType::F16 => Tensor::from_raw_buffer(raw, DType::F16, &shape, dev)?.to_dtype(DType::F32)?,
-            GgmlDType::BF16 => Tensor::from_raw_buffer(raw, DType::BF16, &shape, dev)?.to_dtype(DType::F32)?,
-            _ => {
+        let out = match t.type_id {
+            ty::F32 => Tensor::from_raw_buffer(raw, DType::F32, &shape, dev)?,
+            ty::F16 => Tensor::from_raw_buffer(raw, DType::F16, &shape, dev)?.to_dtype(DType::F32)?,
+            ty::BF16 => Tensor::from_raw_buffer(raw, DType::BF16, &shape, dev)?.to_dtype(DType::F32)?,
+            id => {
+                let dt = candle_block_dtype(id).expect("validated in open");
                 // Block types: candle copies the blocks out of the mapping (the data section is
                 // `general.alignment`-aligned and the map page-aligned, so the blocks' f16 fields are
                 // aligned) and dequantizes with ggml's reference formulas.
@@ -432,11 +429,7 @@ impl TensorSource for Gguf {
     }
     fn raw_block(&self, name: &str) -> Option<(u32, Vec<usize>, &[u8])> {
         let t = self.tensor(name)?;
-        let (_, dt) = ggml_type(t.type_id)?;
-        if matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return None;
-        }
-        Some((t.type_id, t.shape(), self.raw(t)))
+        GgmlType::by_id(t.type_id)?.is_block().then(|| (t.type_id, t.shape(), self.raw(t)))
     }
 }
 

@@ -36,7 +36,7 @@ pub fn gguf_tokenizer_json(g: &Gguf) -> Result<Json> {
     if model != "gpt2" {
         return Err(g.meta_err(
             "tokenizer.ggml.model",
-            format!("tokenizer model `{model}` is not supported yet (only byte-level BPE, `gpt2`); pass the model's tokenizer.json with --tokenizer"),
+            format!("tokenizer model `{model}` is not supported yet (only byte-level BPE, `gpt2`); pass the model's tokenizer.json with option `tokenizer`"),
         ));
     }
     let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
@@ -52,8 +52,8 @@ pub fn gguf_tokenizer_json(g: &Gguf) -> Result<Json> {
             return Err(g.meta_err(
                 "tokenizer.ggml.pre",
                 format!(
-                    "pre-tokenizer `{other}` is not supported yet; pass the model's tokenizer.json with --tokenizer"
-                ),
+                "pre-tokenizer `{other}` is not supported yet; pass the model's tokenizer.json with option `tokenizer`"
+            ),
             ))
         }
     };

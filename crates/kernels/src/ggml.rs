@@ -6,23 +6,78 @@ use half::f16;
 
 use crate::block::BlockWeights;
 
-/// The ggml type ids this module reads, with their names, weights per block and bytes per block.
-pub const TYPES: &[(u32, &str, usize, usize)] = &[
-    (2, "q4_0", 32, 18),
-    (3, "q4_1", 32, 20),
-    (6, "q5_0", 32, 22),
-    (7, "q5_1", 32, 24),
-    (8, "q8_0", 32, 34),
-    (10, "q2_k", 256, 84),
-    (11, "q3_k", 256, 110),
-    (12, "q4_k", 256, 144),
-    (13, "q5_k", 256, 176),
-    (14, "q6_k", 256, 210),
-];
+/// One ggml tensor type: its id, its name as GGUF tools print it, weights per block and bytes per block
+/// (1 weight per "block" for the float types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlType {
+    pub id: u32,
+    pub name: &'static str,
+    pub block: usize,
+    pub bytes: usize,
+}
 
-/// (name, weights per block, bytes per block) of a block type this module reads.
+/// Defines [`ty`] and [`TYPES`] from one list of (constant, id, name, weights per block, bytes per block).
+macro_rules! ggml_types {
+    ($($konst:ident = $id:literal, $name:literal, $block:literal, $bytes:literal;)*) => {
+        /// ggml type ids (`GGML_TYPE_*`) of the types in [`TYPES`].
+        pub mod ty {
+            $(pub const $konst: u32 = $id;)*
+        }
+
+        /// The ggml tensor types whittle reads and writes: the one table of ids, names and sizes (GGUF
+        /// reading, GGUF writing and the block unpacking below all use it).
+        pub const TYPES: &[GgmlType] = &[$(GgmlType { id: $id, name: $name, block: $block, bytes: $bytes }),*];
+    };
+}
+
+ggml_types! {
+    F32 = 0, "f32", 1, 4;
+    F16 = 1, "f16", 1, 2;
+    Q4_0 = 2, "q4_0", 32, 18;
+    Q4_1 = 3, "q4_1", 32, 20;
+    Q5_0 = 6, "q5_0", 32, 22;
+    Q5_1 = 7, "q5_1", 32, 24;
+    Q8_0 = 8, "q8_0", 32, 34;
+    Q2_K = 10, "q2_k", 256, 84;
+    Q3_K = 11, "q3_k", 256, 110;
+    Q4_K = 12, "q4_k", 256, 144;
+    Q5_K = 13, "q5_k", 256, 176;
+    Q6_K = 14, "q6_k", 256, 210;
+    BF16 = 30, "bf16", 1, 2;
+}
+
+impl GgmlType {
+    /// The type with ggml id `id`, for const contexts: an unknown id panics (fails the build there).
+    pub const fn of(id: u32) -> GgmlType {
+        let mut i = 0;
+        while i < TYPES.len() {
+            if TYPES[i].id == id {
+                return TYPES[i];
+            }
+            i += 1;
+        }
+        panic!("not a ggml type of TYPES")
+    }
+
+    /// The type with ggml id `id`, if whittle knows it.
+    pub fn by_id(id: u32) -> Option<&'static GgmlType> {
+        TYPES.iter().find(|t| t.id == id)
+    }
+
+    /// The type named `name` (case-insensitive: `q4_k`, `Q4_K`).
+    pub fn by_name(name: &str) -> Option<&'static GgmlType> {
+        TYPES.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether the type stores blocks of codes with scales (everything but f32, f16 and bf16).
+    pub fn is_block(&self) -> bool {
+        self.block > 1
+    }
+}
+
+/// (name, weights per block, bytes per block) of a block type this module reads (`None` for float types).
 pub fn type_info(type_id: u32) -> Option<(&'static str, usize, usize)> {
-    TYPES.iter().find(|t| t.0 == type_id).map(|t| (t.1, t.2, t.3))
+    GgmlType::by_id(type_id).filter(|t| t.is_block()).map(|t| (t.name, t.block, t.bytes))
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -260,6 +260,18 @@ impl BertBlock {
     }
 }
 
+/// Stages: query/key/value read the block input, the attention output the attention's mix, intermediate the
+/// normalised residual, output the GELU activations.
+impl crate::layout::BlockLayout for BertBlock {
+    const STAGES: &'static [&'static [&'static str]] = &[
+        &["attention.self.query", "attention.self.key", "attention.self.value"],
+        &["attention.output.dense"],
+        &["intermediate.dense"],
+        &["output.dense"],
+    ];
+    const PREFIX: &'static str = "encoder.layer.";
+}
+
 /// A BERT encoder: embeddings, blocks and an optional pooler (dense + tanh on [CLS]).
 #[derive(Debug, Clone)]
 pub struct Bert {

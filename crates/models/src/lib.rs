@@ -3,11 +3,15 @@
 //! A [`Model`] is embeddings, a list of blocks and a head; every projection is a
 //! [`whittle_core::Linear`]. [`Model::linears`] / [`Model::linears_mut`] visit them by their
 //! Hugging Face names (`encoder.layer.3.attention.self.query`, `model.layers.7.mlp.down_proj`, `lm_head`),
-//! which are also the names recipes and `--override` regexes match.
+//! which are also the names recipes and override regexes match. Structural questions about those names
+//! (is this a block's Linear or a head, which block, which stage of a block reads which input) are answered
+//! here ([`Model::is_block_linear`], [`Model::block_linears`], [`Model::block_prefix`], [`BlockLayout`]),
+//! so passes never match on the names themselves.
 
 pub mod bert;
 pub mod error;
 pub mod generate;
+pub mod layout;
 pub mod llama;
 pub mod loader;
 pub mod names;
@@ -19,6 +23,7 @@ pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use layout::BlockLayout;
 pub use loader::{load, LoadOptions, Loaded, SourceFormat, SourceInfo};
 
 use whittle_core::{Linear, RunConfig};
@@ -99,13 +104,23 @@ impl Model {
         }
     }
 
+    /// The parameters of each block's Linears, in block order.
+    pub fn block_params(&self) -> Vec<usize> {
+        let sum = |ls: &[(&str, &Linear)]| ls.iter().map(|(_, l)| l.num_params()).sum();
+        match self {
+            Model::Bert(m) => m.blocks.iter().map(|b| sum(&b.linears())).collect(),
+            Model::Llama(m) => m.blocks.iter().map(|b| sum(&b.linears())).collect(),
+        }
+    }
+
     /// Every Linear with its HF name, blocks first in order, then the head.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                    let p = bert::BertBlock::PREFIX;
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 if let Some(p) = &m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -113,7 +128,8 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                    let p = llama::LlamaBlock::PREFIX;
+                    v.extend(b.linears().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 v.push(("lm_head".into(), &m.lm_head));
             }
@@ -127,7 +143,8 @@ impl Model {
         match self {
             Model::Bert(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l)));
+                    let p = bert::BertBlock::PREFIX;
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 if let Some(p) = &mut m.pooler {
                     v.push(("pooler.dense".into(), p));
@@ -135,7 +152,8 @@ impl Model {
             }
             Model::Llama(m) => {
                 for (i, b) in m.blocks.iter_mut().enumerate() {
-                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("model.layers.{i}.{n}"), l)));
+                    let p = llama::LlamaBlock::PREFIX;
+                    v.extend(b.linears_mut().into_iter().map(|(n, l)| (format!("{p}{i}.{n}"), l)));
                 }
                 v.push(("lm_head".into(), &mut m.lm_head));
             }
@@ -143,7 +161,36 @@ impl Model {
         v
     }
 
-    /// Every parameter tensor with its HF name, in its stored form, as `save` writes them.
+    /// Whether the Linear named `name` (as [`Model::linears`] names them) belongs to a block, rather than to
+    /// the head (`lm_head`, BERT's `pooler.dense`).
+    pub fn is_block_linear(name: &str) -> bool {
+        name.starts_with(llama::LlamaBlock::PREFIX) || name.starts_with(bert::BertBlock::PREFIX)
+    }
+
+    /// Whether the Linear named `name` is a head after the blocks (`lm_head`, BERT's `pooler.dense`), which
+    /// passes leave in its precision unless told otherwise.
+    pub fn is_head_linear(name: &str) -> bool {
+        name == "lm_head" || name.starts_with("pooler.")
+    }
+
+    /// The start of block `i`'s names: `model.layers.3.`, `encoder.layer.3.`.
+    pub fn block_prefix(&self, i: usize) -> String {
+        match self {
+            Model::Bert(_) => bert::BertBlock::prefix(i),
+            Model::Llama(_) => llama::LlamaBlock::prefix(i),
+        }
+    }
+
+    /// The blocks' Linears with their names: [`Model::linears`] without the head.
+    pub fn block_linears(&self) -> Vec<(String, &Linear)> {
+        self.linears().into_iter().filter(|(n, _)| Self::is_block_linear(n)).collect()
+    }
+
+    /// The blocks' Linears, mutably: [`Model::linears_mut`] without the head.
+    pub fn block_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.linears_mut().into_iter().filter(|(n, _)| Self::is_block_linear(n)).collect()
+    }
+
     /// Makes block `b` share block `leader`'s weights (the same tensors: one copy in memory).
     pub fn share_block(&mut self, b: usize, leader: usize) {
         match self {
@@ -178,6 +225,7 @@ impl Model {
         &self.run_config().device
     }
 
+    /// Every parameter tensor with its HF name, in its stored form, as `save` writes them.
     pub fn named_tensors(&self) -> Result<Vec<(String, whittle_core::Stored)>> {
         match self {
             Model::Bert(m) => m.named_tensors(),

@@ -486,6 +486,18 @@ impl LlamaBlock {
     }
 }
 
+/// Stages: q/k/v read the normalised block input, o the attention's mix, gate/up the normalised residual, down
+/// the gated MLP activations.
+impl crate::layout::BlockLayout for LlamaBlock {
+    const STAGES: &'static [&'static [&'static str]] = &[
+        &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        &["self_attn.o_proj"],
+        &["mlp.gate_proj", "mlp.up_proj"],
+        &["mlp.down_proj"],
+    ];
+    const PREFIX: &'static str = "model.layers.";
+}
+
 /// A LLaMA-family decoder.
 #[derive(Debug, Clone)]
 pub struct Llama {

@@ -6,9 +6,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use whittle_formats::hf::write_safetensors;
-use whittle_models::llama::KvCache;
+use whittle_models::bert::{AttnMask, BertBlock};
+use whittle_models::llama::{KvCache, LlamaBlock};
 use whittle_models::testing::{rand, tiny_bert, tiny_llama, word_tokenizer};
-use whittle_models::{load, text, Error, LoadOptions, Model};
+use whittle_models::{load, text, BlockLayout, Error, LoadOptions, Model};
 
 const MAX_CACHE_ABS_ERR: f32 = 1e-4;
 const MAX_PAD_ABS_ERR: f32 = 1e-5;
@@ -213,5 +214,57 @@ fn bert_general_masks_take_the_additive_path_and_hide_keys() {
     for i in [0, 1, 3] {
         let diff = a[i].iter().zip(&b[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-6, "position {i} sees the masked key: {diff}");
+    }
+}
+
+#[test]
+fn block_stage_tables_follow_linears_mut_and_the_stages() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut l = load_dir(d.path()).unwrap();
+    assert!(l.model.block_linears().iter().all(|(n, _)| Model::is_block_linear(n) && !Model::is_head_linear(n)));
+    assert_eq!(l.model.block_linears().len() + 1, l.model.linears().len());
+    assert_eq!(l.model.block_prefix(1), "model.layers.1.");
+    let Model::Llama(m) = &mut l.model else { panic!() };
+    let (cos, sin, mask) = m.block_inputs(3).unwrap();
+    let hd = m.config.head_dim;
+    let mut x = m.embed(&Tensor::new(&[[1u32, 7, 3]], &Device::Cpu).unwrap()).unwrap();
+    for b in m.blocks.iter_mut() {
+        let names: Vec<&str> = b.linears_mut().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, LlamaBlock::STAGES.concat());
+        // Each stage's output is the input of the Linears the table gives it.
+        let mut input = b.stage(0, &mut x, None, &cos, &sin, mask.as_ref(), hd).unwrap();
+        for (s, names) in LlamaBlock::STAGES.iter().enumerate() {
+            let width = input.as_ref().unwrap().dim(2).unwrap();
+            for (_, lin) in b.linears().iter().filter(|(n, _)| names.contains(n)) {
+                assert_eq!(lin.in_features(), width, "stage {s}");
+            }
+            input = b.stage(s + 1, &mut x, input.as_ref(), &cos, &sin, mask.as_ref(), hd).unwrap();
+        }
+        assert!(input.is_none());
+    }
+
+    let d = tempfile::tempdir().unwrap();
+    tiny_bert(d.path());
+    let mut l = load_dir(d.path()).unwrap();
+    assert_eq!(l.model.block_prefix(0), "encoder.layer.0.");
+    assert!(l.model.linears().iter().all(|(n, _)| Model::is_block_linear(n) != Model::is_head_linear(n)));
+    let Model::Bert(m) = &mut l.model else { panic!() };
+    let hd = m.config.head_dim;
+    let ids = Tensor::new(&[[1u32, 7, 3]], &Device::Cpu).unwrap();
+    let mut x = m.embed(&ids, &ids.zeros_like().unwrap()).unwrap();
+    let mask = AttnMask::Lengths(&[3]);
+    for b in m.blocks.iter_mut() {
+        let names: Vec<&str> = b.linears_mut().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, BertBlock::STAGES.concat());
+        let mut input = b.stage(0, &mut x, None, &mask, hd).unwrap();
+        for (s, names) in BertBlock::STAGES.iter().enumerate() {
+            let width = input.as_ref().unwrap().dim(2).unwrap();
+            for (_, lin) in b.linears().iter().filter(|(n, _)| names.contains(n)) {
+                assert_eq!(lin.in_features(), width, "stage {s}");
+            }
+            input = b.stage(s + 1, &mut x, input.as_ref(), &mask, hd).unwrap();
+        }
+        assert!(input.is_none());
     }
 }

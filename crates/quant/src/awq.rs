@@ -14,6 +14,8 @@ use candle_core::Tensor;
 use serde::Serialize;
 use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
+use whittle_models::llama::LlamaBlock;
+use whittle_models::BlockLayout;
 use whittle_models::Model;
 
 use crate::smooth::{divide_rows, rescale_stats, scale_columns};
@@ -74,7 +76,7 @@ fn stat(stats: &BTreeMap<String, ActStats>, name: &str) -> Result<ActStats> {
         .get(name)
         .filter(|s| s.rows > 0 && !s.sample.is_empty())
         .cloned()
-        .ok_or_else(|| Error::Unsupported(format!("--method awq: no calibration statistics for `{name}`")))
+        .ok_or_else(|| Error::Unsupported(format!("option `method` awq: no calibration statistics for `{name}`")))
 }
 
 /// AWQ for Linears `ls` (named `names` under the block prefix) that read a norm's output: the norm's
@@ -115,13 +117,13 @@ pub fn awq(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<AwqReport>> {
     let Model::Llama(m) = model else {
-        return Err(Error::Unsupported("--method awq is implemented for LLaMA decoders".into()));
+        return Err(Error::Unsupported("option `method` awq is implemented for LLaMA decoders".into()));
     };
     let dev = m.embed_tokens.device().clone();
     let mut out = Vec::new();
     let nb = m.blocks.len();
     for (i, b) in m.blocks.iter_mut().enumerate() {
-        let p = format!("model.layers.{i}.");
+        let p = LlamaBlock::prefix(i);
         // q/k/v ← input_layernorm; gate/up ← post_attention_layernorm
         let attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
         let ctx: GroupCtx = (p.as_str(), &rtn_for, grid);

@@ -128,7 +128,7 @@ pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<V
     let ids = enc.get_ids();
     if ids.len() < o.seq_len {
         return Err(Error::Unsupported(format!(
-            "calibration text {} has {} tokens, fewer than one sample of {} (--calib-seq-len)",
+            "calibration text {} has {} tokens, fewer than one sample of {} (option `calib_seq_len`)",
             o.source,
             ids.len(),
             o.seq_len

@@ -10,27 +10,12 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
+use whittle_core::InvalidOption;
 use whittle_formats::gguf::{write, Gguf, Value};
+use whittle_kernels::ggml::{ty, GgmlType};
 use whittle_models::names;
 
 use crate::{Error, LayerReport, Report, Result};
-
-/// ggml type ids.
-pub mod ty {
-    pub const F32: u32 = 0;
-    pub const F16: u32 = 1;
-    pub const Q4_0: u32 = 2;
-    pub const Q4_1: u32 = 3;
-    pub const Q5_0: u32 = 6;
-    pub const Q5_1: u32 = 7;
-    pub const Q8_0: u32 = 8;
-    pub const Q2_K: u32 = 10;
-    pub const Q3_K: u32 = 11;
-    pub const Q4_K: u32 = 12;
-    pub const Q5_K: u32 = 13;
-    pub const Q6_K: u32 = 14;
-    pub const BF16: u32 = 30;
-}
 
 /// A llama.cpp file type (`LLAMA_FTYPE_MOSTLY_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,28 +100,18 @@ impl Ftype {
     }
 }
 
-/// ggml type name and block size.
+/// ggml type name (`?` for an unknown id).
 pub fn type_name(t: u32) -> &'static str {
-    match t {
-        ty::F32 => "f32",
-        ty::F16 => "f16",
-        ty::BF16 => "bf16",
-        _ => whittle_kernels::ggml::type_info(t).map_or("?", |i| i.0),
-    }
+    GgmlType::by_id(t).map_or("?", |i| i.name)
 }
 
 fn block_size(t: u32) -> usize {
-    whittle_kernels::ggml::type_info(t).map_or(1, |i| i.1)
+    GgmlType::by_id(t).map_or(1, |i| i.block)
 }
 
-/// A ggml type by name (for `--override` values).
+/// A ggml type by name (for override values).
 fn parse_type(s: &str) -> Option<u32> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Some(ty::F32),
-        "f16" => Some(ty::F16),
-        "bf16" => Some(ty::BF16),
-        s => whittle_kernels::ggml::TYPES.iter().find(|t| t.1 == s).map(|t| t.0),
-    }
+    GgmlType::by_name(s).map(|t| t.id)
 }
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one between.
@@ -255,7 +230,7 @@ pub struct GgufOptions<'a> {
     /// Per-tensor type by regex on the HF layer name (e.g. `model.layers.0.mlp.down_proj`), last match wins.
     pub overrides: &'a [String],
     pub allow_requantize: bool,
-    /// Mean x² per input channel by GGUF tensor name (`quantize --imatrix`), checked against the source.
+    /// Mean x² per input channel by GGUF tensor name (option `imatrix` of `quantize`), checked against the source.
     pub imatrix: Option<&'a std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
@@ -268,15 +243,17 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
     for s in o.overrides {
         let (re, tname) = crate::parse_override(s)?;
         let t = parse_type(tname).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "--override `{s}`: `{tname}` is not a GGUF tensor type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
-            ))
+            InvalidOption::new(
+                "override",
+                format!("`{s}`"),
+                format!("`{tname}` is not a GGUF tensor type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"),
+            )
         })?;
         overrides.push((re, t));
     }
     if let Some(im) = o.imatrix {
         let widths = src.tensors.iter().map(|t| (t.name.clone(), t.ne[0])).collect();
-        crate::imatrix::check_imatrix(im, &widths, "--imatrix")?;
+        crate::imatrix::check_imatrix(im, &widths, "option `imatrix`")?;
     }
     let n_layer = cfg.num_layers;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
@@ -305,7 +282,7 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
             if let Some((_, ot)) = overrides.iter().rev().find(|(re, _)| re.is_match(lname)) {
                 if shape[1] % block_size(*ot) != 0 {
                     return Err(Error::Unsupported(format!(
-                        "--override: `{lname}` has rows of {} values, not a multiple of {}'s block of {}",
+                        "option `override`: `{lname}` has rows of {} values, not a multiple of {}'s block of {}",
                         shape[1],
                         type_name(*ot),
                         block_size(*ot)

@@ -57,7 +57,7 @@ pub fn hinv_upper(h: &[f64], n: usize, damp: f64, layer: &str) -> Result<Vec<f64
         return Ok(u);
     }
     Err(Error::Unsupported(format!(
-        "GPTQ: the Hessian of `{layer}` is not positive definite even with dampening {damp:.0e} (raise --damp or use more calibration text)"
+        "GPTQ: the Hessian of `{layer}` is not positive definite even with dampening {damp:.0e} (raise option `damp` or use more calibration text)"
     )))
 }
 

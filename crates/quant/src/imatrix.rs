@@ -25,10 +25,10 @@ pub fn write_imatrix(
             continue;
         }
         // llama-imatrix collects the block weights (`blk.*`), not the output head.
-        let Some(g) = whittle_models::names::hf_to_gguf(&format!("{name}.weight")).filter(|g| g.starts_with("blk."))
-        else {
+        if !whittle_models::Model::is_block_linear(name) {
             continue;
-        };
+        }
+        let Some(g) = whittle_models::names::hf_to_gguf(&format!("{name}.weight")) else { continue };
         let sum2: Vec<u8> = s.sumsq.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
         tensors.push((format!("{g}.in_sum2"), vec![s.k as u64, 1], 0, sum2));
         tensors.push((format!("{g}.counts"), vec![1, 1], 0, (s.rows as f32).to_le_bytes().to_vec()));

@@ -2,7 +2,7 @@
 //! (ggml-org/llama.cpp, commit 01243c58): `quantize_q4_0`, `quantize_q4_1`, `quantize_q5_0`, `quantize_q5_1`,
 //! `quantize_q8_0`, `quantize_q2_K` … `quantize_q6_K`. With an importance matrix they run
 //! `quantize_row_*_impl`; without one, the reference quantizers `quantize_row_*_ref`. Both are ported, so
-//! [`quantize_weighted`] gives what `llama-quantize` writes with and without `--imatrix`.
+//! [`quantize_weighted`] gives what `llama-quantize` writes with and without an importance matrix (its imatrix option).
 //!
 //! The importance `qw_j` of input column `j` is what llama-imatrix measures (the mean of the squared
 //! activation of that channel). Each `_impl` turns it into per-weight weights and fits scales (and mins)
@@ -43,7 +43,7 @@ use std::mem::{align_of, size_of};
 
 use half::f16;
 
-use crate::gguf_out::ty;
+use whittle_kernels::ggml::{ty, GgmlType};
 
 /// Weights per K-quant super-block.
 const QK_K: usize = 256;
@@ -154,25 +154,27 @@ struct BlockQ6K {
     d: [u8; 2],
 }
 
+/// `$t` is the block of ggml type `$id`: its size is the type's bytes per block (checked against
+/// [`whittle_kernels::ggml::TYPES`] at compile time), its weights the type's block.
 macro_rules! block {
-    ($t:ty, $qk:expr, $bytes:expr) => {
-        const _: () = assert!(size_of::<$t>() == $bytes && align_of::<$t>() == 1);
+    ($t:ty, $id:expr) => {
+        const _: () = assert!(size_of::<$t>() == GgmlType::of($id).bytes && align_of::<$t>() == 1);
         // SAFETY: `$t` is `#[repr(C)]` of byte arrays only; the assertion above checks alignment 1 and no padding.
         unsafe impl Block for $t {
-            const QK: usize = $qk;
+            const QK: usize = GgmlType::of($id).block;
         }
     };
 }
-block!(BlockQ4_0, 32, 18);
-block!(BlockQ4_1, 32, 20);
-block!(BlockQ5_0, 32, 22);
-block!(BlockQ5_1, 32, 24);
-block!(BlockQ8_0, 32, 34);
-block!(BlockQ2K, QK_K, 84);
-block!(BlockQ3K, QK_K, 110);
-block!(BlockQ4K, QK_K, 144);
-block!(BlockQ5K, QK_K, 176);
-block!(BlockQ6K, QK_K, 210);
+block!(BlockQ4_0, ty::Q4_0);
+block!(BlockQ4_1, ty::Q4_1);
+block!(BlockQ5_0, ty::Q5_0);
+block!(BlockQ5_1, ty::Q5_1);
+block!(BlockQ8_0, ty::Q8_0);
+block!(BlockQ2K, ty::Q2_K);
+block!(BlockQ3K, ty::Q3_K);
+block!(BlockQ4K, ty::Q4_K);
+block!(BlockQ5K, ty::Q5_K);
+block!(BlockQ6K, ty::Q6_K);
 
 /// Views `bytes` (a whole number of blocks) as blocks.
 fn blocks_mut<B: Block>(bytes: &mut [u8]) -> &mut [B] {
@@ -194,8 +196,8 @@ fn fp32(h: [u8; 2]) -> f32 {
 // Public entry point.
 
 /// Quantizes `rows` rows of `cols` f32 values (row-major) to ggml type `type_id` (ids as in
-/// [`crate::gguf_out::ty`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K), with `imatrix` = per-column importance
-/// (len `cols`) as llama-quantize's `--imatrix` gives it, or `None` for ggml's reference quantizers.
+/// [`whittle_kernels::ggml::ty`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K), with `imatrix` = per-column importance
+/// (len `cols`) as llama-quantize's imatrix option gives it, or `None` for ggml's reference quantizers.
 /// Returns the ggml block bytes (`rows · cols / block · block_bytes`), byte layout identical to ggml's.
 ///
 /// Q8_0 has no importance-weighted variant in ggml; its imatrix is ignored, as there. Rows are quantized
@@ -1446,19 +1448,7 @@ mod tests {
     const MAX_WEIGHTED_ERR_RATIO_IMATRIX_VS_REF: f64 = 0.80;
 
     fn dtype(t: u32) -> GgmlDType {
-        match t {
-            ty::Q4_0 => GgmlDType::Q4_0,
-            ty::Q4_1 => GgmlDType::Q4_1,
-            ty::Q5_0 => GgmlDType::Q5_0,
-            ty::Q5_1 => GgmlDType::Q5_1,
-            ty::Q8_0 => GgmlDType::Q8_0,
-            ty::Q2_K => GgmlDType::Q2K,
-            ty::Q3_K => GgmlDType::Q3K,
-            ty::Q4_K => GgmlDType::Q4K,
-            ty::Q5_K => GgmlDType::Q5K,
-            ty::Q6_K => GgmlDType::Q6K,
-            _ => unreachable!(),
-        }
+        whittle_formats::gguf::candle_block_dtype(t).expect("a block type")
     }
 
     /// splitmix64 → N(0, 1) by Box–Muller; deterministic, no dependency.
@@ -1775,6 +1765,6 @@ mod tests {
     }
 
     fn type_name(t: u32) -> &'static str {
-        crate::gguf_out::type_name(t)
+        whittle_kernels::ggml::GgmlType::by_id(t).map_or("?", |i| i.name)
     }
 }

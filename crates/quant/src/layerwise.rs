@@ -14,6 +14,7 @@ use whittle_core::observe::ActStats;
 use whittle_core::{Linear, Rtn};
 use whittle_kernels::int8::PackedI8;
 use whittle_models::bert::AttnMask;
+use whittle_models::BlockLayout;
 use whittle_models::{Loaded, Model};
 
 use crate::calib::{decoder_windows, CalibOptions};
@@ -39,13 +40,6 @@ pub struct LayerwiseReport {
     pub activation_bytes: usize,
 }
 
-/// The stage (the observed input, see the blocks' `stage`) each of a block's Linears reads, in `linears_mut`
-/// order. LLaMA: q, k, v (0), o (1), gate, up (2), down (3).
-const LLAMA: &[usize] = &[0, 0, 0, 1, 2, 2, 3];
-/// BERT: query, key, value (0), attention output (1), intermediate (2), output (3).
-const BERT: &[usize] = &[0, 0, 0, 1, 2, 3];
-/// Stages of a block with observed inputs.
-const STAGES: usize = 4;
 /// Calibration inputs per f32 accumulation of Σ xᵀx.
 const PARTS: usize = 8;
 
@@ -66,8 +60,39 @@ pub type Solved = Option<(Linear, LayerReport)>;
 /// The engine (module doc) over a LLaMA decoder or BERT encoder: `solve` is called for every block Linear with
 /// the block's float inputs observed (with Hessians when `hessian`); the next block sees the solved block's
 /// outputs. Decoders run windows of `co.seq_len` tokens; encoders sentences (one line each, at most
-/// `co.seq_len` tokens, batched by length so no padding enters the statistics).
-pub fn run_layerwise(
+/// `co.seq_len` tokens, batched by length so no padding enters the statistics). A solver's error ends the run
+/// and is returned as it is (typed `E`, e.g. the caller's own error type); the engine's own errors convert
+/// into `E`.
+pub fn run_layerwise<E: From<Error>>(
+    l: &mut Loaded,
+    text: &str,
+    co: &CalibOptions,
+    hessian: bool,
+    mut solve: impl FnMut(&str, &Linear, &LayerInput) -> std::result::Result<Solved, E>,
+    progress: impl FnMut(usize, usize),
+) -> std::result::Result<LayerwiseReport, E> {
+    let mut failed = None;
+    let r = engine(
+        l,
+        text,
+        co,
+        hessian,
+        |name, lin, input| {
+            solve(name, lin, input).map_err(|e| {
+                failed = Some(e);
+                Error::Unsupported(format!("the solver failed on `{name}`"))
+            })
+        },
+        progress,
+    );
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(r?),
+    }
+}
+
+/// [`run_layerwise`] with a solver of this crate's errors.
+fn engine(
     l: &mut Loaded,
     text: &str,
     co: &CalibOptions,
@@ -76,6 +101,7 @@ pub fn run_layerwise(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<LayerwiseReport> {
     let t0 = Instant::now();
+    let mut run = Run { hessian, int8: co.int8, solve: &mut solve, progress: &mut progress };
     let (acc, tokens, activation_bytes) = match &mut l.model {
         Model::Llama(_) => {
             let windows = decoder_windows(l, text, co)?;
@@ -86,18 +112,12 @@ pub fn run_layerwise(
                 .map(|w| m.embed(&Tensor::new(w.as_slice(), m.embed_tokens.device())?.unsqueeze(0)?))
                 .collect::<std::result::Result<_, _>>()?;
             let bytes = xs.len() * co.seq_len * m.config.hidden_size * 4;
-            let hd = m.config.head_dim;
             let acc = run_blocks(
                 &mut m.blocks,
-                "model.layers",
                 &mut xs,
-                LLAMA,
-                hessian,
-                co.int8,
+                &mut run,
                 |b| b.linears_mut().into_iter().collect(),
-                |b, s, x, input| Ok(b.stage(s, x, input, &cos, &sin, mask.as_ref(), hd)?),
-                &mut solve,
-                &mut progress,
+                |b, s, x, input| Ok(b.stage(s, x, input, &cos, &sin, mask.as_ref(), m.config.head_dim)?),
             )?;
             (acc, windows.len() * co.seq_len, bytes)
         }
@@ -117,21 +137,15 @@ pub fn run_layerwise(
                 xs.push(m.embed(&ids, &ids.zeros_like()?)?);
                 tokens += batch.len() * t;
             }
-            let hd = m.config.head_dim;
             let acc = run_blocks(
                 &mut m.blocks,
-                "encoder.layer",
                 &mut xs,
-                BERT,
-                hessian,
-                co.int8,
+                &mut run,
                 |b| b.linears_mut().into_iter().collect(),
                 |b, s, x, input| {
                     let (n, t, _) = x.dims3()?;
-                    Ok(b.stage(s, x, input, &AttnMask::Lengths(&vec![t; n]), hd)?)
+                    Ok(b.stage(s, x, input, &AttnMask::Lengths(&vec![t; n]), m.config.head_dim)?)
                 },
-                &mut solve,
-                &mut progress,
             )?;
             (acc, tokens, tokens * m.config.hidden_size * 4)
         }
@@ -234,24 +248,38 @@ struct Acc {
     after: usize,
 }
 
-/// The engine's loop (module doc): for each block, stage by stage, observe the stage's input over every
-/// calibration input `xs`, solve the Linears reading it, and run the stage with them; `xs` ends as the solved
-/// block's outputs. The forward runs on `run`, a copy of the block whose Linears are the solved ones, or int8
-/// copies of them (`int8`).
-#[allow(clippy::too_many_arguments)]
-fn run_blocks<B: Clone>(
-    blocks: &mut [B],
-    prefix: &str,
-    xs: &mut [Tensor],
-    which: &[usize],
+/// What the engine's loop does the same for every family: observe Hessians or not, run int8 copies or not,
+/// the solver, and progress (blocks done, of).
+struct Run<'a, S, P> {
     hessian: bool,
     int8: bool,
+    solve: &'a mut S,
+    progress: &'a mut P,
+}
+
+/// The engine's loop (module doc): for each block, stage by stage, observe the stage's input over every
+/// calibration input `xs`, solve the Linears reading it (the block type's [`BlockLayout::STAGES`]; `linears`
+/// gives them in that order), and run the stage with them; `xs` ends as the solved block's outputs. The
+/// forward runs on `run`, a copy of the block whose Linears are the solved ones, or int8 copies of them.
+fn run_blocks<B, S, P>(
+    blocks: &mut [B],
+    xs: &mut [Tensor],
+    eng: &mut Run<S, P>,
     linears: impl Fn(&mut B) -> Vec<(&'static str, &mut Linear)>,
     stage: impl Fn(&B, usize, &mut Tensor, Option<&Tensor>) -> Result<Option<Tensor>>,
-    solve: &mut impl FnMut(&str, &Linear, &LayerInput) -> Result<Solved>,
-    progress: &mut impl FnMut(usize, usize),
-) -> Result<Acc> {
+) -> Result<Acc>
+where
+    B: Clone + BlockLayout,
+    S: FnMut(&str, &Linear, &LayerInput) -> Result<Solved>,
+    P: FnMut(usize, usize),
+{
+    let (hessian, int8) = (eng.hessian, eng.int8);
     let nb = blocks.len();
+    // Stages with observed inputs (the one after the last finishes the block), and each Linear's, in the
+    // order of `linears`.
+    let n_stages = B::STAGES.len();
+    let stages: Vec<(&str, usize)> =
+        B::STAGES.iter().enumerate().flat_map(|(s, names)| names.iter().map(move |n| (*n, s))).collect();
     let mut acc = Acc::default();
     let runner = |l: &Linear| -> Result<Linear> {
         if !int8 {
@@ -262,7 +290,7 @@ fn run_blocks<B: Clone>(
         Ok(Linear::int8_dynamic(PackedI8::from_f32(&w, m, k), l.bias.clone())?.inheriting(l))
     };
     for (bi, blk) in blocks.iter_mut().enumerate() {
-        let p = format!("{prefix}.{bi}.");
+        let p = B::prefix(bi);
         let mut run = blk.clone();
         if int8 {
             for (_, l) in linears(&mut run) {
@@ -273,11 +301,11 @@ fn run_blocks<B: Clone>(
         for x in xs.iter_mut() {
             inputs.push(stage(&run, 0, x, None)?.expect("stage 0 gives an input"));
         }
-        for s in 0..STAGES {
+        for s in 0..n_stages {
             // The last stage's inputs (the MLP's hidden activations, the widest) are streamed: made a few
             // windows at a time to be observed, then made again to run the stage, never held for every
             // window (a quarter of the stage's compute for a third of the engine's peak memory).
-            let streamed = s == STAGES - 1;
+            let streamed = s == n_stages - 1;
             let mut st: Option<ActStats> = None;
             let mut observe = |part: &[Tensor]| -> Result<()> {
                 let k = part.first().map_or(Ok(0), |t| t.dim(candle_core::D::Minus1))?;
@@ -306,20 +334,21 @@ fn run_blocks<B: Clone>(
             let mut ls = linears(blk);
             let mut rs = linears(&mut run);
             for (i, ((name, lin), (_, r))) in ls.iter_mut().zip(rs.iter_mut()).enumerate() {
-                if which[i] != s {
+                debug_assert_eq!(stages[i].0, *name, "the stage table follows `linears`");
+                if stages[i].1 != s {
                     continue;
                 }
                 let full = format!("{p}{name}");
                 acc.before += lin.storage_bytes();
                 let input = LayerInput { block: bi, slot: s, stats: &st, hessian: hess.as_deref() };
-                if let Some((new, report)) = solve(&full, lin, &input)? {
+                if let Some((new, report)) = (eng.solve)(&full, lin, &input)? {
                     acc.layers.push(report);
                     **r = runner(&new)?;
                     **lin = new;
                 }
                 acc.after += lin.storage_bytes();
             }
-            if s + 1 == STAGES - 1 {
+            if s + 1 == n_stages - 1 {
                 continue; // the streamed stage makes its inputs from these
             }
             // The next stage's inputs, computed with the solved Linears (each window's old input dropped as
@@ -336,7 +365,7 @@ fn run_blocks<B: Clone>(
             }
             inputs = next;
         }
-        progress(bi + 1, nb);
+        (eng.progress)(bi + 1, nb);
     }
     Ok(acc)
 }

@@ -2,7 +2,7 @@
 //!
 //! Today: `w8a8-dynamic` — symmetric int8 weights per output channel, activations quantized per token (asymmetric u8) at
 //! run time, int32 accumulation (what PyTorch's `quantize_dynamic` and ONNX Runtime's `quantize_dynamic`
-//! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an `--override` regex names
+//! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an override regex (option `override`) names
 //! them, as users of those tools expect.
 
 pub mod awq;
@@ -23,25 +23,30 @@ use std::time::Instant;
 
 use regex::Regex;
 use serde::Serialize;
-use whittle_core::Linear;
+use whittle_core::{InvalidOption, Linear};
 use whittle_kernels::int8::PackedI8;
 use whittle_models::Model;
 
-/// Errors of the quantization passes, naming the scheme, flag or layer.
+/// Errors of the quantization passes, naming the scheme, option or layer (options as configs spell them, see
+/// [`whittle_core::InvalidOption`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("unknown scheme `{0}` (valid: {valid})", valid = Scheme::VALID)]
     UnknownScheme(String),
-    #[error("--override `{0}`: expected REGEX=SCHEME, e.g. 're:.*lm_head=w8a8-dynamic' or '.*pooler.*=keep'")]
-    BadOverride(String),
-    #[error("--override `{pattern}`: invalid regex: {msg}")]
-    BadRegex { pattern: String, msg: String },
+    /// Option `override` not of the form REGEX=VALUE.
+    #[error(transparent)]
+    BadOverride(InvalidOption),
+    /// Option `override` with a regex that does not compile.
+    #[error(transparent)]
+    BadRegex(InvalidOption),
     #[error("layer `{0}` holds NaN or Inf weights")]
     NonFinite(String),
-    #[error("layer `{0}` is already quantized ({1}); pass --allow-requantize to quantize it again from its dequantized weights")]
+    #[error("layer `{0}` is already quantized ({1}); option `allow_requantize` quantizes it again from its dequantized weights")]
     AlreadyQuantized(String, String),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Option(#[from] InvalidOption),
     #[error(transparent)]
     Core(#[from] whittle_core::Error),
     #[error(transparent)]
@@ -63,13 +68,13 @@ pub enum Scheme {
     W8A8Dynamic,
     /// int8 weights per output channel; activations with one scale and zero point from calibration.
     W8A8Static,
-    /// Grouped weight-only integers (`w8a16`, `w4a16`): round-to-nearest per group of `--group-size`.
+    /// Grouped weight-only integers (`w8a16`, `w4a16`): round-to-nearest per group of option `group_size`.
     WeightOnly { bits: u32 },
 }
 
 impl Scheme {
     pub const VALID: &'static str =
-        "w8a8-dynamic, keep (directory output); GGUF file types for -o NAME.gguf: q8_0, q4_k_m, q6_k, … (see --help)";
+        "w8a8-dynamic, keep (directory output); GGUF file types for a NAME.gguf output: q8_0, q4_k_m, q6_k, … (see the help)";
 
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
@@ -97,13 +102,17 @@ impl Scheme {
     }
 }
 
-/// Splits an `--override` `REGEX=VALUE` into the regex, anchored to the whole layer name (a `re:` prefix is
+/// Splits an override (option `override`) `REGEX=VALUE` into the regex, anchored to the whole layer name (a `re:` prefix is
 /// accepted and ignored), and the value.
 pub(crate) fn parse_override(o: &str) -> Result<(Regex, &str)> {
-    let (pat, value) = o.rsplit_once('=').ok_or_else(|| Error::BadOverride(o.into()))?;
+    let (pat, value) = o.rsplit_once('=').ok_or_else(|| {
+        let e = "expected REGEX=SCHEME, e.g. 're:.*lm_head=w8a8-dynamic' or '.*pooler.*=keep'";
+        Error::BadOverride(InvalidOption::new("override", format!("`{o}`"), e))
+    })?;
     let pat = pat.strip_prefix("re:").unwrap_or(pat);
-    let re =
-        Regex::new(&format!("^(?:{pat})$")).map_err(|e| Error::BadRegex { pattern: pat.into(), msg: e.to_string() })?;
+    let re = Regex::new(&format!("^(?:{pat})$")).map_err(|e| {
+        Error::BadRegex(InvalidOption::new("override", format!("`{pat}`"), format!("invalid regex: {e}")))
+    })?;
     Ok((re, value))
 }
 
@@ -139,10 +148,10 @@ impl Observer {
         match s {
             "minmax" => Ok(Observer::MinMax),
             "percentile" if percentile > 50.0 && percentile <= 100.0 => Ok(Observer::Percentile(percentile)),
-            "percentile" => Err(Error::Unsupported(format!("--percentile {percentile}: must be in (50, 100]"))),
+            "percentile" => Err(InvalidOption::new("percentile", percentile, "must be in (50, 100]").into()),
             "mse" => Ok(Observer::Mse),
             "entropy" | "kl" => Ok(Observer::Entropy),
-            _ => Err(Error::Unsupported(format!("--observer {s}: valid: minmax, percentile, mse, entropy"))),
+            _ => Err(InvalidOption::new("observer", s, "valid: minmax, percentile, mse, entropy").into()),
         }
     }
 
@@ -185,7 +194,7 @@ impl Plan {
         Ok(Self { default, overrides: ov, group_size: 128, zero_point: false, observer: Observer::MinMax })
     }
 
-    /// Gives `name` exactly `scheme`, below every existing override (so the user's `--override`s still win):
+    /// Gives `name` exactly `scheme`, below every existing override (so the user's overrides still win):
     /// how a mixed-precision allocation is applied.
     pub fn assign(&mut self, name: &str, scheme: Scheme) {
         let re = Regex::new(&format!("^{}$", regex::escape(name))).expect("escaped name is a valid regex");
@@ -202,7 +211,7 @@ impl Plan {
         if let Some((_, s)) = self.overrides.iter().rev().find(|(re, _)| re.is_match(name)) {
             return *s;
         }
-        if name == "lm_head" || name.starts_with("pooler.") {
+        if Model::is_head_linear(name) {
             return Scheme::Keep;
         }
         self.default

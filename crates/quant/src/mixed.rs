@@ -1,6 +1,7 @@
 //! Mixed precision: how much each Linear costs when it alone is quantized, and a per-layer choice of
 //! grouped-integer formats (int 8/4/3/2) that minimises the predicted loss under a bits-per-weight budget
-//! (`quantize --target-bpw`, in the spirit of NVIDIA ModelOpt's AutoQuantize and llama.cpp's `--target-bpw`).
+//! (option `target_bpw` of `quantize`, in the spirit of NVIDIA ModelOpt's AutoQuantize and llama.cpp's
+//! target bits per weight).
 //!
 //! **Sensitivity = measured KL × diagonal-Hessian proxy.** For every block Linear `l`:
 //! 1. `kl_l`: quantize `l` alone at a probe format (int3 by default), run the calibration windows from `l`'s
@@ -24,7 +25,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use whittle_core::observe::ActStats;
-use whittle_core::{Linear, Rtn};
+use whittle_core::{InvalidOption, Linear, Rtn};
+use whittle_models::llama::LlamaBlock;
+use whittle_models::BlockLayout;
 use whittle_models::{Loaded, Model};
 
 use crate::calib::{decoder_windows, CalibOptions};
@@ -55,7 +58,7 @@ pub struct LayerSensitivity {
     pub candidates: Vec<CandidateCost>,
 }
 
-/// `whittle sensitivity`'s output (also what `quantize --target-bpw --sensitivity FILE` reads).
+/// `whittle sensitivity`'s output (also what `quantize` reads with options `target_bpw` and `sensitivity`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Sensitivity {
     /// How the costs were obtained, in words.
@@ -188,7 +191,7 @@ pub fn sensitivity(
         for (li, d) in block_diag.iter().enumerate() {
             let (lname, orig) = {
                 let (n, lin) = m.blocks[bi].linears()[li];
-                (format!("model.layers.{bi}.{n}"), lin.clone())
+                (format!("{}{n}", LlamaBlock::prefix(bi)), lin.clone())
             };
             let (mo, k) = (orig.out_features(), orig.in_features());
             if !k.is_multiple_of(32) {
@@ -307,12 +310,14 @@ pub struct Allocation {
     pub choices: Vec<Choice>,
 }
 
-/// Picks one candidate per layer of `s` (layers in `skip` are left out: `--override` decides them) minimising
+/// Picks one candidate per layer of `s` (layers in `skip` are left out: overrides decide them) minimising
 /// the summed predicted KL with Σ params·bpw ≤ `target_bpw`·Σ params.
 pub fn allocate(s: &Sensitivity, target_bpw: f64, skip: impl Fn(&str) -> bool) -> Result<Allocation> {
     let layers: Vec<&LayerSensitivity> = s.layers.iter().filter(|l| !skip(&l.name)).collect();
     if layers.is_empty() {
-        return Err(Error::Unsupported("--target-bpw: every layer is fixed by --override; nothing to allocate".into()));
+        return Err(Error::Unsupported(
+            "option `target_bpw`: every layer is fixed by option `override`; nothing to allocate".into(),
+        ));
     }
     let params: Vec<f64> = layers.iter().map(|l| (l.shape[0] * l.shape[1]) as f64).collect();
     let total: f64 = params.iter().sum();
@@ -328,9 +333,9 @@ pub fn allocate(s: &Sensitivity, target_bpw: f64, skip: impl Fn(&str) -> bool) -
         .collect();
     let min_bpw = bits_of(&smallest) / total;
     if !target_bpw.is_finite() || target_bpw + 1e-9 < min_bpw {
-        return Err(Error::Unsupported(format!(
-            "--target-bpw {target_bpw}: below the smallest candidate mix ({min_bpw:.3} bpw with every layer at its smallest format)"
-        )));
+        let reason =
+            format!("below the smallest candidate mix ({min_bpw:.3} bpw with every layer at its smallest format)");
+        return Err(InvalidOption::new("target_bpw", target_bpw, reason).into());
     }
     // For a price λ per bit, each layer picks argmin predicted_kl + λ·params·bpw.
     let pick_at = |lambda: f64| -> Vec<usize> {
@@ -485,8 +490,8 @@ mod tests {
     fn budget_below_smallest_and_all_skipped_are_errors() {
         let s = sens(vec![layer("a", 8, 8, [0.0, 1.0, 2.0, 3.0])]);
         let e = allocate(&s, 2.0, |_| false).unwrap_err().to_string();
-        assert!(e.contains("--target-bpw 2") && e.contains("2.500"), "{e}");
-        assert!(allocate(&s, 4.0, |_| true).unwrap_err().to_string().contains("--override"));
+        assert!(e.contains("option `target_bpw` 2") && e.contains("2.500"), "{e}");
+        assert!(allocate(&s, 4.0, |_| true).unwrap_err().to_string().contains("option `override`"));
     }
 
     #[test]

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use serde::Serialize;
 use whittle_core::observe::ActStats;
-use whittle_core::Linear;
+use whittle_core::{InvalidOption, Linear};
+use whittle_models::bert::BertBlock;
+use whittle_models::llama::LlamaBlock;
+use whittle_models::BlockLayout;
 use whittle_models::Model;
 
 use crate::{Error, Result};
@@ -83,7 +86,7 @@ fn stat<'a>(stats: &'a BTreeMap<String, ActStats>, name: &str) -> Result<&'a Act
     stats
         .get(name)
         .filter(|s| s.rows > 0)
-        .ok_or_else(|| Error::Unsupported(format!("--smoothquant: no calibration statistics for `{name}`")))
+        .ok_or_else(|| Error::Unsupported(format!("option `smoothquant`: no calibration statistics for `{name}`")))
 }
 
 /// Applies SmoothQuant with strength `alpha` ∈ [0, 1] to `model`, using calibration `stats` (which are
@@ -91,7 +94,7 @@ fn stat<'a>(stats: &'a BTreeMap<String, ActStats>, name: &str) -> Result<&'a Act
 /// histograms no longer apply).
 pub fn smooth(model: &mut Model, stats: &mut BTreeMap<String, ActStats>, alpha: f32) -> Result<Vec<SmoothReport>> {
     if !(0.0..=1.0).contains(&alpha) {
-        return Err(Error::Unsupported(format!("--smoothquant {alpha}: alpha must be in [0, 1]")));
+        return Err(InvalidOption::new("smoothquant", alpha, "alpha must be in [0, 1]").into());
     }
     let dev = model.device().clone();
     let mut reports = Vec::new();
@@ -104,9 +107,9 @@ pub fn smooth(model: &mut Model, stats: &mut BTreeMap<String, ActStats>, alpha: 
     match model {
         Model::Llama(m) => {
             for (i, b) in m.blocks.iter_mut().enumerate() {
-                let p = format!("model.layers.{i}.");
+                let p = LlamaBlock::prefix(i);
                 if [&b.q, &b.k, &b.v, &b.gate, &b.up, &b.down].iter().any(|l| l.is_quantized()) {
-                    return Err(Error::Unsupported(format!("--smoothquant: block {p} is already quantized")));
+                    return Err(Error::Unsupported(format!("option `smoothquant`: block {p} is already quantized")));
                 }
                 // q/k/v ← input_layernorm
                 let s = scales(&stat(stats, &format!("{p}self_attn.q_proj"))?.absmax, &[&b.q, &b.k, &b.v], alpha)?;
@@ -137,9 +140,9 @@ pub fn smooth(model: &mut Model, stats: &mut BTreeMap<String, ActStats>, alpha: 
             // the model. The one exact place is attention's output projection, whose input channels are the
             // value projection's outputs (attention mixes positions, not channels).
             for (i, b) in m.blocks.iter_mut().enumerate() {
-                let p = format!("encoder.layer.{i}.");
+                let p = BertBlock::prefix(i);
                 if b.value.is_quantized() || b.attn_out.is_quantized() {
-                    return Err(Error::Unsupported(format!("--smoothquant: block {p} is already quantized")));
+                    return Err(Error::Unsupported(format!("option `smoothquant`: block {p} is already quantized")));
                 }
                 let name = format!("{p}attention.output.dense");
                 let s = scales(&stat(stats, &name)?.absmax, &[&b.attn_out], alpha)?;

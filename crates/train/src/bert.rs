@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Tensor, Var, D};
 use whittle_core::Linear;
-use whittle_models::bert::Bert;
+use whittle_models::bert::{Bert, BertBlock};
+use whittle_models::BlockLayout;
 
 use crate::llama::softmax;
 use crate::{Objective, Result, Terms};
@@ -133,7 +134,7 @@ impl TrainBert {
             ("embeddings.LayerNorm.bias".into(), &self.emb_norm.b),
         ]);
         for (i, b) in self.blocks.iter().enumerate().filter(|(i, _)| !self.shared.contains_key(i)) {
-            let p = format!("encoder.layer.{i}.");
+            let p = BertBlock::prefix(i);
             for (n, l) in [
                 ("attention.self.query", &b.q),
                 ("attention.self.key", &b.k),

@@ -5,7 +5,7 @@
 //!   with every checkpoint so a resumed run continues exactly.
 //! - [`train`]: fixed-length token windows from a text file in a seeded order, warm-up + cosine or linear
 //!   decay, gradient accumulation, losses (soft-target KD with temperature, hard-label cross-entropy,
-//!   hidden-state MSE through a layer map), evaluation and checkpoints every N steps, `--resume`, stops on
+//!   hidden-state MSE through a layer map), evaluation and checkpoints every N steps, resuming (option `resume`), stops on
 //!   max steps, max time, a plateau or a non-finite loss (keeping the last good checkpoint).
 
 use std::collections::HashMap;
@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use candle_core::{Tensor, Var, D};
 use serde::{Deserialize, Serialize};
+use whittle_core::InvalidOption;
 use whittle_models::llama::Llama;
+use whittle_models::Model;
 
 pub mod bert;
 pub mod llama;
@@ -27,6 +29,8 @@ pub enum Error {
     Usage(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Option(#[from] InvalidOption),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("step {step}: the loss is {loss} (learning rate too high?); stopped, the last good checkpoint is kept")]
@@ -129,24 +133,26 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Usage(m));
+        let bad = |option, value: &dyn std::fmt::Display, reason| Err(InvalidOption::new(option, value, reason).into());
         if self.seq_len < 2 || self.batch == 0 || self.accum == 0 {
-            return bad("--seq-len must be ≥ 2, --batch and --accum ≥ 1".into());
+            return Err(Error::Usage("option `seq_len` must be ≥ 2, option `batch` and option `accum` ≥ 1".into()));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr {}: must be a positive number", self.lr));
+            return bad("lr", &self.lr, "must be a positive number");
         }
         if !(0.0..=1.0).contains(&self.loss.alpha) {
-            return bad(format!("--alpha {}: must be in [0, 1]", self.loss.alpha));
+            return bad("alpha", &self.loss.alpha, "must be in [0, 1]");
         }
         if !(self.loss.temperature.is_finite() && self.loss.temperature > 0.0) {
-            return bad(format!("--temperature {}: must be positive", self.loss.temperature));
+            return bad("temperature", &self.loss.temperature, "must be positive");
         }
         if !matches!(self.decay.as_str(), "cosine" | "linear") {
-            return bad(format!("--decay {}: valid: cosine, linear", self.decay));
+            return bad("decay", &self.decay, "valid: cosine, linear");
         }
         if self.max_steps == 0 || self.eval_every == 0 || self.ckpt_every == 0 {
-            return bad("--max-steps, --eval-every and --ckpt-every must be ≥ 1".into());
+            return Err(Error::Usage(
+                "option `max_steps`, option `eval_every` and option `ckpt_every` must be ≥ 1".into(),
+            ));
         }
         Ok(())
     }
@@ -585,7 +591,7 @@ pub fn taylor_saliency(
     let mut out = std::collections::BTreeMap::new();
     for (acc, (name, v)) in sums.into_iter().zip(vars) {
         let Some(g) = acc else { continue };
-        if v.as_tensor().rank() == 2 && name.starts_with("model.layers.") {
+        if v.as_tensor().rank() == 2 && Model::is_block_linear(&name) {
             let sal: Vec<f32> = (v.as_tensor() * g)?.abs()?.flatten_all()?.to_vec1()?;
             out.insert(name.trim_end_matches(".weight").to_string(), sal);
         }

@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Tensor, Var, D};
 use whittle_core::Linear;
-use whittle_models::llama::Llama;
+use whittle_models::llama::{Llama, LlamaBlock};
+use whittle_models::BlockLayout;
 
 use crate::{Error, Result};
 
@@ -82,7 +83,7 @@ impl TrainLlama {
         }
         let mut blocks = Vec::new();
         for (i, b) in m.blocks.iter().enumerate() {
-            let n = |s: &str| format!("model.layers.{i}.{s}");
+            let n = |s: &str| format!("{}{s}", LlamaBlock::prefix(i));
             blocks.push(TBlock {
                 n_head: b.n_head,
                 n_kv_head: b.n_kv_head,
@@ -126,7 +127,7 @@ impl TrainLlama {
                 ("mlp.up_proj", &b.up),
                 ("mlp.down_proj", &b.down),
             ] {
-                v.push((format!("model.layers.{i}.{n}.weight"), x));
+                v.push((format!("{}{n}.weight", LlamaBlock::prefix(i)), x));
             }
         }
         v.push(("model.norm.weight".to_string(), &self.norm));
