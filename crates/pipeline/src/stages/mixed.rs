@@ -7,7 +7,7 @@ use whittle_models::Loaded;
 use whittle_quant::mixed::{self, Allocation, SensitivityOptions};
 use whittle_quant::{Plan, Scheme};
 
-use super::quantize::QuantizeConfig;
+use crate::config::QuantizeConfig;
 use crate::importance::{self, parse_bits};
 use crate::{bail, Ctx, Result};
 

@@ -2,39 +2,22 @@
 //! progressive), or — with `structured` / `drop_layers` — structured removal ([`super::structured`]).
 
 use whittle_compress::pass::{self, KernelCheck, Method, PruneOptions, PruneReport};
-use whittle_compress::schedule::{parse_max_drop, parse_schedule, Step};
+use whittle_compress::schedule::Step;
 use whittle_compress::{parse_pattern, Pattern};
 use whittle_core::{InvalidOption, Rtn};
 use whittle_models::Loaded;
 use whittle_quant::Scheme;
 
+use super::schedule::Schedule;
 use crate::calib::{DECODER_SAMPLES, WANDA_DECODER_SAMPLES};
 pub use crate::config::PruneConfig;
 use crate::report::human;
 use crate::{bail, Ctx, Report, Result, Stage, Table};
 
-/// The parsed progressive schedule.
-pub(super) struct Schedule {
-    pub steps: Option<Vec<f64>>,
-    pub max_drop: Option<f64>,
-}
-
 impl PruneConfig {
     /// Structured removal (heads, neurons, blocks) rather than unstructured / N:M.
     pub fn is_structured(&self) -> bool {
         self.structured.is_some() || self.drop_layers.is_some()
-    }
-
-    pub(super) fn schedule(&self) -> Result<Schedule> {
-        let steps = self.schedule.as_deref().map(parse_schedule).transpose()?;
-        let max_drop = self.max_drop.as_deref().map(parse_max_drop).transpose()?;
-        if max_drop.is_some() && steps.is_none() {
-            bail!("option `max_drop` applies to a progressive option `schedule`");
-        }
-        if self.eval_windows == 0 {
-            return Err(InvalidOption::new("eval_windows", 0, "must be at least 1").into());
-        }
-        Ok(Schedule { steps, max_drop })
     }
 
     fn sparse(&self) -> Result<bool> {
@@ -100,7 +83,7 @@ impl Stage for PruneConfig {
 
     fn check(&self) -> Result<()> {
         self.sparse()?;
-        let s = self.schedule()?;
+        let s = Schedule::of(self)?;
         self.calibration.check()?;
         match (&self.method, self.is_structured()) {
             (Some(_), true) => bail!("option `method` (unstructured / N:M) and option `structured` / option `drop_layers` are separate passes: run one, then the other"),
@@ -114,7 +97,7 @@ impl Stage for PruneConfig {
         let Some(method) = &self.method else {
             return super::structured::apply(self, l, ctx);
         };
-        let sched = self.schedule()?;
+        let sched = Schedule::of(self)?;
         let mut o = self.options(method, sched.steps.is_some())?;
         let wanda = o.method == Method::Wanda;
         let cal = self.calibration.resolve(l, if wanda { WANDA_DECODER_SAMPLES } else { DECODER_SAMPLES })?;

@@ -3,8 +3,32 @@
 use whittle_compress::schedule::{run_schedule, Step};
 use whittle_models::Loaded;
 
+use whittle_compress::schedule::{parse_max_drop, parse_schedule};
+use whittle_core::InvalidOption;
+
+use crate::config::PruneConfig;
 use crate::measure::quick_quality;
-use crate::{Ctx, Result};
+use crate::{bail, Ctx, Result};
+
+/// The parsed progressive schedule of a `prune` config.
+pub(super) struct Schedule {
+    pub steps: Option<Vec<f64>>,
+    pub max_drop: Option<f64>,
+}
+
+impl Schedule {
+    pub(super) fn of(c: &PruneConfig) -> Result<Self> {
+        let steps = c.schedule.as_deref().map(parse_schedule).transpose()?;
+        let max_drop = c.max_drop.as_deref().map(parse_max_drop).transpose()?;
+        if max_drop.is_some() && steps.is_none() {
+            bail!("option `max_drop` applies to a progressive option `schedule`");
+        }
+        if c.eval_windows == 0 {
+            return Err(InvalidOption::new("eval_windows", 0, "must be at least 1").into());
+        }
+        Ok(Self { steps, max_drop })
+    }
+}
 
 /// Runs `prune(l, amount)` for each step, measuring with [`quick_quality`] on `windows` windows (decoders) or
 /// STS-B (encoders); each step's line goes to [`Ctx::step`].

@@ -9,8 +9,9 @@ use whittle_compress::structured::{self as st, Importance, Structured, Structure
 use whittle_core::{InvalidOption, Tensor};
 use whittle_models::{text, Loaded, Model};
 
-use super::prune::PruneConfig;
+use super::schedule::Schedule;
 use crate::calib::DECODER_SAMPLES;
+use crate::config::PruneConfig;
 use crate::report::{human, percent};
 use crate::{bail, Ctx, Report, Result, Table};
 
@@ -82,7 +83,7 @@ fn taylor(l: &Loaded, cal: &crate::calib::Calib, ctx: &Ctx) -> Result<BTreeMap<S
 pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Box<dyn Report>> {
     let t0 = std::time::Instant::now();
     let Plan { s, imp, mut drop } = plan(c)?;
-    let sched = c.schedule()?;
+    let sched = Schedule::of(c)?;
     if s.layers >= l.model.n_blocks() {
         bail!(
             "option `structured` layers={}: the model has {} blocks; at least one must stay",
