@@ -19,12 +19,12 @@ use candle_core::Tensor;
 use faer::Mat;
 use rayon::prelude::*;
 use serde::Serialize;
+use whittle_calib::observe::{calibrate_with, CalibOptions};
 use whittle_core::observe::ActStats;
 use whittle_core::{InvalidOption, Linear};
 use whittle_models::bert::BertBlock;
 use whittle_models::BlockLayout;
 use whittle_models::{Loaded, Model};
-use whittle_quant::calib::{calibrate_with, CalibOptions};
 
 use crate::lowrank::{cholesky, Method};
 use crate::{Error, Result};

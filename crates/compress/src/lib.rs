@@ -1,4 +1,6 @@
-//! whittle-compress: weight pruning of one Linear at a time, as pure functions over row-major weights.
+//! whittle-compress: the techniques that remove or restructure weights — unstructured and N:M pruning,
+//! structured removal of heads, neurons and blocks, low-rank factorisation and cross-layer sharing. The pruning
+//! solvers are pure functions over row-major weights; the passes apply them to a model.
 //!
 //! - [`prune::magnitude`]: the smallest |w| per output row (or per N:M group); [`prune::global_threshold`]
 //!   for one magnitude threshold over many layers.
@@ -6,7 +8,7 @@
 //! - [`prune::sparsegpt`] (Frantar & Alistarh 2023): OBS mask selection with weight reconstruction through
 //!   the layer Hessian, optionally quantizing the kept weights in the same pass.
 //! - [`pass`]: those solvers over a whole model (layer by layer on calibration text for Wanda and SparseGPT,
-//!   through the shared layer-wise engine of `whittle_quant::layerwise`).
+//!   through the sequential mode of the calibration engine, `whittle_calib::sequential`).
 //! - [`structured`]: removal of whole heads, FFN neurons and blocks.
 //! - [`lowrank`], [`attention`]: low-rank factorisation of Linears, and of the attention scores (Q and K jointly).
 //! - [`share`]: cross-layer parameter sharing.
@@ -49,6 +51,8 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Quant(#[from] whittle_quant::Error),
+    #[error(transparent)]
+    Calib(#[from] whittle_calib::Error),
     #[error(transparent)]
     Core(#[from] whittle_core::Error),
     #[error(transparent)]

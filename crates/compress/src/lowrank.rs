@@ -19,11 +19,12 @@ use candle_core::Tensor;
 use faer::{Mat, Side};
 use rayon::prelude::*;
 use serde::Serialize;
+use whittle_calib::allocate;
+use whittle_calib::observe::{calibrate_with, CalibOptions};
 use whittle_core::backend::cpu;
 use whittle_core::observe::ActStats;
 use whittle_core::{InvalidOption, Linear};
 use whittle_models::{Loaded, Model};
-use whittle_quant::calib::{calibrate_with, CalibOptions};
 
 use crate::{Error, Result};
 
@@ -228,25 +229,9 @@ fn choose_ranks(spectra: &[(Vec<f64>, usize, usize)], target: Target) -> Result<
             let params = |ranks: &[Option<usize>]| -> f64 {
                 ranks.iter().zip(spectra).map(|(r, (_, m, k))| r.map_or(m * k, |r| r * (m + k)) as f64).sum()
             };
-            if params(&pick(0.0)) <= budget {
-                return Ok(pick(0.0));
-            }
-            let (mut lo, mut hi) = (0.0f64, 1e-6f64);
-            while params(&pick(hi)) > budget {
-                hi *= 4.0;
-                if hi > 1e6 {
-                    return Err(InvalidOption::new("ratio", rho, "cannot reach that few parameters").into());
-                }
-            }
-            for _ in 0..60 {
-                let mid = 0.5 * (lo + hi);
-                if params(&pick(mid)) > budget {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            Ok(pick(hi))
+            let search = allocate::Search { start: 1e-6, cap: 1e6, iterations: 60 };
+            allocate::fit(pick, |p: &Vec<Option<usize>>| params(p), budget, search)
+                .map_err(|_| InvalidOption::new("ratio", rho, "cannot reach that few parameters").into())
         }
     }
 }

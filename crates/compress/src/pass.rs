@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
+use whittle_calib::observe::CalibOptions;
+use whittle_calib::report::LayerReport;
+use whittle_calib::sequential::{output_mse, run_layerwise, LayerInput};
 use whittle_core::{InvalidOption, Linear, Rtn};
 use whittle_models::Loaded;
-use whittle_quant::calib::CalibOptions;
-use whittle_quant::layerwise::{output_mse, run_layerwise, LayerInput};
-use whittle_quant::LayerReport;
 
 use crate::prune::{self, Pattern};
 use crate::{Error, Result};
@@ -101,7 +101,7 @@ fn layer_report(
         scheme: format!("{} {}", o.method.name(), o.pattern),
         params: w.len(),
         bpw: if o.sparse { stored_bpw(p, k, o.pattern) } else { 32.0 },
-        weight_rmse: whittle_quant::rmse(w, p),
+        weight_rmse: whittle_calib::report::rmse(w, p),
         seconds: secs,
         output_mse: out_mse,
         rtn_output_mse: None,

@@ -1,10 +1,10 @@
 //! Calibration text and budgets, declared once for every stage that calibrates: the text (default
 //! WikiText-2 valid, never the test split) and how much of it each family runs by default.
 
+use whittle_calib::observe::CalibOptions;
 use whittle_core::InvalidOption;
 use whittle_eval::data;
 use whittle_models::Loaded;
-use whittle_quant::calib::CalibOptions;
 
 pub use crate::config::CalibConfig;
 use crate::Result;

@@ -97,7 +97,7 @@ impl ImatrixConfig {
             bail!("imatrix: llama.cpp's imatrix names GGUF tensors of decoders; this model is an encoder");
         }
         let c = self.calibration.resolve_with(16, 512)?;
-        let cal = whittle_quant::calib::calibrate(l, &c.text, &c.opts, ctx.progress("imatrix"))?;
+        let cal = whittle_calib::observe::calibrate(l, &c.text, &c.opts, ctx.progress("imatrix"))?;
         let chunks = cal.tokens / c.opts.seq_len;
         let n = whittle_quant::imatrix::write_imatrix(&cal.stats, out, &c.opts.source, chunks, c.opts.seq_len)?;
         ctx.note(&format!("{n} tensors, {} tokens of {}, {:.1}s", cal.tokens, c.opts.source, cal.seconds));

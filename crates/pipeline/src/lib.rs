@@ -58,6 +58,8 @@ pub enum Error {
     #[error(transparent)]
     Quant(#[from] whittle_quant::Error),
     #[error(transparent)]
+    Calib(#[from] whittle_calib::Error),
+    #[error(transparent)]
     Compress(#[from] whittle_compress::Error),
     #[error(transparent)]
     Train(#[from] whittle_train::Error),

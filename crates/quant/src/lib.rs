@@ -1,12 +1,20 @@
-//! whittle-quant: quantization passes over the Linear seam.
+//! whittle-quant: quantization passes over the Linear seam, every scheme and method:
 //!
-//! Today: `w8a8-dynamic` — symmetric int8 weights per output channel, activations quantized per token (asymmetric u8) at
-//! run time, int32 accumulation (what PyTorch's `quantize_dynamic` and ONNX Runtime's `quantize_dynamic`
-//! do). Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an override regex (option `override`) names
-//! them, as users of those tools expect.
+//! - `w8a8-dynamic` (int8 weights per output channel, activations quantized per token at run time, as
+//!   PyTorch's and ONNX Runtime's `quantize_dynamic`) and `w8a8-static` (calibrated activation ranges:
+//!   min/max, percentile, MSE or entropy observers), optionally after [`smooth`] (SmoothQuant);
+//! - weight-only `w8a16` / `w4a16` / `w3a16` / `w2a16` in groups, rounded by RTN, [`awq`], [`gptq`] (over the
+//!   calibration engine's sequential mode, [`layerwise`]) or both; mixed precision per layer under a bit
+//!   budget from measured sensitivities ([`mixed`]);
+//! - llama.cpp's GGUF file types written tensor by tensor ([`gguf_out`], ggml's quantizers in [`kquant`],
+//!   importance matrices in [`imatrix`]).
+//!
+//! Embeddings and heads (`lm_head`, BERT's pooler) stay in float unless an override regex (option
+//! `override`) names them, as users of those tools expect.
 
 pub mod awq;
-pub mod calib;
+/// The calibration engine's observe mode (moved to `whittle-calib`; the old path stays).
+pub use whittle_calib::observe as calib;
 pub mod gguf_out;
 pub mod gptq;
 pub mod imatrix;
@@ -47,6 +55,8 @@ pub enum Error {
     Unsupported(String),
     #[error(transparent)]
     Option(#[from] InvalidOption),
+    #[error(transparent)]
+    Calib(#[from] whittle_calib::Error),
     #[error(transparent)]
     Core(#[from] whittle_core::Error),
     #[error(transparent)]
@@ -218,40 +228,7 @@ impl Plan {
     }
 }
 
-/// What happened to one layer.
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerReport {
-    pub name: String,
-    pub scheme: String,
-    pub params: usize,
-    pub bpw: f64,
-    /// Root-mean-square error of the dequantized weight against the original.
-    pub weight_rmse: f64,
-    pub seconds: f64,
-    /// Mean squared error of the layer's output against the float layer on calibration rows.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_mse: Option<f64>,
-    /// The same error with plain round-to-nearest, for methods that improve on it (GPTQ).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rtn_output_mse: Option<f64>,
-    /// What the pass had to change (e.g. a smaller group where the requested one does not divide the width).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub note: String,
-}
-
-/// A pass's report: per layer, and totals.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub layers: Vec<LayerReport>,
-    pub linear_bytes_before: usize,
-    pub linear_bytes_after: usize,
-    pub seconds: f64,
-}
-
-/// Root-mean-square difference of two equally long slices.
-pub fn rmse(a: &[f32], b: &[f32]) -> f64 {
-    (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
-}
+pub use whittle_calib::report::{rmse, LayerReport, Report};
 
 /// The group a weight-only layer of width `k` gets: the requested one, else the largest multiple of 32 below
 /// it that divides `k` (with a note saying so).

@@ -24,14 +24,15 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use whittle_calib::allocate;
 use whittle_core::observe::ActStats;
 use whittle_core::{InvalidOption, Linear, Rtn};
 use whittle_models::llama::LlamaBlock;
 use whittle_models::BlockLayout;
 use whittle_models::{Loaded, Model};
 
-use crate::calib::{decoder_windows, CalibOptions};
 use crate::{group_for, Error, Result};
+use whittle_calib::observe::{decoder_windows, CalibOptions};
 
 /// One candidate format of one layer, with its proxy error.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -355,25 +356,8 @@ pub fn allocate(s: &Sensitivity, target_bpw: f64, skip: impl Fn(&str) -> bool) -
     };
     let mut pick = pick_at(0.0);
     if bits_of(&pick) > budget {
-        let (mut lo, mut hi) = (0.0f64, 1e-12f64);
-        while bits_of(&pick_at(hi)) > budget {
-            hi *= 4.0;
-            if hi > 1e30 {
-                break;
-            }
-        }
-        for _ in 0..100 {
-            let mid = 0.5 * (lo + hi);
-            if bits_of(&pick_at(mid)) > budget {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        pick = pick_at(hi);
-        if bits_of(&pick) > budget {
-            pick = smallest.clone();
-        }
+        let search = allocate::Search { start: 1e-12, cap: 1e30, iterations: 100 };
+        pick = allocate::fit(pick_at, |p: &Vec<usize>| bits_of(p), budget, search).unwrap_or_else(|_| smallest.clone());
         // Greedy upgrades into what is left: best KL saved per extra bit first.
         loop {
             let used = bits_of(&pick);

@@ -58,7 +58,7 @@ fn influence(l: &Loaded, cal: &crate::calib::Calib) -> Result<Vec<f64>> {
         bail!("option `structured` layers=N ranks blocks by influence on decoders; for encoders name them with option `drop_layers`");
     };
     let dev = m.embed_tokens.device();
-    let windows = whittle_quant::calib::decoder_windows(l, &cal.text, &cal.opts)?;
+    let windows = whittle_calib::observe::decoder_windows(l, &cal.text, &cal.opts)?;
     let mut xs = Vec::with_capacity(windows.len());
     for w in &windows {
         xs.push(m.embed(&Tensor::new(w.as_slice(), dev)?.unsqueeze(0)?)?);
@@ -98,7 +98,7 @@ pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Bo
         drop = st::least_influential(bi, s.layers);
     }
     let stats = if imp == Importance::Activation {
-        Some(whittle_quant::calib::calibrate(l, &cal.text, &cal.opts, ctx.progress("calibrate"))?.stats)
+        Some(whittle_calib::observe::calibrate(l, &cal.text, &cal.opts, ctx.progress("calibrate"))?.stats)
     } else {
         None
     };

@@ -1,5 +1,5 @@
-//! Calibration: run text through the float model with an observer on every Linear's input, and return the
-//! statistics per layer (ranges and histograms for static activation scales, per-channel max |x| for
+//! The observe mode: run text through the float model with an observer on every Linear's input (one pass),
+//! and return the statistics per layer (ranges and histograms for static activation scales, per-channel max |x| for
 //! SmoothQuant, mean x² for importance matrices, sample rows for output-error reports).
 
 use std::collections::BTreeMap;
@@ -97,7 +97,7 @@ fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(
             let lines: Vec<&str> =
                 text.lines().map(str::trim).filter(|s| s.len() > 20 && !s.starts_with('=')).take(o.samples).collect();
             if lines.is_empty() {
-                return Err(Error::Unsupported(format!("calibration text {} has no lines of prose", o.source)));
+                return Err(Error::Text(format!("calibration text {} has no lines of prose", o.source)));
             }
             let batch = 16;
             let mut tokens = 0;
@@ -121,13 +121,11 @@ pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<V
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let enc = l
-        .tokenizer
-        .encode(&text[..end], false)
-        .map_err(|e| Error::Unsupported(format!("tokenizing {}: {e}", o.source)))?;
+    let enc =
+        l.tokenizer.encode(&text[..end], false).map_err(|e| Error::Text(format!("tokenizing {}: {e}", o.source)))?;
     let ids = enc.get_ids();
     if ids.len() < o.seq_len {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::Text(format!(
             "calibration text {} has {} tokens, fewer than one sample of {} (option `calib_seq_len`)",
             o.source,
             ids.len(),
