@@ -94,14 +94,15 @@ pub fn footprint(l: &Loaded, params_before: usize) -> Result<(f64, usize)> {
 /// measures with `eval` after each, and stops at the first step whose drop exceeds `max_drop` (then `l` is
 /// the last model within it — the original if the first step already fails). `on_step` sees each row as
 /// it is measured.
-pub fn run_schedule(
+/// `prune` and `eval` may fail with the caller's own error type `E` (errors of this crate convert into it).
+pub fn run_schedule<E: From<Error>>(
     l: &mut Loaded,
     amounts: &[f64],
     max_drop: Option<f64>,
-    mut prune: impl FnMut(&mut Loaded, f64) -> Result<()>,
-    mut eval: impl FnMut(&Loaded) -> Result<Quality>,
+    mut prune: impl FnMut(&mut Loaded, f64) -> std::result::Result<(), E>,
+    mut eval: impl FnMut(&Loaded) -> std::result::Result<Quality, E>,
     mut on_step: impl FnMut(&Step),
-) -> Result<Vec<Step>> {
+) -> std::result::Result<Vec<Step>, E> {
     let params_before: usize =
         l.model.block_linears().iter().map(|(_, lin)| lin.in_features() * lin.out_features()).sum();
     let base = eval(l)?;

@@ -74,12 +74,17 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A dense Linear from a weight (out, in) and an optional bias (out,).
-    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (out_features, in_features) = weight.dims2()?;
+    /// A Linear of `weight` (out_features × in_features) and `bias` (checked against out_features), with the
+    /// default run configuration until the model's is set.
+    fn with_weight(
+        weight: LinearWeight,
+        bias: Option<Tensor>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self> {
         Self::check_bias(&bias, out_features)?;
         Ok(Self {
-            weight: LinearWeight::Dense(weight),
+            weight,
             bias,
             out_features,
             in_features,
@@ -89,35 +94,28 @@ impl Linear {
         })
     }
 
+    /// A dense Linear from a weight (out, in) and an optional bias (out,).
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Self::with_weight(LinearWeight::Dense(weight), bias, out_features, in_features)
+    }
+
     /// A w8a8-dynamic Linear from packed int8 weights.
     pub fn int8_dynamic(p: PackedI8, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = (p.m, p.k);
-        Self::check_bias(&bias, out_features)?;
-        Ok(Self {
-            weight: LinearWeight::Int8Dynamic(Arc::new(p)),
-            bias,
-            out_features,
-            in_features,
-            packed_f32: Default::default(),
-            observer: None,
-            dispatch: Dispatch::default(),
-        })
+        Self::with_weight(LinearWeight::Int8Dynamic(Arc::new(p)), bias, out_features, in_features)
     }
 
     /// A block-quantized Linear; `format` and `bpw` describe the stored format (e.g. `q4_k`, 4.5).
     pub fn block(w: &BlockWeights, format: &str, bpw: f64, bias: Option<Tensor>) -> Result<Self> {
         let packed = PackedBlock::new(w)
             .map_err(|msg| crate::Error::Linear { name: String::new(), msg: format!("{format}: {msg}") })?;
-        Self::check_bias(&bias, w.m)?;
-        Ok(Self {
-            weight: LinearWeight::Block(Arc::new(BlockLinear { packed, format: format.into(), bpw, rtn: None })),
+        Self::with_weight(
+            LinearWeight::Block(Arc::new(BlockLinear { packed, format: format.into(), bpw, rtn: None })),
             bias,
-            out_features: w.m,
-            in_features: w.k,
-            packed_f32: Default::default(),
-            observer: None,
-            dispatch: Dispatch::default(),
-        })
+            w.m,
+            w.k,
+        )
     }
 
     /// A grouped weight-only Linear (`w4a16`, `w8a16`) from weights quantized by [`Rtn::quantize`].
@@ -142,19 +140,10 @@ impl Linear {
     /// which it checks.
     pub fn sparse(weight: &Tensor, nm: Option<(usize, usize)>, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Self::check_bias(&bias, out_features)?;
         let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let s = SparseLinear::new(&w, out_features, in_features, nm)
             .map_err(|msg| crate::Error::Linear { name: String::new(), msg })?;
-        Ok(Self {
-            weight: LinearWeight::Sparse(Arc::new(s)),
-            bias,
-            out_features,
-            in_features,
-            packed_f32: Default::default(),
-            observer: None,
-            dispatch: Dispatch::default(),
-        })
+        Self::with_weight(LinearWeight::Sparse(Arc::new(s)), bias, out_features, in_features)
     }
 
     /// A low-rank Linear `x·(U·V)ᵀ + b` from U (out, r) and V (r, in).
@@ -167,17 +156,8 @@ impl Linear {
                 msg: format!("low-rank factors ({out_features}, {r}) and ({r2}, {in_features}) do not chain"),
             });
         }
-        Self::check_bias(&bias, out_features)?;
         let lr = LowRank { u: Linear::dense(u, bias.clone())?, v: Linear::dense(v, None)? };
-        Ok(Self {
-            weight: LinearWeight::LowRank(Arc::new(lr)),
-            bias,
-            out_features,
-            in_features,
-            packed_f32: Default::default(),
-            observer: None,
-            dispatch: Dispatch::default(),
-        })
+        Self::with_weight(LinearWeight::LowRank(Arc::new(lr)), bias, out_features, in_features)
     }
 
     /// A low-rank Linear from two factor Linears of any representation (quantized factors included):
@@ -193,17 +173,8 @@ impl Linear {
                 ),
             });
         }
-        Self::check_bias(&bias, out_features)?;
         u.bias = bias.clone();
-        Ok(Self {
-            weight: LinearWeight::LowRank(Arc::new(LowRank { u, v })),
-            bias,
-            out_features,
-            in_features,
-            packed_f32: Default::default(),
-            observer: None,
-            dispatch: Dispatch::default(),
-        })
+        Self::with_weight(LinearWeight::LowRank(Arc::new(LowRank { u, v })), bias, out_features, in_features)
     }
 
     /// The two factors (U, V) of a low-rank layer, U without the bias.

@@ -179,6 +179,16 @@ pub enum AttnMask<'a> {
 }
 
 impl BertBlock {
+    /// This block's widths (heads, KV heads, head size, FFN neurons).
+    pub fn dims(&self, head_dim: usize) -> crate::BlockDims {
+        crate::BlockDims {
+            n_head: self.n_head,
+            n_kv_head: self.n_head,
+            head_dim,
+            ffn: self.intermediate.out_features(),
+        }
+    }
+
     /// # Shapes
     /// - `x`: (B, T, C); returns (B, T, C)
     pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {

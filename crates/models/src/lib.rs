@@ -81,26 +81,8 @@ impl Model {
     /// Widths of every block, in order.
     pub fn block_dims(&self) -> Vec<BlockDims> {
         match self {
-            Model::Bert(m) => m
-                .blocks
-                .iter()
-                .map(|b| BlockDims {
-                    n_head: b.n_head,
-                    n_kv_head: b.n_head,
-                    head_dim: m.config.head_dim,
-                    ffn: b.intermediate.out_features(),
-                })
-                .collect(),
-            Model::Llama(m) => m
-                .blocks
-                .iter()
-                .map(|b| BlockDims {
-                    n_head: b.n_head,
-                    n_kv_head: b.n_kv_head,
-                    head_dim: m.config.head_dim,
-                    ffn: b.gate.out_features(),
-                })
-                .collect(),
+            Model::Bert(m) => m.blocks.iter().map(|b| b.dims(m.config.head_dim)).collect(),
+            Model::Llama(m) => m.blocks.iter().map(|b| b.dims(m.config.head_dim)).collect(),
         }
     }
 

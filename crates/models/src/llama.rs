@@ -355,6 +355,11 @@ impl KvCache {
 }
 
 impl LlamaBlock {
+    /// This block's widths (heads, KV heads, head size, FFN neurons).
+    pub fn dims(&self, head_dim: usize) -> crate::BlockDims {
+        crate::BlockDims { n_head: self.n_head, n_kv_head: self.n_kv_head, head_dim, ffn: self.gate.out_features() }
+    }
+
     /// # Shapes
     /// - `x`: (B, T, C); `cos`, `sin`: (T, D/2); `mask`: (T, S) additive or None; returns (B, T, C)
     pub fn forward(

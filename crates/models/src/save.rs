@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle_core::DType;
-use whittle_core::Stored;
+use whittle_core::{Linear, Stored};
 use whittle_formats::hf::{write_dir_atomic, write_json, write_stored};
 
 use crate::{Error, Loaded, Model, Result};
@@ -43,26 +43,14 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
     };
     let mut config = config;
     if !quantized.is_empty() {
-        let layers: serde_json::Map<String, serde_json::Value> = l
-            .model
-            .linears()
-            .into_iter()
-            .filter(|(_, l)| l.is_quantized())
-            .map(|(n, l)| (n, l.storage_name().into()))
-            .collect();
+        let layers = storage_names(l, Linear::is_quantized);
         config["quantization_config"] = serde_json::json!({
             "quant_method": "whittle",
             "formats": described(whittle_core::codec::quantization_formats()),
             "layers": layers,
         });
     }
-    let sparse: serde_json::Map<String, serde_json::Value> = l
-        .model
-        .linears()
-        .into_iter()
-        .filter(|(_, l)| l.is_sparse())
-        .map(|(n, l)| (n, l.storage_name().into()))
-        .collect();
+    let sparse = storage_names(l, Linear::is_sparse);
     if !sparse.is_empty() {
         config["sparsity_config"] = serde_json::json!({
             "format": "whittle",
@@ -129,4 +117,9 @@ fn described(formats: Vec<(&str, &str)>) -> serde_json::Value {
         .map(|(n, d)| (n.to_string(), serde_json::Value::from(d)))
         .collect::<serde_json::Map<_, _>>()
         .into()
+}
+
+/// The Linears for which `keep` holds, by name, with their storage names (for the manifests in `config.json`).
+fn storage_names(l: &Loaded, keep: impl Fn(&Linear) -> bool) -> serde_json::Map<String, serde_json::Value> {
+    l.model.linears().into_iter().filter(|(_, lin)| keep(lin)).map(|(n, lin)| (n, lin.storage_name().into())).collect()
 }

@@ -106,7 +106,7 @@ pub struct CompareOptions<'a> {
 /// Evaluates and benchmarks `base` and each variant (the variants' quality measured against the base); one
 /// row per model, the base first.
 pub fn compare(
-    open: impl Fn(&str) -> Result<Loaded>,
+    open: impl Fn(&str) -> whittle_models::Result<Loaded>,
     base: &str,
     variants: &[String],
     o: &CompareOptions,

@@ -242,15 +242,13 @@ pub fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, Strin
     Ok((g, format!("group {requested} does not divide {k}: group {g}")))
 }
 
-fn quantize_linear(
-    l: &Linear,
-    scheme: Scheme,
-    plan: &Plan,
-    name: &str,
-    stats: Option<&ActStats>,
-) -> Result<(Linear, String)> {
-    if let Some((u, v)) = l.factors() {
-        return quantize_low_rank(u, v, l, scheme, plan, name, stats);
+/// A quantized Linear and the note on what the pass had to change.
+type Quantized = (Linear, String);
+
+fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Option<&ActStats>) -> Result<Quantized> {
+    let stats = st;
+    if l.factors().is_some() {
+        return quantize_low_rank(l, scheme, plan, name, stats);
     }
     match scheme {
         Scheme::Keep => Ok((l.clone(), String::new())),
@@ -288,15 +286,8 @@ fn quantize_linear(
 
 /// A low-rank layer: U and V are quantized as two Linears (the rank padded with zeros to a multiple of 32
 /// for the weight-only formats, whose groups need it), so the factorisation's savings add to the format's.
-fn quantize_low_rank(
-    u: Linear,
-    v: Linear,
-    l: &Linear,
-    scheme: Scheme,
-    plan: &Plan,
-    name: &str,
-    stats: Option<&ActStats>,
-) -> Result<(Linear, String)> {
+fn quantize_low_rank(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Option<&ActStats>) -> Result<Quantized> {
+    let (stats, (u, v)) = (st, l.factors().expect("a low-rank layer"));
     let r = u.in_features();
     let mut note = String::new();
     let (u, v) = match scheme {

@@ -27,6 +27,9 @@ use llama::{log_softmax, TrainLlama};
 pub enum Error {
     #[error("{0}")]
     Usage(String),
+    /// A caller's hook (evaluation, saving the best model) failed; its own error, typed.
+    #[error(transparent)]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]

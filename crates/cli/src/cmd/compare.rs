@@ -37,7 +37,7 @@ pub struct Args {
 
 pub fn run(a: &Args, env: &Env) -> Result<()> {
     let o = CompareOptions { chunks: a.chunks, bench: &a.b, reuse: a.reuse, save: a.save };
-    let open = |spec: &str| env.open_spec(spec).map_err(|e| whittle_pipeline::Error::Config(format!("{e:#}")));
+    let open = |spec: &str| whittle_models::load(spec, &env.load_options(None, false));
     let rows = measure::compare(open, &a.base, &a.variants, &o, &env.ctx())?;
     if let Some(p) = &a.output {
         whittle_pipeline::output::write_json(p, &rows)?;

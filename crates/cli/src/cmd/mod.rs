@@ -102,15 +102,15 @@ impl RunArgs {
 }
 
 impl Env {
-    /// Loads `m` with these run options.
-    pub fn open(&self, m: &ModelArg) -> Result<Loaded> {
-        let o = LoadOptions { tokenizer: m.tokenizer.clone(), dequantize: m.dequantize, run: self.run.clone() };
-        load(&m.model, &o).with_context(|| format!("loading model `{}`", m.model))
+    /// How this run loads models (with `tokenizer` instead of the model's own, block formats dequantized or not).
+    pub fn load_options(&self, tokenizer: Option<PathBuf>, dequantize: bool) -> LoadOptions {
+        LoadOptions { tokenizer, dequantize, run: self.run.clone() }
     }
 
-    /// Loads the model `spec` with its own tokenizer, in its stored format.
-    pub fn open_spec(&self, spec: &str) -> Result<Loaded> {
-        self.open(&ModelArg { model: spec.to_string(), tokenizer: None, dequantize: false })
+    /// Loads `m` with these run options.
+    pub fn open(&self, m: &ModelArg) -> Result<Loaded> {
+        let o = self.load_options(m.tokenizer.clone(), m.dequantize);
+        load(&m.model, &o).with_context(|| format!("loading model `{}`", m.model))
     }
 
     /// The stage context of this run: progress bars on a terminal, notes on stderr, schedule lines on

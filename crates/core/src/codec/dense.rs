@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::io::{read_bias, Expect, LinearReader, Stored};
+use super::io::{read_bias, LinearReader, Request, Stored};
 use crate::linear::Linear;
 
 /// The weight tensors of a dense layer.
@@ -11,12 +11,8 @@ pub fn write(w: &Tensor) -> crate::Result<Vec<(&'static str, Stored)>> {
 }
 
 /// A dense layer: what a Linear is when no other codec claims its tensors.
-pub fn read<R: LinearReader + ?Sized>(
-    r: &R,
-    name: &str,
-    expect: &Expect,
-    bias: bool,
-) -> std::result::Result<Linear, R::Error> {
+pub(crate) fn read<R: LinearReader + ?Sized>(q: &Request<R>) -> std::result::Result<Linear, R::Error> {
+    let (r, name, expect, bias) = (q.r, q.name, &q.expect, q.bias);
     let w = r.get(&format!("{name}.weight"), expect)?;
     let rows = w.dim(0)?;
     let b = read_bias(r, name, rows, bias)?;

@@ -2,16 +2,12 @@
 //! its block format. (A GGUF file is written by `whittle_quant`'s GGUF writer; a directory stores these
 //! layers dequantized, see [`super::write`].)
 
-use super::io::{fits, read_bias, Expect, LinearReader};
+use super::io::{fits, read_bias, LinearReader, Request};
 use crate::linear::Linear;
 
 /// A block-quantized layer, or `None` where `name.weight` is not a ggml block type this reader keeps.
-pub fn read<R: LinearReader + ?Sized>(
-    r: &R,
-    name: &str,
-    expect: &Expect,
-    bias: bool,
-) -> std::result::Result<Option<Linear>, R::Error> {
+pub(crate) fn read<R: LinearReader + ?Sized>(q: &Request<R>) -> std::result::Result<Option<Linear>, R::Error> {
+    let (r, name, expect, bias) = (q.r, q.name, &q.expect, q.bias);
     let wname = format!("{name}.weight");
     let Some((type_id, shape, raw)) = r.raw_block(&wname) else { return Ok(None) };
     let Some((fmt, qk, bb)) = whittle_kernels::ggml::type_info(type_id) else { return Ok(None) };

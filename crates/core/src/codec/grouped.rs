@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::io::{read_bias, Expect, LinearReader, Stored};
+use super::io::{read_bias, LinearReader, Request, Stored};
 use crate::backend::cpu;
 use crate::linear::{BlockLinear, Linear};
 use crate::rtn::Rtn;
@@ -36,12 +36,8 @@ pub fn claims<R: LinearReader + ?Sized>(r: &R, name: &str) -> bool {
 }
 
 /// A grouped layer: sizes from `weight_shape`, bits from the packed width, group from the scales' width.
-pub fn read<R: LinearReader + ?Sized>(
-    r: &R,
-    name: &str,
-    expect: &Expect,
-    bias: bool,
-) -> std::result::Result<Linear, R::Error> {
+pub(crate) fn read<R: LinearReader + ?Sized>(q: &Request<R>) -> std::result::Result<Linear, R::Error> {
+    let (r, name, expect, bias) = (q.r, q.name, &q.expect, q.bias);
     let field = |suffix: &str| format!("{name}.{suffix}");
     let shape: Vec<i64> = r.load_native(&field("weight_shape"))?.to_dtype(candle_core::DType::I64)?.to_vec1()?;
     let [m, k] = shape[..] else {

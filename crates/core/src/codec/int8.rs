@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use whittle_kernels::int8::PackedI8;
 
-use super::io::{fits, read_bias, Expect, LinearReader, Stored};
+use super::io::{fits, read_bias, LinearReader, Request, Stored};
 use crate::backend::cpu;
 use crate::linear::Linear;
 
@@ -37,12 +37,8 @@ pub fn claims<R: LinearReader + ?Sized>(r: &R, name: &str) -> bool {
 }
 
 /// A w8a8-dynamic layer, or w8a8-static where `.input_scale` is stored.
-pub fn read<R: LinearReader + ?Sized>(
-    r: &R,
-    name: &str,
-    expect: &Expect,
-    bias: bool,
-) -> std::result::Result<Linear, R::Error> {
+pub(crate) fn read<R: LinearReader + ?Sized>(q: &Request<R>) -> std::result::Result<Linear, R::Error> {
+    let (r, name, expect, bias) = (q.r, q.name, &q.expect, q.bias);
     let wname = format!("{name}.weight");
     let (shape, q) = r.load_i8(&wname)?;
     if !fits(&shape, expect) {

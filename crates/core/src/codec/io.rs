@@ -39,6 +39,15 @@ pub trait LinearReader {
 /// The expected (out, in) of a Linear's weight; `0` = any size.
 pub(crate) type Expect = [usize; 2];
 
+/// What a codec's `read` is asked for: the Linear `name` in `r`, its expected sizes (0 = any), and whether a
+/// bias must be stored.
+pub(crate) struct Request<'a, R: ?Sized> {
+    pub r: &'a R,
+    pub name: &'a str,
+    pub expect: Expect,
+    pub bias: bool,
+}
+
 /// Whether a stored 2-D `shape` matches `expect` (0 = any size).
 pub(crate) fn fits(shape: &[usize], expect: &Expect) -> bool {
     shape.len() == 2 && shape.iter().zip(expect).all(|(a, b)| *b == 0 || a == b)

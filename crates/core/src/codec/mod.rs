@@ -80,7 +80,8 @@ pub fn read<R: LinearReader + ?Sized>(
     bias: bool,
 ) -> std::result::Result<Linear, R::Error> {
     let expect = [out.unwrap_or(0), inp.unwrap_or(0)];
-    if let Some(l) = ggml::read(r, name, &expect, bias)? {
+    let q = io::Request { r, name, expect, bias };
+    if let Some(l) = ggml::read(&q)? {
         return Ok(l);
     }
     // `.weight_u` (out, r) + `.weight_v` (r, in): a low-rank factorisation.
@@ -98,15 +99,15 @@ pub fn read<R: LinearReader + ?Sized>(
         return Ok(Linear::low_rank_of(u, v, b)?);
     }
     if sparse::claims(r, name) {
-        return sparse::read(r, name, &expect, bias);
+        return sparse::read(&q);
     }
     if grouped::claims(r, name) {
-        return grouped::read(r, name, &expect, bias);
+        return grouped::read(&q);
     }
     if int8::claims(r, name) {
-        return int8::read(r, name, &expect, bias);
+        return int8::read(&q);
     }
-    dense::read(r, name, &expect, bias)
+    dense::read(&q)
 }
 
 /// The quantized formats a directory stores, `(name, description)`, for its `quantization_config`.

@@ -13,7 +13,7 @@
 
 use candle_core::Tensor;
 
-use super::io::{read_bias, Expect, LinearReader, Stored};
+use super::io::{read_bias, LinearReader, Request, Stored};
 use crate::backend::cpu;
 use crate::linear::Linear;
 use crate::sparse::{code_bits, SparseFormat, SparseLinear};
@@ -188,12 +188,8 @@ pub fn claims<R: LinearReader + ?Sized>(r: &R, name: &str) -> bool {
 }
 
 /// A sparse layer: N:M, bitmap or CSR, whichever layout tensors are stored.
-pub fn read<R: LinearReader + ?Sized>(
-    r: &R,
-    name: &str,
-    expect: &Expect,
-    bias: bool,
-) -> std::result::Result<Linear, R::Error> {
+pub(crate) fn read<R: LinearReader + ?Sized>(q: &Request<R>) -> std::result::Result<Linear, R::Error> {
+    let (r, name, expect, bias) = (q.r, q.name, &q.expect, q.bias);
     let field = |suffix: &str| format!("{name}.{suffix}");
     let ints = |suffix: &str| -> std::result::Result<Vec<i64>, R::Error> {
         Ok(r.load_native(&field(suffix))?.to_dtype(candle_core::DType::I64)?.flatten_all()?.to_vec1()?)

@@ -133,7 +133,8 @@ pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Bo
             None
         }
         Some(steps) => {
-            let h = super::schedule::run(l, steps, sched.max_drop, c.eval_windows, |l, a| step(&mut l.model, a), ctx)?;
+            let h =
+                super::schedule::run(l, steps, sched.max_drop, c.eval_windows, |l, a| Ok(step(&mut l.model, a)?), ctx)?;
             // The kept model is the last step within the bound: run it again for its report.
             let kept = h.iter().rev().find(|r| r.kept).map_or(0.0, |r| r.amount);
             if kept == 0.0 {

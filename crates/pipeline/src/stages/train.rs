@@ -190,7 +190,7 @@ impl Student<'_, '_> {
     /// the best student saved to `output`, and each step's line as a note.
     fn train(&self, obj: &dyn Objective, o: &TrainOptions, a: &TrainConfig, ctx: &Ctx) -> Result<Outcome> {
         let max_time = a.max_time.as_deref().map(parse_time).transpose()?;
-        let to_train = |e: crate::Error| whittle_train::Error::Usage(format!("evaluation: {e}"));
+        let to_train = |e: crate::Error| whittle_train::Error::Hook(Box::new(e));
         let mut eval = || -> whittle_train::Result<f64> {
             let mut l = self.cell.borrow_mut();
             (self.write_back)(&mut l.model)?;
