@@ -253,8 +253,10 @@ pub fn kernel_check(l: &Loaded, prefill_rows: usize) -> Result<Option<KernelChec
     if sparse.is_empty() {
         return Ok(None);
     }
-    let dense: Vec<Linear> =
-        sparse.iter().map(|(_, s)| Ok(Linear::dense(s.dequantize()?, s.bias.clone())?)).collect::<Result<_>>()?;
+    let dense: Vec<Linear> = sparse
+        .iter()
+        .map(|(_, s)| Ok(Linear::dense(s.dequantize()?, s.bias.clone())?.inheriting(s)))
+        .collect::<Result<_>>()?;
     let first = sparse[0].0.split('.').take(3).collect::<Vec<_>>().join(".");
     let median_ms = |layers: &[&Linear], rows: usize, reps: usize| -> Result<f64> {
         let xs: Vec<Tensor> = layers

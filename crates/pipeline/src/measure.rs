@@ -63,21 +63,50 @@ pub fn bench(l: &Loaded, name: &str, c: &BenchConfig, ctx: &Ctx) -> Result<Metri
 }
 
 /// The quick quality check of schedules, sharing and training: perplexity on the first `windows` WikiText-2
-/// test windows of 512 tokens (decoders), or STS-B test Spearman (encoders), with its throughput.
+/// test windows of 512 tokens (decoders), or STS-B test Spearman (encoders), with its throughput. The data
+/// is read once, when the probe is made (before any expensive work).
+pub struct QualityProbe {
+    windows: usize,
+    data: ProbeData,
+}
+
+enum ProbeData {
+    Text(String),
+    Pairs(Vec<data::StsPair>),
+}
+
+impl QualityProbe {
+    /// The probe for models of `l`'s family.
+    pub fn new(l: &Loaded, windows: usize) -> Result<Self> {
+        let data = if l.model.is_decoder() {
+            ProbeData::Text(data::read_text(None, data::WIKI_TEST)?.1)
+        } else {
+            ProbeData::Pairs(data::parse_sts(&data::read_text(None, data::STS_TEST)?)?)
+        };
+        Ok(Self { windows, data })
+    }
+
+    pub fn measure(&self, l: &Loaded) -> Result<Quality> {
+        let t = Instant::now();
+        let mut quiet = |_: usize, _: usize| {};
+        let (name, value, lower_is_better, n) = match &self.data {
+            ProbeData::Text(text) => {
+                let o = ppl::PplOptions { ctx: 512, chunks: Some(self.windows) };
+                let m = ppl::perplexity(l, text, &o, None, &mut quiet)?;
+                ("ppl", m.ppl.unwrap_or(f64::NAN), true, m.tokens.unwrap_or(0) as f64)
+            }
+            ProbeData::Pairs(pairs) => {
+                let m = sts::sts(l, pairs, 128, None, &mut quiet)?;
+                ("sts", m.sts_spearman.unwrap_or(f64::NAN), false, 2.0 * pairs.len() as f64)
+            }
+        };
+        Ok(Quality { name: name.into(), value, lower_is_better, per_second: n / t.elapsed().as_secs_f64() })
+    }
+}
+
+/// [`QualityProbe`] made and used once.
 pub fn quick_quality(l: &Loaded, windows: usize) -> Result<Quality> {
-    let t = Instant::now();
-    let mut quiet = |_: usize, _: usize| {};
-    let (name, value, lower_is_better, n) = if l.model.is_decoder() {
-        let (_, text) = data::read_text(None, data::WIKI_TEST)?;
-        let o = ppl::PplOptions { ctx: 512, chunks: Some(windows) };
-        let m = ppl::perplexity(l, &text, &o, None, &mut quiet)?;
-        ("ppl", m.ppl.unwrap_or(f64::NAN), true, m.tokens.unwrap_or(0) as f64)
-    } else {
-        let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-        let m = sts::sts(l, &pairs, 128, None, &mut quiet)?;
-        ("sts", m.sts_spearman.unwrap_or(f64::NAN), false, 2.0 * pairs.len() as f64)
-    };
-    Ok(Quality { name: name.into(), value, lower_is_better, per_second: n / t.elapsed().as_secs_f64() })
+    QualityProbe::new(l, windows)?.measure(l)
 }
 
 /// Figures saved next to `model` by an earlier `--save`, if any.

@@ -226,7 +226,8 @@ pub fn sensitivity(
                 }
             }
             // The probe: this layer alone in the probe format (run densely, so only the weights differ).
-            let probe = Linear::dense(Tensor::from_vec(probe_w, (mo, k), &orig.device())?, orig.bias.clone())?;
+            let probe = Linear::dense(Tensor::from_vec(probe_w, (mo, k), &orig.device())?, orig.bias.clone())?
+                .inheriting(&orig);
             *m.blocks[bi].linears_mut()[li].1 = probe;
             let mut kl = 0.0;
             for (wi, x0) in inputs[bi].iter().enumerate() {

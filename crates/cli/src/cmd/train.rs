@@ -1,6 +1,6 @@
 //! `distill` and `finetune`: the training stages behind flags.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use whittle_pipeline::stages::train::{open_for_training, DistillConfig, FinetuneConfig, TrainConfig};
 use whittle_pipeline::{output, Stage};
 
@@ -40,7 +40,7 @@ fn run(student: &str, stage: &dyn Stage, t: &TrainConfig, f: &RunFlags, env: &En
     if !t.resume {
         output::check(&t.output, f.force)?;
     }
-    let mut l = open_for_training(student, &env.run)?;
+    let mut l = open_for_training(student, &env.run).with_context(|| format!("loading model `{student}`"))?;
     let report = stage.apply(&mut l, &mut env.ctx())?;
     print_report(report.as_ref(), f.json, None)
 }

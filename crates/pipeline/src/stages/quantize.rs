@@ -102,6 +102,9 @@ impl Stage for QuantizeConfig {
         if self.gguf_ftype().is_some() {
             return Ok(());
         }
+        if let Some(a) = self.smoothquant.filter(|a| !(0.0..=1.0).contains(a)) {
+            return Err(InvalidOption::new("smoothquant", a, "the strength alpha must be in [0, 1]").into());
+        }
         if self.imatrix.is_some() {
             bail!("option `imatrix` weights the rounding of GGUF block types (NAME.gguf outputs); for directory schemes use option `method` awq or gptq, which measure the activations themselves");
         }

@@ -7,7 +7,7 @@ use whittle_compress::schedule::{parse_max_drop, parse_schedule};
 use whittle_core::InvalidOption;
 
 use crate::config::PruneConfig;
-use crate::measure::quick_quality;
+use crate::measure::QualityProbe;
 use crate::{bail, Ctx, Result};
 
 /// The parsed progressive schedule of a `prune` config.
@@ -30,7 +30,7 @@ impl Schedule {
     }
 }
 
-/// Runs `prune(l, amount)` for each step, measuring with [`quick_quality`] on `windows` windows (decoders) or
+/// Runs `prune(l, amount)` for each step, measuring with a [`QualityProbe`](crate::measure::QualityProbe) on `windows` windows (decoders) or
 /// STS-B (encoders); each step's line goes to [`Ctx::step`].
 pub(super) fn run(
     l: &mut Loaded,
@@ -41,7 +41,8 @@ pub(super) fn run(
     ctx: &Ctx,
 ) -> Result<Vec<Step>> {
     let unit = if l.model.is_decoder() { "tok/s" } else { "sent/s" };
-    let eval = |l: &Loaded| quick_quality(l, windows);
+    let probe = QualityProbe::new(l, windows)?;
+    let eval = |l: &Loaded| probe.measure(l);
     let print = |s: &Step| {
         ctx.step(&format!(
             "step {:>2}  amount {:>5.3}  removed {:>6.2}%  Linears {:>8.2} MB  {} {:>9.4}  drop {:>+7.2}%  {:>8.1} {unit}{}",

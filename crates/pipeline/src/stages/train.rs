@@ -14,7 +14,7 @@ use whittle_train::llama::TrainLlama;
 use whittle_train::{train, Hooks, LlamaObjective, LossOptions, Objective, Outcome, StepLog, TrainOptions, Windows};
 
 pub use crate::config::{DistillConfig, FinetuneConfig, TrainConfig};
-use crate::measure::quick_quality;
+use crate::measure::QualityProbe;
 use crate::{bail, Ctx, Report, Result, Stage};
 
 /// Seconds from `20m`, `1h`, `90s` or `90`.
@@ -61,6 +61,9 @@ fn parse_hidden_map(s: &str, ls: usize, lt: usize) -> Result<Vec<(usize, usize)>
 
 impl TrainConfig {
     fn check(&self) -> Result<()> {
+        if self.eval_windows == 0 {
+            return Err(InvalidOption::new("eval_windows", 0, "must be at least 1").into());
+        }
         if self.output.as_os_str().is_empty() {
             return Err(InvalidOption::new(
                 "output",
@@ -186,15 +189,16 @@ struct Student<'a, 'l> {
 }
 
 impl Student<'_, '_> {
-    /// Trains `obj` with evaluation by [`quick_quality`] (lower is better: encoders' Spearman is negated),
+    /// Trains `obj` with evaluation by a [`QualityProbe`] (lower is better: encoders' Spearman is negated),
     /// the best student saved to `output`, and each step's line as a note.
     fn train(&self, obj: &dyn Objective, o: &TrainOptions, a: &TrainConfig, ctx: &Ctx) -> Result<Outcome> {
         let max_time = a.max_time.as_deref().map(parse_time).transpose()?;
+        let probe = QualityProbe::new(&self.cell.borrow(), a.eval_windows)?;
         let to_train = |e: crate::Error| whittle_train::Error::Hook(Box::new(e));
         let mut eval = || -> whittle_train::Result<f64> {
             let mut l = self.cell.borrow_mut();
             (self.write_back)(&mut l.model)?;
-            let q = quick_quality(&l, a.eval_windows).map_err(to_train)?;
+            let q = probe.measure(&l).map_err(to_train)?;
             Ok(if q.lower_is_better { q.value } else { -q.value })
         };
         let mut save_best = || -> whittle_train::Result<()> {
