@@ -40,7 +40,11 @@ impl Default for BenchOptions {
 
 /// Bytes of the model's weight files on disk.
 pub fn model_bytes(l: &Loaded) -> u64 {
-    let p = &l.source.path;
+    weight_bytes(&l.source.path)
+}
+
+/// Bytes of the weights at `p`: the file itself, or a directory's `.safetensors` / `.gguf` files.
+pub fn weight_bytes(p: &std::path::Path) -> u64 {
     if p.is_file() {
         return std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     }

@@ -26,19 +26,6 @@ pub fn save(l: &Loaded, out: &Path, report: Option<&mut dyn crate::Report>) -> R
     Ok(())
 }
 
-/// Bytes of the `.safetensors` files in the directory `dir` (0 when there are none).
-pub fn saved_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// Writes `v` as pretty JSON to `path` through a temporary file and a rename (never a half-written file).
 pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     let io = |e: std::io::Error| Error::File { path: path.display().to_string(), msg: e.to_string() };

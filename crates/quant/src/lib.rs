@@ -246,14 +246,13 @@ pub fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, Strin
 type Quantized = (Linear, String);
 
 fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Option<&ActStats>) -> Result<Quantized> {
-    let stats = st;
-    if l.factors().is_some() {
-        return quantize_low_rank(l, scheme, plan, name, stats);
+    if l.rank().is_some() {
+        return quantize_low_rank(l, scheme, plan, name, st);
     }
     match scheme {
         Scheme::Keep => Ok((l.clone(), String::new())),
         Scheme::W8A8Static => {
-            let s = stats
+            let s = st
                 .filter(|s| s.rows > 0 && s.range > 0.0)
                 .ok_or_else(|| Error::Unsupported(format!("w8a8-static: no calibration statistics for `{name}`")))?;
             let (lo, hi) = plan.observer.range(s);
@@ -287,7 +286,7 @@ fn quantize_linear(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Opti
 /// A low-rank layer: U and V are quantized as two Linears (the rank padded with zeros to a multiple of 32
 /// for the weight-only formats, whose groups need it), so the factorisation's savings add to the format's.
 fn quantize_low_rank(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Option<&ActStats>) -> Result<Quantized> {
-    let (stats, (u, v)) = (st, l.factors().expect("a low-rank layer"));
+    let (u, v) = l.factors().expect("a low-rank layer");
     let r = u.in_features();
     let mut note = String::new();
     let (u, v) = match scheme {
@@ -306,7 +305,7 @@ fn quantize_low_rank(l: &Linear, scheme: Scheme, plan: &Plan, name: &str, st: Op
         }
         _ => (u, v),
     };
-    let (qv, nv) = quantize_linear(&v, scheme, plan, &format!("{name}.v"), stats)?;
+    let (qv, nv) = quantize_linear(&v, scheme, plan, &format!("{name}.v"), st)?;
     let (qu, nu) = quantize_linear(&u, scheme, plan, &format!("{name}.u"), None)?;
     for n in [nv, nu] {
         if !n.is_empty() {

@@ -148,6 +148,6 @@ impl Report for LowrankStageReport {
     }
 
     fn saved(&mut self, out: &std::path::Path) {
-        self.bytes_out = crate::output::saved_bytes(out);
+        self.bytes_out = whittle_eval::bench::weight_bytes(out);
     }
 }

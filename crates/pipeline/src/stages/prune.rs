@@ -180,7 +180,7 @@ impl Report for PruneStageReport {
     }
 
     fn saved(&mut self, out: &std::path::Path) {
-        self.sizes.bytes_out = crate::output::saved_bytes(out);
+        self.sizes.bytes_out = whittle_eval::bench::weight_bytes(out);
     }
 }
 

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use whittle_core::{InvalidOption, Rtn};
+use whittle_eval::bench::weight_bytes;
 use whittle_models::Loaded;
 use whittle_quant::gguf_out::{self, Ftype};
 use whittle_quant::{awq, calib, gptq, layerwise, smooth, Observer, Plan, Scheme};
@@ -245,8 +246,12 @@ pub fn quantize_gguf(model: &str, out: &Path, c: &QuantizeConfig) -> Result<Box<
         imatrix: im.as_ref(),
     };
     let report = gguf_out::write_gguf(&src, out, &o)?;
-    let bytes = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    Ok(Box::new(QuantStageReport { report, bytes_in: bytes(&path), bytes_out: bytes(out), verb: "quantized" }))
+    Ok(Box::new(QuantStageReport {
+        report,
+        bytes_in: weight_bytes(&path),
+        bytes_out: weight_bytes(out),
+        verb: "quantized",
+    }))
 }
 
 /// A quantization pass's report, with the model's sizes on disk.
@@ -283,8 +288,6 @@ impl Report for QuantStageReport {
     }
 
     fn saved(&mut self, out: &Path) {
-        if out.is_dir() {
-            self.bytes_out = crate::output::saved_bytes(out);
-        }
+        self.bytes_out = weight_bytes(out);
     }
 }

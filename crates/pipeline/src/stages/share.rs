@@ -142,6 +142,6 @@ impl Report for ShareStageReport {
     }
 
     fn saved(&mut self, out: &std::path::Path) {
-        self.bytes_after = crate::output::saved_bytes(out);
+        self.bytes_after = whittle_eval::bench::weight_bytes(out);
     }
 }
