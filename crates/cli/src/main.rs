@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cmd::{compare, convert, embed, eval, generate, inspect, measure, stage, train};
+use cmd::{compare, convert, embed, eval, generate, inspect, measure, optimize, stage, train};
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
 /// back on every op (measured: whittle bench, MiniLM w8a8).
@@ -65,6 +65,9 @@ enum Cmd {
     Compare(compare::Args),
     /// Generate text with a decoder (greedy by default; sampling with --temperature)
     Generate(generate::Args),
+    /// Make the smallest (or fastest) model within a quality tolerance: a recipe of stages (--recipe R.toml),
+    /// or a search at a level (--level light|medium|full, --max-drop 1%); writes OUT/model, OUT/report.html
+    Optimize(optimize::Args),
 }
 
 impl Cmd {
@@ -84,6 +87,7 @@ impl Cmd {
             Cmd::Compare(a) => a.json,
             Cmd::Generate(a) => a.json,
             Cmd::Embed(a) => a.json,
+            Cmd::Optimize(a) => a.json,
             Cmd::Convert(_) | Cmd::Imatrix(_) => false,
         }
     }
@@ -108,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval::eval(a, &env),
         Cmd::Bench(a) => eval::bench(a, &env),
         Cmd::Compare(a) => compare::run(a, &env),
+        Cmd::Optimize(a) => optimize::run(a, &env),
     }
 }
 

@@ -541,3 +541,46 @@ pub struct ImatrixConfig {
     #[cfg_attr(feature = "cli", command(flatten))]
     pub calibration: CalibConfig,
 }
+
+/// Options of `optimize` (the CLI flags of `whittle optimize`): a recipe, or a search for the smallest /
+/// fastest model within a quality tolerance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizeConfig {
+    /// Run the stages of this TOML recipe in order (see examples/recipes/)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub recipe: Option<PathBuf>,
+    /// Search at a deployment level: light (post-training quantization), medium (+ mixed precision,
+    /// pruning, low rank), full (+ structured pruning and sharing with distillation)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub level: Option<String>,
+    /// Quality the search may lose: relative (1%, the default unit) or absolute in the metric's unit (0.5pt);
+    /// default by level: light 1%, medium 2%, full 3%
+    #[cfg_attr(feature = "cli", arg(long, allow_hyphen_values = true))]
+    pub max_drop: Option<String>,
+    /// Quality metric: ppl, kld, cloze (decoders), sts, sst2 (encoders); default ppl / sts
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub metric: Option<String>,
+    /// What to optimise among the models that meet the goal: size, latency, memory, throughput
+    #[cfg_attr(feature = "cli", arg(long, default_value = "size"))]
+    pub objective: String,
+    /// Time the search may take (e.g. 45m); default by level: light 10m, medium 20m, full 40m
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub budget: Option<String>,
+    /// Stop after this many measured candidates
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_trials: Option<usize>,
+    /// Seed of the search's order among equal predictions (and of the trainings it runs)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub seed: u64,
+    /// WikiText-2 test windows of 512 tokens per quality measurement of the search (decoders)
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub eval_windows: usize,
+    /// Peers' figures (JSON lines, as ../shared/peers/*.py print them) to show in the report
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub peers: Option<PathBuf>,
+    /// Replace an output directory that holds another run
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub force: bool,
+}

@@ -29,6 +29,7 @@ pub mod config;
 pub mod ctx;
 pub mod importance;
 pub mod measure;
+pub mod optimize;
 pub mod output;
 pub mod report;
 pub mod stages;

@@ -234,10 +234,15 @@ pub struct GgufOptions<'a> {
     pub imatrix: Option<&'a std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
-/// Writes the GGUF `src` to `out` as a GGUF of file type `o.ftype`, one tensor at a time straight from the
-/// source's values (no model in memory: peak ≈ the mapped source + the output + two tensors in f32).
-pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
-    let t0 = std::time::Instant::now();
+/// One tensor of a planned GGUF file type: its HF name and the ggml type it gets (`None`: copied as it is).
+pub struct PlannedTensor {
+    pub hf: String,
+    pub t: u32,
+}
+
+/// The type every tensor of `src` gets under `o` (llama-quantize's rules, then the overrides), without
+/// encoding anything.
+pub fn plan_gguf(src: &Gguf, o: &GgufOptions) -> Result<Vec<Option<PlannedTensor>>> {
     let cfg = whittle_models::llama::LlamaConfig::from_gguf(src)?;
     let mut overrides = Vec::new();
     for s in o.overrides {
@@ -251,20 +256,10 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
         })?;
         overrides.push((re, t));
     }
-    if let Some(im) = o.imatrix {
-        let widths = src.tensors.iter().map(|t| (t.name.clone(), t.ne[0])).collect();
-        crate::imatrix::check_imatrix(im, &widths, "option `imatrix`")?;
-    }
     let n_layer = cfg.num_layers;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
     let tied = src.tensor("output.weight").is_none();
-
-    // Plan every tensor first (cheap), then encode the 2-D ones on all cores.
-    struct Job {
-        hf: String,
-        t: u32,
-    }
-    let mut jobs: Vec<Option<Job>> = Vec::with_capacity(src.tensors.len());
+    let mut jobs: Vec<Option<PlannedTensor>> = Vec::with_capacity(src.tensors.len());
     for info in &src.tensors {
         let Some(hf) = names::gguf_to_hf(&info.name) else {
             jobs.push(None); // rope_freqs and other tensors without an HF twin: copied as they are
@@ -294,8 +289,41 @@ pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
         } else {
             ty::F32
         };
-        jobs.push(Some(Job { hf, t }));
+        jobs.push(Some(PlannedTensor { hf, t }));
     }
+    Ok(jobs)
+}
+
+/// The bytes of the tensor data `o` would write from `src` (the file adds its metadata and alignment).
+pub fn planned_bytes(src: &Gguf, o: &GgufOptions) -> Result<u64> {
+    let plan = plan_gguf(src, o)?;
+    Ok(src
+        .tensors
+        .iter()
+        .zip(&plan)
+        .map(|(info, p)| {
+            let n: usize = info.ne.iter().product();
+            match p {
+                None => info.bytes as u64,
+                Some(p) => match GgmlType::by_id(p.t) {
+                    Some(g) => (n / g.block * g.bytes) as u64,
+                    None => 4 * n as u64,
+                },
+            }
+        })
+        .sum())
+}
+
+/// Writes the GGUF `src` to `out` as a GGUF of file type `o.ftype`, one tensor at a time straight from the
+/// source's values (no model in memory: peak ≈ the mapped source + the output + two tensors in f32).
+pub fn write_gguf(src: &Gguf, out: &Path, o: &GgufOptions) -> Result<Report> {
+    let t0 = std::time::Instant::now();
+    if let Some(im) = o.imatrix {
+        let widths = src.tensors.iter().map(|t| (t.name.clone(), t.ne[0])).collect();
+        crate::imatrix::check_imatrix(im, &widths, "option `imatrix`")?;
+    }
+    // Plan every tensor first (cheap), then encode the 2-D ones on all cores.
+    let jobs = plan_gguf(src, o)?;
 
     // Per source tensor: (bytes, weight RMSE, seconds), filled by the workers.
     type Encoded = Result<(Vec<u8>, f64, f64)>;

@@ -10,7 +10,7 @@ pub mod share;
 pub mod structured;
 pub mod train;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use whittle_models::Loaded;
 
 pub use lowrank::LowrankConfig;
@@ -23,7 +23,7 @@ use crate::{Ctx, Report, Result, Stage};
 
 /// Any stage, as a recipe names it: `stage = "prune"` plus the stage's own keys (the CLI flags' names with
 /// underscores). Unknown stages and unknown keys are errors.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "stage", rename_all = "lowercase", deny_unknown_fields)]
 pub enum AnyStage {
     /// Unstructured / N:M pruning (`method`), or structured removal (`structured`, `drop_layers`).
