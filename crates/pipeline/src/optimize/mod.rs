@@ -134,6 +134,16 @@ pub fn run(
     if let Request::Recipe(r) = &req {
         r.check_model(&path)?;
     }
+    let mut req = req;
+    if let Request::Search(g) = &mut req {
+        // The metric must fit the model (checked before the output directory is touched).
+        let l = open(model, false)?;
+        let decoder = l.model.is_decoder();
+        match &c.metric {
+            Some(_) => g.metric.check_fits(decoder, l.model.family())?,
+            None => g.metric = Metric::default_for(decoder),
+        }
+    }
     let model_key = store::model_key(&path)?;
     let (kind, settings) = match &req {
         Request::Recipe(r) => ("recipe", serde_json::json!({ "recipe": r.source, "key": r.key() })),
@@ -156,11 +166,7 @@ pub fn run(
             let family = l.model.family().to_string();
             (Some(o), None, family, search::layer_map(&l))
         }
-        Request::Search(mut g) => {
-            if c.metric.is_none() {
-                let l = open(model, false)?;
-                g.metric = Metric::default_for(l.model.is_decoder());
-            }
+        Request::Search(g) => {
             let o = search::search(model, &g, out, open, ctx)?;
             let (family, layers) = (o.family.clone(), o.layers.clone());
             (None, Some(o), family, layers)

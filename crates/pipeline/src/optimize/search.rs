@@ -221,6 +221,9 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
         let reference = setup.probes.iter().find(|p| p.group == "all")?.kld;
         let mut sum = reference;
         for (g, t) in &c.probe {
+            if t == space::PROBE_REFERENCE {
+                continue;
+            }
             let gname = groups.get(*g)?.name;
             let p = setup.probes.iter().find(|p| p.group == gname && &p.gtype == t)?;
             sum += (p.kld - reference).max(0.0);
