@@ -17,6 +17,13 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout)
 }
 
+/// The JSON a `--json` command prints on stdout.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let o = whittle(args);
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
 fn fails(args: &[&str], want: &[&str]) {
     let o = whittle(args);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -48,8 +55,7 @@ fn a_recipe_runs_keeps_its_stages_and_resumes() {
     // A longer recipe is another run: refused without --force.
     std::fs::write(&recipe, "[[stage]]\nstage = \"quantize\"\nscheme = \"w8a8-static\"\n").unwrap();
     fails(&["optimize", m, "--recipe", r, "-o", o], &["other settings", "--force"]);
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&["optimize", m, "--recipe", r, "-o", o, "--force", "--json"])).unwrap();
+    let v = ok_json(&["optimize", m, "--recipe", r, "-o", o, "--force", "--json"]);
     assert_eq!(v["recipe"]["stages"].as_array().unwrap().len(), 1);
 }
 
@@ -65,10 +71,10 @@ fn a_search_reports_every_trial_and_its_rerun_replays_them() {
     let out = d.path().join("s");
     let (m, o) = (minilm.to_str().unwrap(), out.to_str().unwrap());
     let args = ["optimize", m, "--level", "light", "--objective", "latency", "--budget", "20m", "-o", o, "--json"];
-    let v: serde_json::Value = serde_json::from_str(&ok(&[&args[..], &["--max-trials", "1"]].concat())).unwrap();
+    let v = ok_json(&[&args[..], &["--max-trials", "1"]].concat());
     let trials = v["search"]["trials"].as_array().unwrap().clone();
     assert_eq!(trials.len(), 1);
-    let v2: serde_json::Value = serde_json::from_str(&ok(&[&args[..], &["--max-trials", "2"]].concat())).unwrap();
+    let v2 = ok_json(&[&args[..], &["--max-trials", "2"]].concat());
     let trials2 = v2["search"]["trials"].as_array().unwrap();
     assert_eq!(trials2.len(), 2);
     assert_eq!(trials2[0], trials[0], "the rerun replays the first trial");

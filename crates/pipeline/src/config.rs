@@ -540,6 +540,10 @@ pub struct ImatrixConfig {
     /// Calibration text and budget (default: 16 windows of 512 tokens)
     #[cfg_attr(feature = "cli", command(flatten))]
     pub calibration: CalibConfig,
+    /// Also the output head's inputs (the tied embedding table when the model has no separate head), which
+    /// llama-imatrix leaves out: then the head / embedding is quantized importance-weighted too
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub head: bool,
 }
 
 /// Options of `optimize` (the CLI flags of `whittle optimize`): a recipe, or a search for the smallest /

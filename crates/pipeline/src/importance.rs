@@ -99,7 +99,15 @@ impl ImatrixConfig {
         let c = self.calibration.resolve_with(16, 512)?;
         let cal = whittle_calib::observe::calibrate(l, &c.text, &c.opts, ctx.progress("imatrix"))?;
         let chunks = cal.tokens / c.opts.seq_len;
-        let n = whittle_quant::imatrix::write_imatrix(&cal.stats, out, &c.opts.source, chunks, c.opts.seq_len)?;
+        let head = self.head.then(|| {
+            let tied = !l.source.tensors.iter().any(|t| t.name == "output.weight" || t.name == "lm_head.weight");
+            if tied {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            }
+        });
+        let n = whittle_quant::imatrix::write_imatrix(&cal.stats, out, &c.opts.source, chunks, c.opts.seq_len, head)?;
         ctx.note(&format!("{n} tensors, {} tokens of {}, {:.1}s", cal.tokens, c.opts.source, cal.seconds));
         Ok(n)
     }

@@ -11,24 +11,31 @@ use whittle_formats::gguf::{write, Value};
 
 use crate::{Error, Result};
 
-/// Writes the Σx² statistics of every block Linear of a LLaMA model (HF names in `stats`) to `out`.
+/// Writes the Σx² statistics of every block Linear of a LLaMA model (HF names in `stats`) to `out`; with
+/// `head` (the GGUF tensor of the output head: `output.weight`, or `token_embd.weight` when the embeddings
+/// are tied) the head's statistics too, which llama-imatrix leaves out.
 pub fn write_imatrix(
     stats: &BTreeMap<String, ActStats>,
     out: &Path,
     dataset: &str,
     chunks: usize,
     chunk_size: usize,
+    head: Option<&str>,
 ) -> Result<usize> {
     let mut tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)> = Vec::new();
     for (name, s) in stats {
         if s.rows == 0 {
             continue;
         }
-        // llama-imatrix collects the block weights (`blk.*`), not the output head.
-        if !whittle_models::Model::is_block_linear(name) {
-            continue;
-        }
-        let Some(g) = whittle_models::names::hf_to_gguf(&format!("{name}.weight")) else { continue };
+        // llama-imatrix collects the block weights (`blk.*`), not the output head (unless asked).
+        let g = match head {
+            Some(h) if name == "lm_head" => h.to_string(),
+            _ if !whittle_models::Model::is_block_linear(name) => continue,
+            _ => match whittle_models::names::hf_to_gguf(&format!("{name}.weight")) {
+                Some(g) => g,
+                None => continue,
+            },
+        };
         let sum2: Vec<u8> = s.sumsq.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
         tensors.push((format!("{g}.in_sum2"), vec![s.k as u64, 1], 0, sum2));
         tensors.push((format!("{g}.counts"), vec![1, 1], 0, (s.rows as f32).to_le_bytes().to_vec()));
@@ -122,7 +129,7 @@ mod tests {
         st.observe(&[1.0, 2.0, 0.0, -1.0, 3.0, 0.0, 0.0, 1.0]);
         let mut stats = BTreeMap::new();
         stats.insert("model.layers.0.self_attn.q_proj".to_string(), st);
-        assert_eq!(write_imatrix(&stats, &f, "t", 1, 2).unwrap(), 1);
+        assert_eq!(write_imatrix(&stats, &f, "t", 1, 2, None).unwrap(), 1);
         let im = read_imatrix(&f).unwrap();
         assert_eq!(im["blk.0.attn_q.weight"], vec![5.0, 2.0, 0.0, 1.0]);
         let mut widths = BTreeMap::from([("blk.0.attn_q.weight".to_string(), 4usize)]);

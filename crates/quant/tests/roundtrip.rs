@@ -195,7 +195,7 @@ fn imatrix_file_has_llama_cpp_layout() {
     let o = CalibOptions { samples: 4, seq_len: 16, source: "tiny".into(), int8: false };
     let cal = calibrate(&mut l, &tiny_text(), &o, |_, _| {}).unwrap();
     let out = d.path().join("imatrix.gguf");
-    let n = whittle_quant::imatrix::write_imatrix(&cal.stats, &out, "tiny", 4, 16).unwrap();
+    let n = whittle_quant::imatrix::write_imatrix(&cal.stats, &out, "tiny", 4, 16, None).unwrap();
     assert_eq!(n, 14); // 7 Linears × 2 blocks; the head is left out as llama-imatrix does
     let g = Gguf::open(&out).unwrap();
     assert_eq!(g.get("general.type").and_then(|v| v.as_str()), Some("imatrix"));

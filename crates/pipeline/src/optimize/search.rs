@@ -201,10 +201,10 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
     ctx.note(&format!("{} candidates", cands.len()));
 
     if cands.iter().any(|c| matches!(c.plan, Plan::Gguf(_))) && !imatrix.exists() {
-        ctx.note("importance matrix (calibration text, 16 windows of 512) ...");
+        ctx.note("importance matrix with the output head (calibration text, 16 windows of 512) ...");
         let t = Instant::now();
         let mut l = open(model, false)?;
-        ImatrixConfig::default().write(&mut l, &imatrix, ctx)?;
+        ImatrixConfig { head: true, ..Default::default() }.write(&mut l, &imatrix, ctx)?;
         setup.imatrix_seconds = t.elapsed().as_secs_f64();
         store::write_json(&state_path, &setup)?;
     }
