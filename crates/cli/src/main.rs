@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cmd::{compare, convert, embed, eval, generate, inspect, measure, stage, train};
+use cmd::{compare, convert, embed, eval, generate, inspect, measure, serve, stage, train};
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
 /// back on every op (measured: whittle bench, MiniLM w8a8).
@@ -65,6 +65,9 @@ enum Cmd {
     Compare(compare::Args),
     /// Generate text with a decoder (greedy by default; sampling with --temperature)
     Generate(generate::Args),
+    /// Serve a model over HTTP with OpenAI's API: embeddings (encoders), completions and chat with
+    /// continuous batching (decoders), /health, /metrics
+    Serve(serve::Args),
 }
 
 impl Cmd {
@@ -84,7 +87,7 @@ impl Cmd {
             Cmd::Compare(a) => a.json,
             Cmd::Generate(a) => a.json,
             Cmd::Embed(a) => a.json,
-            Cmd::Convert(_) | Cmd::Imatrix(_) => false,
+            Cmd::Convert(_) | Cmd::Imatrix(_) | Cmd::Serve(_) => false,
         }
     }
 }
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval::eval(a, &env),
         Cmd::Bench(a) => eval::bench(a, &env),
         Cmd::Compare(a) => compare::run(a, &env),
+        Cmd::Serve(a) => serve::run(a, &env),
     }
 }
 

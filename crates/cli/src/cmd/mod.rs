@@ -8,6 +8,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod measure;
+pub mod serve;
 pub mod stage;
 pub mod train;
 
