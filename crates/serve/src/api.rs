@@ -7,21 +7,29 @@ use crate::error::ApiError;
 
 /// Reads a JSON body: not JSON → 400; JSON of the wrong shape → 422 naming the field.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                Err(ApiError::malformed(format!("the body is not valid JSON: {inner}")))
-            } else if path == "." || path.is_empty() {
-                Err(ApiError::wrong_type(format!("the body does not match this endpoint: {inner}"), None))
-            } else {
-                Err(ApiError::wrong_type(format!("field `{path}`: {inner}"), Some(&path)))
-            }
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))?;
+    typed(&v)
+}
+
+/// A request that also carries the decoding fields: its own part and [`GenParams`], each read from the
+/// same JSON object (not `#[serde(flatten)]`, which would lose the name of a field of the wrong type).
+pub fn parse_gen<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, GenParams), ApiError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))?;
+    Ok((typed(&v)?, typed(&v)?))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::wrong_type(format!("the body does not match this endpoint: {inner}"), None)
+        } else {
+            ApiError::wrong_type(format!("field `{path}`: {inner}"), Some(&path))
         }
-    }
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,8 +135,6 @@ pub struct GenParams {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Value,
-    #[serde(flatten)]
-    pub p: GenParams,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,8 +147,6 @@ pub struct ChatMessageIn {
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,
-    #[serde(flatten)]
-    pub p: GenParams,
 }
 
 /// A chat message's text: a string, or a list of `{"type": "text", "text": …}` parts.
@@ -207,14 +211,16 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_400_or_422_with_the_field() {
-        let e = parse::<CompletionRequest>(b"{\"prompt\": ").unwrap_err();
+        let e = parse_gen::<CompletionRequest>(b"{\"prompt\": ").unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
-        let e = parse::<CompletionRequest>(br#"{"prompt": "x", "max_tokens": "many"}"#).unwrap_err();
+        let e = parse_gen::<CompletionRequest>(br#"{"prompt": "x", "max_tokens": "many"}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
-        let e = parse::<ChatRequest>(br#"{"model": "m"}"#).unwrap_err();
+        let e = parse_gen::<ChatRequest>(br#"{"model": "m"}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
-        let ok = parse::<CompletionRequest>(br#"{"prompt": "x", "stop": ["a", "b"], "stream": true}"#).unwrap();
-        assert!(matches!(ok.p.stop, Some(Stop::Many(ref v)) if v.len() == 2));
+        let e = parse_gen::<ChatRequest>(br#"{"messages": [{"role": 3}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let (_, p) = parse_gen::<CompletionRequest>(br#"{"prompt": "x", "stop": ["a", "b"], "stream": true}"#).unwrap();
+        assert!(matches!(p.stop, Some(Stop::Many(ref v)) if v.len() == 2));
     }
 }

@@ -116,8 +116,10 @@ impl Server {
         let (name, aliases) = match &source {
             ModelSource::Load { spec, .. } => {
                 let p = std::path::Path::new(spec.trim_end_matches('/'));
-                let stem = p.file_name().map(|f| f.to_string_lossy().trim_end_matches(".gguf").to_string());
-                (stem.unwrap_or_else(|| spec.clone()), vec![spec.clone()])
+                let file = p.file_name().map(|f| f.to_string_lossy().to_string());
+                let stem = file.as_ref().map(|f| f.trim_end_matches(".gguf").to_string());
+                // Clients may also name the model by the MODEL argument or its file name.
+                (stem.unwrap_or_else(|| spec.clone()), [Some(spec.clone()), file].into_iter().flatten().collect())
             }
             ModelSource::Loaded { name, .. } => (name.clone(), vec![]),
         };

@@ -438,15 +438,15 @@ async fn completions(State(s): St, req: Request) -> Result<Response, ApiError> {
     if !matches!(r.engine, EngineTx::Generate(_)) {
         return Err(ApiError::wrong_kind("/v1/completions", r.kind()));
     }
-    let q: api::CompletionRequest = api::parse(&b)?;
-    s.check_model(&q.p.model)?;
+    let (q, p): (api::CompletionRequest, _) = api::parse_gen(&b)?;
+    s.check_model(&p.model)?;
     let mut inputs = api::inputs(&q.prompt, "prompt")?;
     if inputs.len() != 1 {
         return Err(ApiError::invalid(format!("{} prompts: one prompt per request is supported", inputs.len()), "prompt"));
     }
     let prompt = tokens_of(&r, &inputs.remove(0), true, "prompt")?;
     // OpenAI's default for completions.
-    let g = validate(&r, &q.p, prompt, 16)?;
+    let g = validate(&r, &p, prompt, 16)?;
     generate(s, r, g, false).await
 }
 
@@ -456,11 +456,11 @@ async fn chat(State(s): St, req: Request) -> Result<Response, ApiError> {
     if !matches!(r.engine, EngineTx::Generate(_)) {
         return Err(ApiError::wrong_kind("/v1/chat/completions", r.kind()));
     }
-    let q: api::ChatRequest = api::parse(&b)?;
-    s.check_model(&q.p.model)?;
+    let (q, p): (api::ChatRequest, _) = api::parse_gen(&b)?;
+    s.check_model(&p.model)?;
     let text = render_chat(&r, &q.messages, true)?;
     let prompt = tokens_of(&r, &Input::Text(text), true, "messages")?;
-    let g = validate(&r, &q.p, prompt, usize::MAX)?;
+    let g = validate(&r, &p, prompt, usize::MAX)?;
     generate(s, r, g, true).await
 }
 

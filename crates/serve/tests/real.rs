@@ -72,15 +72,15 @@ fn smollm2_streamed_chats_match_greedy_decoding_alone() {
         .map(|q| {
             let (base, q) = (base.clone(), q.to_string());
             std::thread::spawn(move || {
-                let body = json!({"model": SMOLLM2, "messages": [{"role": "user", "content": q}], "max_tokens": 24,
+                let body = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": q}], "max_tokens": 24,
                     "temperature": 0, "stream": true});
-                let text = reqwest::blocking::Client::new()
+                let r = reqwest::blocking::Client::new()
                     .post(format!("{base}/v1/chat/completions"))
                     .json(&body)
                     .send()
-                    .unwrap()
-                    .text()
                     .unwrap();
+                assert_eq!(r.status(), 200);
+                let text = r.text().unwrap();
                 text.lines()
                     .filter_map(|l| l.strip_prefix("data: "))
                     .filter_map(|d| serde_json::from_str::<Value>(d).ok())
