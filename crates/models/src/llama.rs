@@ -729,7 +729,10 @@ impl Llama {
     pub fn forward_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let b = tokens.len();
         if b == 0 || caches.len() != b {
-            return Err(Error::Usage(format!("a decoding step needs one cache per token: {b} tokens, {} caches", caches.len())));
+            return Err(Error::Usage(format!(
+                "a decoding step needs one cache per token: {b} tokens, {} caches",
+                caches.len()
+            )));
         }
         let mut rope = Vec::with_capacity(b);
         for c in caches.iter_mut() {
@@ -819,7 +822,8 @@ mod tests {
             let rows: Vec<Vec<f32>> = m.forward_step(&toks, &mut refs).unwrap().to_vec2().unwrap();
             for (r, &i) in live.iter().enumerate() {
                 let ids = Tensor::new(&[next[i]], &dev).unwrap().unsqueeze(0).unwrap();
-                let want: Vec<f32> = m.forward_last(&ids, &mut alone[i]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                let want: Vec<f32> =
+                    m.forward_last(&ids, &mut alone[i]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
                 let err = want.iter().zip(&rows[r]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err <= MAX_STEP_ABS_ERR, "step {step}, sequence {i}: max |Δlogit| {err}");
                 assert_eq!(crate::generate::argmax(&want), crate::generate::argmax(&rows[r]));

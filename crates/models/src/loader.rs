@@ -150,10 +150,8 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 None => vec![],
             };
             // Whether the HF tokenizer adds BOS is in tokenizer_config.json; default to no.
-            let add_bos = tok_config
-                .as_ref()
-                .and_then(|c| c.get("add_bos_token").and_then(|v| v.as_bool()))
-                .unwrap_or(false);
+            let add_bos =
+                tok_config.as_ref().and_then(|c| c.get("add_bos_token").and_then(|v| v.as_bool())).unwrap_or(false);
             (bos, eos, add_bos)
         }
     };

@@ -57,7 +57,9 @@ pub enum Input {
 pub fn inputs(v: &Value, param: &str) -> Result<Vec<Input>, ApiError> {
     let wrong = || {
         ApiError::wrong_type(
-            format!("`{param}` must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
+            format!(
+                "`{param}` must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+            ),
             Some(param),
         )
     };
@@ -71,9 +73,10 @@ pub fn inputs(v: &Value, param: &str) -> Result<Vec<Input>, ApiError> {
             a.iter().map(|x| Input::Text(x.as_str().unwrap_or_default().to_string())).collect()
         }
         Value::Array(a) if a.iter().all(|x| x.is_number()) => vec![Input::Ids(ids(a)?)],
-        Value::Array(a) if a.iter().all(|x| x.is_array()) => {
-            a.iter().map(|x| Ok(Input::Ids(ids(x.as_array().map(|v| v.as_slice()).unwrap_or(&[]))?))).collect::<Result<_, _>>()?
-        }
+        Value::Array(a) if a.iter().all(|x| x.is_array()) => a
+            .iter()
+            .map(|x| Ok(Input::Ids(ids(x.as_array().map(|v| v.as_slice()).unwrap_or(&[]))?)))
+            .collect::<Result<_, _>>()?,
         _ => return Err(wrong()),
     };
     Ok(out)

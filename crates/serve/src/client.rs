@@ -204,7 +204,8 @@ async fn one(
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            *t.errors.entry(format!("transport: {}", if e.is_connect() { "connect" } else { "other" })).or_default() += 1;
+            *t.errors.entry(format!("transport: {}", if e.is_connect() { "connect" } else { "other" })).or_default() +=
+                1;
             return;
         }
     };
@@ -311,7 +312,9 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err() && parse_duration("fast").is_err() && parse_duration("5 parsecs").is_err());
+        assert!(
+            parse_duration("0s").is_err() && parse_duration("fast").is_err() && parse_duration("5 parsecs").is_err()
+        );
     }
 
     #[test]

@@ -199,7 +199,8 @@ fn handle(msg: GenMsg, model: &Llama, waiting: &mut VecDeque<GenJob>) {
 pub fn health_check(model: &Llama) -> Result<(), String> {
     let run = || -> whittle_models::Result<bool> {
         let ids = Tensor::new(&[0u32], model.embed_tokens.device())?.unsqueeze(0)?; // (1, 1)
-        let logits: Vec<f32> = model.forward_last(&ids, &mut KvCache::new(model.blocks.len()))?.squeeze(0)?.to_vec1()?;
+        let logits: Vec<f32> =
+            model.forward_last(&ids, &mut KvCache::new(model.blocks.len()))?.squeeze(0)?.to_vec1()?;
         Ok(!logits.is_empty() && logits.iter().all(|x| x.is_finite()))
     };
     match run() {
@@ -268,12 +269,8 @@ fn prefill_chunk(model: &Llama, s: &mut Seq, chunk: usize, m: &Metrics) -> usize
 fn decode_step(model: &Llama, running: &mut [Seq], idx: &[usize], m: &Metrics) {
     let toks: Vec<u32> = idx.iter().map(|&i| running[i].last).collect();
     let logits = {
-        let mut caches: Vec<&mut KvCache> = running
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| idx.contains(i))
-            .map(|(_, s)| &mut s.cache)
-            .collect();
+        let mut caches: Vec<&mut KvCache> =
+            running.iter_mut().enumerate().filter(|(i, _)| idx.contains(i)).map(|(_, s)| &mut s.cache).collect();
         model.forward_step(&toks, &mut caches).and_then(|t| Ok(t.to_vec2::<f32>()?))
     };
     match logits {

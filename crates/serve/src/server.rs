@@ -147,7 +147,8 @@ async fn observe(State(s): St, req: Request, next: Next) -> Response {
     let _in_flight = GaugeGuard::new(&s.metrics.in_flight);
     let resp = next.run(req).await;
     s.metrics.requests.with_label_values(&[&route, resp.status().as_str()]).inc();
-    let stream = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let stream =
+        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if !stream {
         s.metrics.request_duration.with_label_values(&[&route]).observe(t0.elapsed().as_secs_f64());
     }
@@ -215,8 +216,10 @@ async fn health(State(s): St) -> Response {
 
 async fn metrics(State(s): St) -> Response {
     match s.metrics.render() {
-        Ok(text) => ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text)
-            .into_response(),
+        Ok(text) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text)
+                .into_response()
+        }
         Err(e) => ApiError::internal(format!("rendering metrics: {e}")).into_response(),
     }
 }
@@ -261,7 +264,10 @@ fn tokens_of(r: &Ready, input: &Input, add_special: bool, param: &str) -> Result
         Input::Ids(ids) => {
             let vocab = r.loaded.model.vocab_size() as u32;
             if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-                return Err(ApiError::invalid(format!("`{param}`: token id {bad} is outside the vocabulary of {vocab}"), param));
+                return Err(ApiError::invalid(
+                    format!("`{param}`: token id {bad} is outside the vocabulary of {vocab}"),
+                    param,
+                ));
             }
             Ok(ids.clone())
         }
@@ -278,7 +284,10 @@ async fn embeddings(State(s): St, req: Request) -> Result<Response, ApiError> {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
-            return Err(ApiError::invalid(format!("encoding_format `{other}` is not one of float, base64"), "encoding_format"))
+            return Err(ApiError::invalid(
+                format!("encoding_format `{other}` is not one of float, base64"),
+                "encoding_format",
+            ))
         }
     };
     let dim = r.loaded.model.hidden_size();
@@ -442,7 +451,10 @@ async fn completions(State(s): St, req: Request) -> Result<Response, ApiError> {
     s.check_model(&p.model)?;
     let mut inputs = api::inputs(&q.prompt, "prompt")?;
     if inputs.len() != 1 {
-        return Err(ApiError::invalid(format!("{} prompts: one prompt per request is supported", inputs.len()), "prompt"));
+        return Err(ApiError::invalid(
+            format!("{} prompts: one prompt per request is supported", inputs.len()),
+            "prompt",
+        ));
     }
     let prompt = tokens_of(&r, &inputs.remove(0), true, "prompt")?;
     // OpenAI's default for completions.
@@ -521,7 +533,10 @@ async fn generate(s: Arc<AppState>, r: Arc<Ready>, g: Gen, chat: bool) -> Result
     let text = d.text().to_string();
     let usage = usage(g.prompt.len(), d.tokens());
     let (object, choice) = if chat {
-        ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish.as_str()}))
+        (
+            "chat.completion",
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish.as_str()}),
+        )
     } else {
         ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}))
     };
@@ -561,7 +576,10 @@ fn stream(
             } else {
                 json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish})
             };
-            Event::default().data(json!({"id": id, "object": object, "created": created, "model": s.model_name, "choices": [choice]}).to_string())
+            Event::default().data(
+                json!({"id": id, "object": object, "created": created, "model": s.model_name, "choices": [choice]})
+                    .to_string(),
+            )
         };
         let send = |e: Event| {
             let out = out.clone();
@@ -655,7 +673,8 @@ async fn detokenize(State(s): St, req: Request) -> Result<Response, ApiError> {
     if let Some(bad) = q.tokens.iter().find(|&&i| i >= vocab) {
         return Err(ApiError::invalid(format!("token id {bad} is outside the vocabulary of {vocab}"), "tokens"));
     }
-    let text = whittle_models::text::decode(&r.loaded, &q.tokens).map_err(|e| ApiError::invalid(format!("{e:#}"), "tokens"))?;
+    let text = whittle_models::text::decode(&r.loaded, &q.tokens)
+        .map_err(|e| ApiError::invalid(format!("{e:#}"), "tokens"))?;
     Ok(Json(json!({"prompt": text})).into_response())
 }
 
@@ -664,4 +683,3 @@ pub fn bind_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
     let ip: std::net::IpAddr = host.parse().map_err(|_| format!("--host `{host}` is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
 }
-

@@ -61,7 +61,8 @@ fn embeddings_in_every_input_shape() {
     assert_eq!(r.body["object"], "list");
 
     // base64: the same floats, little-endian.
-    let r64 = c.post_json("/v1/embeddings", &json!({"model": "tiny", "input": "w3 w4 w5", "encoding_format": "base64"}));
+    let r64 =
+        c.post_json("/v1/embeddings", &json!({"model": "tiny", "input": "w3 w4 w5", "encoding_format": "base64"}));
     assert_eq!(r64.status, 200, "{}", r64.text);
     let bytes =
         base64::engine::general_purpose::STANDARD.decode(r64.body["data"][0]["embedding"].as_str().unwrap()).unwrap();
@@ -74,7 +75,10 @@ fn embeddings_in_every_input_shape() {
     let ids = c.post_json("/v1/embeddings", &json!({"input": [1, 3, 4, 5, 2]}));
     assert_eq!(ids.status, 200, "{}", ids.text);
     let by_ids: Vec<f32> = serde_json::from_value(ids.body["data"][0]["embedding"].clone()).unwrap();
-    assert!(by_ids.iter().zip(&plain).all(|(a, b)| (a - b).abs() <= MAX_EMBED_ABS_ERR), "ids [CLS] w3 w4 w5 [SEP] = text");
+    assert!(
+        by_ids.iter().zip(&plain).all(|(a, b)| (a - b).abs() <= MAX_EMBED_ABS_ERR),
+        "ids [CLS] w3 w4 w5 [SEP] = text"
+    );
     let lists = c.post_json("/v1/embeddings", &json!({"input": [[1, 3, 2], [1, 4, 4, 2]]}));
     assert_eq!(lists.status, 200);
     assert_eq!(lists.body["data"].as_array().unwrap().len(), 2);
@@ -241,12 +245,14 @@ fn generation_limits_and_sampling() {
     assert_error(&r, 400);
     assert!(r.body["error"]["message"].as_str().unwrap().contains("64"));
     // Seeded sampling repeats; a stop string ends the text before it.
-    let body = json!({"prompt": "w3 w4", "max_tokens": 10, "temperature": 1.0, "top_k": 20, "seed": 7, "ignore_eos": true});
+    let body =
+        json!({"prompt": "w3 w4", "max_tokens": 10, "temperature": 1.0, "top_k": 20, "seed": 7, "ignore_eos": true});
     let a = c.post_json("/v1/completions", &body);
     let b = c.post_json("/v1/completions", &body);
     assert_eq!(a.status, 200);
     assert_eq!(a.body["choices"][0]["text"], b.body["choices"][0]["text"]);
-    let full = c.post_json("/v1/completions", &json!({"prompt": "w3", "max_tokens": 12, "temperature": 0, "ignore_eos": true}));
+    let full = c
+        .post_json("/v1/completions", &json!({"prompt": "w3", "max_tokens": 12, "temperature": 0, "ignore_eos": true}));
     let text = full.body["choices"][0]["text"].as_str().unwrap().to_string();
     let words: Vec<&str> = text.split_whitespace().collect();
     let stop = words[3];

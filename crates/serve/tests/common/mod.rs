@@ -116,7 +116,8 @@ pub fn assert_error(a: &Answer, status: u16) {
 
 /// A sample's value from Prometheus text (`name{labels}` exactly as rendered, or a bare name).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Polls `f` until it holds or `secs` pass.
