@@ -3,8 +3,11 @@
 //! Inputs arrive one per job (a request with several inputs sends several). The engine takes everything
 //! waiting as one round, sorts it by length and cuts it into batches whose padded size (longest × rows)
 //! stays within `max_batch_tokens`, so little padding enters a forward; a round finishes before the next
-//! starts, so no input waits behind newer shorter ones for ever. Jobs whose client has gone (timeout,
-//! disconnect) are dropped before they cost a forward.
+//! starts, so no input waits behind newer shorter ones for ever. A round waits a moment for more inputs
+//! after its first (they keep arriving within `GATHER_GAP` of each other, up to `GATHER_MAX`): clients
+//! answered by the last round send their next requests together, and a batch of one followed by a batch of
+//! the rest would cost two forwards. Jobs whose client has gone (timeout, disconnect) are dropped before
+//! they cost a forward.
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;

@@ -354,18 +354,21 @@ fn a_full_running_batch_queues_then_refuses() {
     slow_llama(dir.path());
     let s = start(dir.path(), ServeConfig { max_concurrent: 1, max_queue: 1, ..Default::default() });
     let base = format!("http://{}", s.addr());
-    let long = |base: String| {
+    let long = |base: String, n: usize| {
         std::thread::spawn(move || {
-            reqwest::blocking::Client::new()
+            reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .unwrap()
                 .post(format!("{base}/v1/completions"))
-                .json(&json!({"prompt": "w3", "max_tokens": 1500, "ignore_eos": true}))
+                .json(&json!({"prompt": "w3", "max_tokens": n, "ignore_eos": true}))
                 .send()
                 .map(|r| r.status().as_u16())
         })
     };
-    let a = long(base.clone());
+    let a = long(base.clone(), 1500);
     assert!(eventually(10.0, || s.metrics().running_sequences.get() == 1));
-    let b = long(base.clone());
+    let b = long(base.clone(), 10);
     assert!(eventually(10.0, || s.metrics().queue_depth.get() == 1), "the second waits");
     let c = Client::new(&s);
     let r = c.post_json("/v1/completions", &json!({"prompt": "w3", "max_tokens": 2}));
