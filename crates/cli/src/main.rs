@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cmd::{compare, convert, embed, eval, generate, inspect, measure, optimize, stage, train};
+use cmd::{compare, convert, embed, eval, generate, inspect, measure, optimize, serve, stage, train};
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
 /// back on every op (measured: whittle bench, MiniLM w8a8).
@@ -68,6 +68,9 @@ enum Cmd {
     /// Make the smallest (or fastest) model within a quality tolerance: a recipe of stages (--recipe R.toml),
     /// or a search at a level (--level light|medium|full, --max-drop 1%); writes OUT/model, OUT/report.html
     Optimize(optimize::Args),
+    /// Serve a model over HTTP with OpenAI's API: embeddings (encoders), completions and chat with
+    /// continuous batching (decoders), /health, /metrics
+    Serve(serve::Args),
 }
 
 impl Cmd {
@@ -88,7 +91,7 @@ impl Cmd {
             Cmd::Generate(a) => a.json,
             Cmd::Embed(a) => a.json,
             Cmd::Optimize(a) => a.json,
-            Cmd::Convert(_) | Cmd::Imatrix(_) => false,
+            Cmd::Convert(_) | Cmd::Imatrix(_) | Cmd::Serve(_) => false,
         }
     }
 }
@@ -113,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => eval::bench(a, &env),
         Cmd::Compare(a) => compare::run(a, &env),
         Cmd::Optimize(a) => optimize::run(a, &env),
+        Cmd::Serve(a) => serve::run(a, &env),
     }
 }
 

@@ -460,6 +460,57 @@ impl LlamaBlock {
         Ok(a.transpose(1, 2)?.reshape((b, t, h * head_dim))?)
     }
 
+    /// One decoding step of `B` independent sequences, each one new token after its own cache: the Linears
+    /// run on all `B` rows together (their weights are read once per step), attention per sequence at its
+    /// own position. Row `i` computes exactly what [`LlamaBlock::forward`] computes for that sequence alone.
+    ///
+    /// # Shapes
+    /// - `x`: (B, 1, C); `rope[i]`: cos and sin (1, D/2) of sequence `i`'s position; returns (B, 1, C)
+    pub fn forward_step(
+        &self,
+        x: &Tensor,
+        rope: &[(Tensor, Tensor)],
+        caches: &mut [&mut Option<(Tensor, Tensor)>],
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        if t != 1 || rope.len() != b || caches.len() != b {
+            return Err(Error::Usage(format!(
+                "a decoding step takes one token per sequence: {b}×{t} tokens, {} positions, {} caches",
+                rope.len(),
+                caches.len()
+            )));
+        }
+        let (h, kvh) = (self.n_head, self.n_kv_head);
+        let hx = self.attn_norm.forward(x)?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.q, &self.k, &self.v], &hx)?.try_into().expect("three outputs");
+        let mut mixed = Vec::with_capacity(b);
+        for (i, ((cos, sin), cache)) in rope.iter().zip(caches.iter_mut()).enumerate() {
+            let qi = q.narrow(0, i, 1)?.reshape((1, 1, h, head_dim))?.transpose(1, 2)?.contiguous()?; // (1, H, 1, D)
+            let ki = k.narrow(0, i, 1)?.reshape((1, 1, kvh, head_dim))?.transpose(1, 2)?.contiguous()?; // (1, KV, 1, D)
+            let vi = v.narrow(0, i, 1)?.reshape((1, 1, kvh, head_dim))?.transpose(1, 2)?; // (1, KV, 1, D)
+            let qi = candle_nn::rotary_emb::rope(&qi, cos, sin)?;
+            let ki = candle_nn::rotary_emb::rope(&ki, cos, sin)?;
+            let (ki, vi) = match cache.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &ki], 2)?, Tensor::cat(&[&pv, &vi], 2)?), // (1, KV, S, D)
+                None => (ki, vi.contiguous()?),
+            };
+            **cache = Some((ki.clone(), vi.clone()));
+            let s = ki.dim(2)?;
+            let a = with_f32_slice(&qi, |qv| {
+                with_f32_slice(&ki, |kv| {
+                    with_f32_slice(&vi, |vv| crate::nn::decode_attention(qv, kv, vv, h, kvh, s, head_dim))
+                })
+            })???;
+            mixed.push(Tensor::from_vec(a, (1, 1, h * head_dim), x.device())?); // (1, 1, H·D)
+        }
+        let a = Tensor::cat(&mixed, 0)?; // (B, 1, H·D)
+        let x = (x + self.o.forward(&a)?)?;
+        let m = self.gate_up(&self.mlp_norm.forward(&x)?)?;
+        Ok((x + self.down.forward(&m)?)?)
+    }
+
     /// silu(gate(n)) · up(n): down's input (B, T, F) from gate/up's `n`.
     fn gate_up(&self, n: &Tensor) -> Result<Tensor> {
         let [g, u]: [Tensor; 2] = Linear::forward_shared(&[&self.gate, &self.up], n)?.try_into().expect("two outputs");
@@ -668,6 +719,38 @@ impl Llama {
         Ok(self.lm_head.forward(&last)?)
     }
 
+    /// One decoding step for several sequences at once (continuous batching): sequence `i` appends
+    /// `tokens[i]` after the positions in `caches[i]`; returns the next-token logits of every sequence.
+    /// Each row equals [`Llama::forward_last`] of that sequence alone, but every Linear (and the head) runs
+    /// once on all rows, so the weights are read once per step rather than once per sequence.
+    ///
+    /// # Shapes
+    /// - `tokens`: B ids; returns (B, V)
+    pub fn forward_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let b = tokens.len();
+        if b == 0 || caches.len() != b {
+            return Err(Error::Usage(format!(
+                "a decoding step needs one cache per token: {b} tokens, {} caches",
+                caches.len()
+            )));
+        }
+        let mut rope = Vec::with_capacity(b);
+        for c in caches.iter_mut() {
+            if c.kv.len() != self.blocks.len() {
+                **c = KvCache::new(self.blocks.len());
+            }
+            rope.push(self.rope_tables(c.len(), 1)?); // (1, D/2) each
+        }
+        let ids = Tensor::new(tokens, self.embed_tokens.device())?.unsqueeze(1)?; // (B, 1)
+        let mut x = embed(&self.embed_tokens, &ids)?; // (B, 1, C)
+        for (j, blk) in self.blocks.iter().enumerate() {
+            let mut kv: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.kv[j]).collect();
+            x = blk.forward_step(&x, &rope, &mut kv, self.config.head_dim)?;
+        }
+        let h = self.norm.forward(&x)?.squeeze(1)?; // (B, C)
+        Ok(self.lm_head.forward(&h)?)
+    }
+
     /// Every parameter with its HF name (the tied head is not repeated).
     pub fn named_tensors(&self) -> Result<Vec<(String, Stored)>> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), Stored::Tensor(self.embed_tokens.clone()))];
@@ -711,6 +794,49 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A batched decoding step equals each sequence decoded alone (the same arithmetic per row).
+    #[test]
+    fn forward_step_matches_one_sequence_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::testing::tiny_llama(dir.path());
+        let l = crate::load(dir.path().to_str().unwrap(), &Default::default()).unwrap();
+        let crate::Model::Llama(m) = &l.model else { panic!("tiny_llama is a decoder") };
+        let dev = m.embed_tokens.device().clone();
+        let prompts: [&[u32]; 3] = [&[1, 5, 9], &[1, 7], &[1, 3, 4, 8, 11]];
+        let mut alone: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(m.blocks.len())).collect();
+        let mut batched = alone.clone();
+        let mut next: Vec<u32> = Vec::new();
+        for (p, (a, b)) in prompts.iter().zip(alone.iter_mut().zip(batched.iter_mut())) {
+            let ids = Tensor::new(*p, &dev).unwrap().unsqueeze(0).unwrap();
+            let la: Vec<f32> = m.forward_last(&ids, a).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            m.forward_last(&ids, b).unwrap();
+            next.push(crate::generate::argmax(&la));
+        }
+        for step in 0..6 {
+            // Sequence 1 leaves after step 2: the batch shrinks, as in continuous batching.
+            let live: Vec<usize> = if step < 3 { vec![0, 1, 2] } else { vec![0, 2] };
+            let toks: Vec<u32> = live.iter().map(|&i| next[i]).collect();
+            let mut refs: Vec<&mut KvCache> =
+                batched.iter_mut().enumerate().filter(|(i, _)| live.contains(i)).map(|(_, c)| c).collect();
+            let rows: Vec<Vec<f32>> = m.forward_step(&toks, &mut refs).unwrap().to_vec2().unwrap();
+            for (r, &i) in live.iter().enumerate() {
+                let ids = Tensor::new(&[next[i]], &dev).unwrap().unsqueeze(0).unwrap();
+                let want: Vec<f32> =
+                    m.forward_last(&ids, &mut alone[i]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                let err = want.iter().zip(&rows[r]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= MAX_STEP_ABS_ERR, "step {step}, sequence {i}: max |Δlogit| {err}");
+                assert_eq!(crate::generate::argmax(&want), crate::generate::argmax(&rows[r]));
+                next[i] = crate::generate::argmax(&want);
+                assert_eq!(alone[i].len(), batched[i].len());
+            }
+        }
+        let mut none: Vec<&mut KvCache> = Vec::new();
+        assert!(m.forward_step(&[], &mut none).is_err(), "an empty step is an error, not a panic");
+    }
+
+    /// Rows of a batched GEMM may sum in another order than a single row; logits stay this close.
+    const MAX_STEP_ABS_ERR: f32 = 1e-4;
 
     #[test]
     fn permute_roundtrip() {

@@ -45,6 +45,9 @@ pub struct Loaded {
     pub shared_blocks: std::collections::BTreeMap<usize, usize>,
     /// sentence-transformers' `max_seq_length`, when the directory has one.
     pub max_seq_length: Option<usize>,
+    /// The Jinja chat template the model ships (`chat_template` of `tokenizer_config.json`, or GGUF's
+    /// `tokenizer.chat_template`); [`crate::text::ChatTemplate`] renders it.
+    pub chat_template: Option<String>,
     /// The tokenizer set to truncate at a length, kept because cloning a tokenizer costs milliseconds.
     pub(crate) truncating: std::sync::Mutex<Option<(usize, Tokenizer)>>,
 }
@@ -131,6 +134,11 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let tok_path = opts.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer_json = hf::read_json(&tok_path)?;
     let tokenizer = tok::tokenizer_from_json(&tokenizer_json, &tok_path)?;
+    let tok_config = hf::read_json(&dir.join("tokenizer_config.json")).ok();
+    let chat_template = tok_config
+        .as_ref()
+        .and_then(|c| hf_chat_template(c.get("chat_template")?))
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
     let (bos_token_id, eos_token_ids, add_bos) = match &model {
         Model::Bert(_) => (None, vec![], false),
         Model::Llama(_) => {
@@ -142,10 +150,8 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 None => vec![],
             };
             // Whether the HF tokenizer adds BOS is in tokenizer_config.json; default to no.
-            let add_bos = hf::read_json(&dir.join("tokenizer_config.json"))
-                .ok()
-                .and_then(|c| c.get("add_bos_token").and_then(|v| v.as_bool()))
-                .unwrap_or(false);
+            let add_bos =
+                tok_config.as_ref().and_then(|c| c.get("add_bos_token").and_then(|v| v.as_bool())).unwrap_or(false);
             (bos, eos, add_bos)
         }
     };
@@ -176,6 +182,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         shared_blocks: shared,
         source: SourceInfo { path: dir.to_path_buf(), format: SourceFormat::HfDir, tensors: src.infos() },
         max_seq_length,
+        chat_template,
         truncating: Default::default(),
     };
     check_vocab(&loaded, &tok_path)?;
@@ -214,10 +221,25 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         shared_blocks: Default::default(),
         source: SourceInfo { path: path.to_path_buf(), format: SourceFormat::Gguf, tensors: g.infos() },
         max_seq_length: None,
+        chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
         truncating: Default::default(),
     };
     check_vocab(&loaded, &tok_path)?;
     Ok(loaded)
+}
+
+/// `chat_template` of `tokenizer_config.json`: a string, or a list of `{"name", "template"}` (the one named
+/// `default`, else the first).
+fn hf_chat_template(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => {
+            let named = |n: &str| list.iter().find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n));
+            let t = named("default").or_else(|| list.first())?;
+            t.get("template").and_then(|x| x.as_str()).map(String::from)
+        }
+        _ => None,
+    }
 }
 
 fn check_vocab(l: &Loaded, tok_path: &Path) -> Result<()> {

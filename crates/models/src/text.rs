@@ -89,3 +89,102 @@ pub fn decode(l: &Loaded, ids: &[u32]) -> Result<String> {
 pub fn chat_prompt(user: &str) -> String {
     format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 }
+
+/// A padded encoder batch from token ids as given (no special tokens added), right-padded to the longest.
+pub fn batch_from_ids(rows: &[&[u32]]) -> Result<Batch> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let b = rows.len();
+    let (mut ids, mut mask) = (vec![0u32; b * t], vec![0u32; b * t]);
+    for (r, row) in rows.iter().enumerate() {
+        ids[r * t..r * t + row.len()].copy_from_slice(row);
+        mask[r * t..r * t + row.len()].iter_mut().for_each(|m| *m = 1);
+    }
+    let dev = whittle_core::backend::cpu::device();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, t), &dev)?,
+        type_ids: Tensor::zeros((b, t), candle_core::DType::U32, &dev)?,
+        mask: Tensor::from_vec(mask, (b, t), &dev)?,
+        lengths: rows.iter().map(|r| r.len()).collect(),
+    })
+}
+
+/// Sentence embeddings (mean pooling + L2 normalisation) of one batch of token-id rows, in their order.
+/// Rows longer than the model's positions are an error.
+pub fn embed_ids(l: &Loaded, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    let Model::Bert(m) = &l.model else {
+        return Err(Error::Usage(format!("embeddings need an encoder; this model is a {} decoder", l.model.family())));
+    };
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let vocab = m.config.vocab_size as u32;
+    if let Some(bad) = rows.iter().flat_map(|r| r.iter()).find(|&&id| id >= vocab) {
+        return Err(Error::Usage(format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
+    let b = batch_from_ids(rows)?;
+    let h = m.forward(&b.ids, &b.type_ids, &b.mask)?; // (B, T, C)
+    Ok(mean_pool_normalize(&h, &b.mask)?.to_vec2::<f32>()?) // (B, C)
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A model's chat template, compiled once: the Jinja template it ships (rendered with minijinja and Python
+/// string methods, as transformers' `apply_chat_template` does), or ChatML when it ships none.
+pub struct ChatTemplate {
+    env: Option<minijinja::Environment<'static>>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// The template of `l` (ChatML if it has none); an unparsable template is an error naming it.
+    pub fn of(l: &Loaded) -> Result<Self> {
+        let tok_text = |id: Option<u32>| id.and_then(|i| l.tokenizer.id_to_token(i)).unwrap_or_default();
+        let bos = tok_text(l.bos_token_id);
+        let eos = tok_text(l.eos_token_ids.first().copied());
+        let env = match &l.chat_template {
+            None => None,
+            Some(src) => {
+                let mut env = minijinja::Environment::new();
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+                    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+                });
+                env.add_template_owned("chat", src.clone())
+                    .map_err(|e| Error::Usage(format!("the model's chat template does not parse: {e}")))?;
+                Some(env)
+            }
+        };
+        Ok(Self { env, bos, eos })
+    }
+
+    /// Whether the model ships a template (else ChatML is used).
+    pub fn is_model_template(&self) -> bool {
+        self.env.is_some()
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn when `add_generation_prompt`.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let Some(env) = &self.env else {
+            let mut s: String =
+                messages.iter().map(|m| format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content)).collect();
+            if add_generation_prompt {
+                s.push_str("<|im_start|>assistant\n");
+            }
+            return Ok(s);
+        };
+        let t = env.get_template("chat").map_err(|e| Error::Usage(e.to_string()))?;
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| Error::Usage(format!("rendering the chat template: {e}")))
+    }
+}

@@ -26,7 +26,8 @@ pub struct Args {
     pub top_p: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Wrap the prompt in the model's chat template (ChatML for SmolLM2)
+    /// Wrap the prompt in the model's chat template (its tokenizer config or GGUF metadata; ChatML if none),
+    /// as `whittle serve`'s /v1/chat/completions does
     #[arg(long)]
     pub chat: bool,
     /// Keep generating past end-of-sequence tokens
@@ -46,7 +47,12 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     let Model::Llama(dec) = &l.model else {
         bail!("`generate` needs a decoder; {} is a {} encoder", a.m.model, l.model.family());
     };
-    let text_in = if a.chat { text::chat_prompt(a.prompt.as_str()) } else { a.prompt.clone() };
+    let text_in = if a.chat {
+        let user = text::ChatMessage { role: "user".into(), content: a.prompt.clone() };
+        text::ChatTemplate::of(&l)?.render(&[user], true)?
+    } else {
+        a.prompt.clone()
+    };
     let ids = text::encode_prompt(&l, &text_in, false)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod inspect;
 pub mod measure;
 pub mod optimize;
+pub mod serve;
 pub mod stage;
 pub mod train;
 
