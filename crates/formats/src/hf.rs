@@ -38,7 +38,7 @@ pub struct HfDir {
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|err| Error::Json { path: path.to_path_buf(), err })
 }
 
 fn dtype_name(d: Dtype) -> String {
