@@ -484,17 +484,16 @@ pub mod write {
         }
     }
 
-    /// Writes a GGUF v3 file atomically (temporary sibling, then rename), streaming the tensor data.
+    /// Writes a GGUF v3 file atomically (this process's temporary sibling, then rename: see
+    /// [`crate::out`]), streaming the tensor data.
     pub fn write_file(
         path: &std::path::Path,
         metadata: &[(&str, Value)],
         tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
     ) -> crate::Result<()> {
         use std::io::Write;
-        let tmp = path.with_extension("gguf.tmp");
-        let io = |source| crate::Error::Io { path: tmp.clone(), source };
-        let result = (|| -> std::io::Result<()> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        crate::out::write_file_atomic(path, |file| {
+            let mut f = std::io::BufWriter::new(file);
             let lens: Vec<(&str, &[u64], u32, usize)> =
                 tensors.iter().map(|(n, ne, ty, d)| (*n, ne.as_slice(), *ty, d.len())).collect();
             f.write_all(&header(metadata, &lens))?;
@@ -502,13 +501,8 @@ pub mod write {
                 f.write_all(data)?;
                 f.write_all(&[0u8; 32][..(32 - data.len() % 32) % 32])?;
             }
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        std::fs::rename(&tmp, path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })
+            f.flush()
+        })
     }
 
     /// The header of a GGUF v3 file up to the (32-aligned) start of the data: `tensors` give

@@ -391,6 +391,34 @@ mod tests {
         assert_eq!(resolve_hub_id_in("org/name", d.path()).unwrap(), snap);
     }
 
+    /// Issue 22 ("Messages"): a directory named model.safetensors said "No such device".
+    #[test]
+    fn safetensors_that_is_a_directory_is_named_as_such() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::create_dir(d.path().join("model.safetensors")).unwrap();
+        let e = HfDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: is a directory, expected a safetensors file"), "{e}");
+    }
+
+    /// Issue 22 ("Messages"): a symlink loop said "no model.safetensors in this directory".
+    #[test]
+    fn safetensors_symlink_loop_is_reported_as_a_loop() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("model.safetensors", d.path().join("model.safetensors")).unwrap();
+        let e = HfDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: Too many levels of symbolic links"), "{e}");
+    }
+
+    /// Issue 22 ("Messages"): OS errors were printed twice by chained printing.
+    #[test]
+    fn os_error_is_said_once_in_the_chain() {
+        let e = read_json(Path::new("/nonexistent/config.json")).unwrap_err();
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("No such file").count(), 1, "{e}");
+    }
+
     #[test]
     fn atomic_dir_leaves_nothing_on_error() {
         let d = tempfile::tempdir().unwrap();

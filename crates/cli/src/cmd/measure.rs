@@ -22,15 +22,16 @@ pub struct SensitivityArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn sensitivity(a: &SensitivityArgs, env: &Env) -> Result<()> {
-    if let Some(o) = &a.output {
-        output::check(o, a.force)?;
-    }
+    let _claim = a.output.as_ref().map(|o| output::check_exclusive(o, a.force, a.wait)).transpose()?;
     a.cfg.options()?;
     let mut l = env.open(&a.m)?;
     let s = a.cfg.measure(&mut l, &env.ctx())?;
@@ -76,10 +77,13 @@ pub struct ImatrixArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
 }
 
 pub fn imatrix(a: &ImatrixArgs, env: &Env) -> Result<()> {
-    output::check(&a.output, a.force)?;
+    let _claim = output::check_exclusive(&a.output, a.force, a.wait)?;
     a.cfg.check()?;
     let mut l = env.open(&a.m)?;
     a.cfg.write(&mut l, &a.output, &env.ctx())?;

@@ -41,6 +41,17 @@ pub struct OutputArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl OutputArgs {
+    /// Claims the output (before any work): refused if it exists without --force, or if another run is
+    /// writing it (unless --wait). Hold the guard until the output is written.
+    pub fn claim(&self) -> Result<whittle_pipeline::output::Claim> {
+        Ok(whittle_pipeline::output::check_exclusive(&self.output, self.force, self.wait)?)
+    }
 }
 
 /// Run options every command takes (global flags).
