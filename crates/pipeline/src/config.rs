@@ -235,7 +235,9 @@ impl Default for LowrankConfig {
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(deny_unknown_fields, default)]
 pub struct ShareConfig {
-    /// Groups like 0-1,2-3, or auto (adjacent blocks merged by weight similarity down to --unique)
+    /// Groups of blocks sharing weights: ranges FIRST-LAST separated by commas (0-2,3-5 = {0,1,2}, {3,4,5}),
+    /// `+` to join blocks that are not adjacent (0+2); or auto (adjacent blocks merged by weight similarity
+    /// down to --unique)
     #[cfg_attr(feature = "cli", arg(long, default_value = "auto"))]
     pub groups: String,
     /// With --groups auto: unique blocks to keep (default: half the blocks)
