@@ -2,7 +2,6 @@
 //! WikiText-2 valid, never the test split) and how much of it each family runs by default.
 
 use whittle_calib::observe::CalibOptions;
-use whittle_core::InvalidOption;
 use whittle_eval::data;
 use whittle_models::Loaded;
 
@@ -25,12 +24,7 @@ pub struct Calib {
 impl CalibConfig {
     /// Refuses empty budgets (before any model is loaded).
     pub fn check(&self) -> Result<()> {
-        for (name, v) in [("calib_samples", self.calib_samples), ("calib_seq_len", self.calib_seq_len)] {
-            if v == Some(0) {
-                return Err(InvalidOption::new(name, 0, "must be at least 1").into());
-            }
-        }
-        Ok(())
+        self.check_ranges()
     }
 
     /// Reads the text and fills the family's defaults: decoders `decoder_samples` windows of 512 tokens,

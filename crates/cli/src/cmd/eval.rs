@@ -43,6 +43,7 @@ pub struct Print {
 }
 
 pub fn eval(a: &EvalArgs, env: &Env) -> Result<()> {
+    a.cfg.check_ranges()?;
     let l = env.open(&a.m)?;
     let base = match &a.base {
         Some(b) => Some(env.open(&ModelArg { model: b.clone(), ..a.m.clone() })?),
@@ -53,6 +54,7 @@ pub fn eval(a: &EvalArgs, env: &Env) -> Result<()> {
 }
 
 pub fn bench(a: &BenchArgs, env: &Env) -> Result<()> {
+    a.cfg.check_ranges()?;
     let l = env.open(&a.m)?;
     let r = measure::bench(&l, &a.m.model, &a.cfg, &env.ctx())?;
     show(&a.m.model, &r, &a.out)

@@ -97,11 +97,12 @@ impl Stage for QuantizeConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         if self.group_size == 0 || !self.group_size.is_multiple_of(32) {
             return Err(InvalidOption::new("group_size", self.group_size, "must be a positive multiple of 32").into());
         }
         if self.gguf_ftype().is_some() {
-            return Ok(());
+            return crate::config::input_file("imatrix", self.imatrix.as_deref());
         }
         if let Some(a) = self.smoothquant.filter(|a| !(0.0..=1.0).contains(a)) {
             return Err(InvalidOption::new("smoothquant", a, "the strength alpha must be in [0, 1]").into());
@@ -111,6 +112,7 @@ impl Stage for QuantizeConfig {
         }
         let plan = self.plan()?;
         super::mixed::check(self, &plan)?;
+        crate::config::input_file("sensitivity", self.sensitivity.as_deref())?;
         self.calibration.check()
     }
 

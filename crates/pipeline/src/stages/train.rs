@@ -61,9 +61,7 @@ fn parse_hidden_map(s: &str, ls: usize, lt: usize) -> Result<Vec<(usize, usize)>
 
 impl TrainConfig {
     fn check(&self) -> Result<()> {
-        if self.eval_windows == 0 {
-            return Err(InvalidOption::new("eval_windows", 0, "must be at least 1").into());
-        }
+        self.check_ranges()?;
         if self.output.as_os_str().is_empty() {
             return Err(InvalidOption::new(
                 "output",
@@ -139,6 +137,7 @@ impl Stage for DistillConfig {
         if let Some(k) = &self.keep_layers {
             parse_blocks(k, "keep_layers")?;
         }
+        self.check_ranges()?;
         self.train.check()
     }
 
