@@ -112,12 +112,12 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let model = match model_type.as_str() {
         "bert" => {
             let hf: HfBertConfig = parse_config(&src.config, &cfg_path)?;
-            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers")?;
+            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers", shared.len())?;
             Model::Bert(Bert::load(BertConfig::from_hf(&hf, &cfg_path)?, &weights)?)
         }
         "llama" | "mistral" | "qwen2" => {
             let hf: HfLlamaConfig = parse_config(&src.config, &cfg_path)?;
-            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers")?;
+            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers", shared.len())?;
             let cfg = LlamaConfig::from_hf(&hf, &model_type, &cfg_path)?;
             Model::Llama(Llama::load(cfg, &weights, false)?)
         }
@@ -195,7 +195,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
-    check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count")?;
+    check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count", 0)?;
     let weights =
         Weights { src: &g, path: path.to_path_buf(), rename: &crate::names::hf_to_gguf, dequantize: opts.dequantize };
     let mut model = Model::Llama(Llama::load(cfg, &weights, true)?);
@@ -267,17 +267,22 @@ fn block_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// A config must have at least one block, and no fewer than the weights file holds (the rest would be
-/// silently ignored: issue 22's `num_hidden_layers: 0` ran on the embeddings alone).
-fn check_block_count(n: usize, tensors: &[TensorInfo], path: &Path, field: &str) -> Result<()> {
+/// A config must have at least one block, no fewer than the weights file holds (the rest would be silently
+/// ignored: issue 22's `num_hidden_layers: 0` ran on the embeddings alone) and no more than it holds plus
+/// `aliases` (blocks stored as another block's weights, `whittle share`): a huge count must fail here, not
+/// as an allocation (found by scripts/fuzz.sh).
+fn check_block_count(n: usize, tensors: &[TensorInfo], path: &Path, field: &str, aliases: usize) -> Result<()> {
     let err = |msg: String| Error::Config { path: path.to_path_buf(), field: field.into(), msg };
     if n == 0 {
         return Err(err("must be at least 1".into()));
     }
-    if let Some((b, t)) = tensors.iter().filter_map(|t| Some((block_of(&t.name)?, &t.name))).max_by_key(|(b, _)| *b) {
-        if b >= n {
-            return Err(err(format!("{n}, but the weights hold {} blocks (tensor `{t}`)", b + 1)));
-        }
+    let last = tensors.iter().filter_map(|t| Some((block_of(&t.name)?, &t.name))).max_by_key(|(b, _)| *b);
+    let stored = last.map_or(0, |(b, _)| b + 1);
+    if let Some((b, t)) = last.filter(|(b, _)| *b >= n) {
+        return Err(err(format!("{n}, but the weights hold {} blocks (tensor `{t}`)", b + 1)));
+    }
+    if n > stored.saturating_add(aliases) {
+        return Err(err(format!("{n}, but the weights hold only {stored} blocks")));
     }
     Ok(())
 }

@@ -144,6 +144,34 @@ fn num_hidden_layers_zero_is_refused() {
     assert!(e.contains("`num_hidden_layers`: 1, but the weights hold 2 blocks"), "{e}");
 }
 
+/// Found by scripts/fuzz.sh (config target): `num_hidden_layers` of u64::MAX panicked with "capacity
+/// overflow" before any tensor was read.
+#[test]
+fn fuzz_num_hidden_layers_huge_is_an_error_not_an_allocation() {
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = json!(u64::MAX);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("`num_hidden_layers`: 18446744073709551615, but the weights hold only 1 blocks"), "{e}");
+}
+
+/// Found by scripts/fuzz.sh (manifest target): a BERT `hidden_size` of 0 divided every head count and
+/// panicked on a division by zero while loading.
+#[test]
+fn fuzz_bert_hidden_size_zero_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["hidden_size"] = json!(0);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("config field `hidden_size`: must be at least 1"), "{e}");
+}
+
 /// Issue 22 ("Messages"): a config value of the wrong type named the field as `(file)`.
 #[test]
 fn config_type_error_names_the_field() {
