@@ -31,12 +31,12 @@ const INTERESTING: &[u64] =
     &[0, 1, 2, 7, 31, 32, 33, 255, 256, 65535, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40, 1 << 62, u64::MAX];
 
 /// Byte-level mutation of `seed`, concentrated in `hot` (the structural part: headers, tensor directories).
-fn mutate_bytes(seed: &[u8], hot: &[std::ops::Range<usize>], rng: &mut StdRng) -> Vec<u8> {
+fn mutate_bytes(seed: &[u8], hot: &[(usize, usize)], rng: &mut StdRng) -> Vec<u8> {
     let mut b = seed.to_vec();
     let pos = |rng: &mut StdRng, len: usize| -> usize {
-        let r = &hot[rng.random_range(0..hot.len())];
-        if rng.random_bool(0.8) && r.end > r.start && r.end <= len {
-            rng.random_range(r.clone())
+        let (start, end) = hot[rng.random_range(0..hot.len())];
+        if rng.random_bool(0.8) && end > start && end <= len {
+            rng.random_range(start..end)
         } else {
             rng.random_range(0..len.max(1))
         }
@@ -145,7 +145,8 @@ fn exercise(dir: &Path) {
 
 fn gguf_seed() -> Vec<u8> {
     // SmolLM2's own metadata (architecture, tokenizer: 49152 tokens, merges, types) over small tensors.
-    let g = Gguf::open(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).expect("SmolLM2 (scripts/fetch-models.sh)");
+    let g =
+        Gguf::open(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).expect("SmolLM2 (scripts/fetch-models.sh)");
     let meta: Vec<(&str, Value)> = g.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let q8 = |rows: usize| {
         let mut blk = half::f16::from_f32(0.25).to_le_bytes().to_vec();
@@ -165,9 +166,9 @@ fn gguf_seed() -> Vec<u8> {
 
 /// Where a GGUF's structure lies: the header and first metadata (up to the tokenizer arrays), and the
 /// tensor directory at the end of the header.
-fn gguf_hot(b: &[u8]) -> Vec<std::ops::Range<usize>> {
+fn gguf_hot(b: &[u8]) -> Vec<(usize, usize)> {
     let tail = b.len().saturating_sub(4096);
-    vec![0..4096.min(b.len()), tail..b.len()]
+    vec![(0, 4096.min(b.len())), (tail, b.len())]
 }
 
 fn check_gguf(path: &Path) {
@@ -199,7 +200,9 @@ fn tokenizer_input(g: &Gguf, rng: &mut StdRng) -> Vec<u8> {
             (1, Value::Array(a)) if !a.is_empty() => {
                 let j = rng.random_range(0..a.len());
                 a[j] = match &a[j] {
-                    Value::String(_) => Value::String(["", " ", "a b c", "Ġ", "\u{0}", "<0xZZ>"][rng.random_range(0..6)].into()),
+                    Value::String(_) => {
+                        Value::String(["", " ", "a b c", "Ġ", "\u{0}", "<0xZZ>"][rng.random_range(0..6)].into())
+                    }
                     Value::I32(_) => Value::I32([-1, 0, 3, 6, 99, i32::MAX][rng.random_range(0..6)]),
                     _ => Value::U64(INTERESTING[rng.random_range(0..INTERESTING.len())]),
                 };
@@ -282,7 +285,8 @@ fn main() {
     let lp = last_panic.clone();
     std::panic::set_hook(Box::new(move |info| *lp.lock().unwrap() = info.to_string()));
 
-    let smol = (target == "tokenizer").then(|| Gguf::open(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap());
+    let smol =
+        (target == "tokenizer").then(|| Gguf::open(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap());
     let dirs: Vec<PathBuf> = match target.as_str() {
         "safetensors" | "config" => tiny_dirs(&work),
         "manifest" => manifest_dirs(&work),
@@ -306,7 +310,7 @@ fn main() {
                 copy_dir(src, &case_dir);
                 let s = std::fs::read(src.join("model.safetensors")).unwrap();
                 let n = u64::from_le_bytes(s[..8].try_into().unwrap()) as usize;
-                (case_dir.join("model.safetensors"), mutate_bytes(&s, &[0..8 + n], &mut rng))
+                (case_dir.join("model.safetensors"), mutate_bytes(&s, &[(0, 8 + n)], &mut rng))
             }
             "config" | "manifest" => {
                 let src = &dirs[rng.random_range(0..dirs.len())];
@@ -324,7 +328,7 @@ fn main() {
                     v.to_string().into_bytes()
                 } else {
                     let b = text.as_bytes();
-                    mutate_bytes(b, &[0..b.len()], &mut rng)
+                    mutate_bytes(b, &[(0, b.len())], &mut rng)
                 };
                 (case_dir.join("config.json"), bytes)
             }

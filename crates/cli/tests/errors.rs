@@ -345,7 +345,9 @@ const END: &str = "<!-- end of generated table -->";
 
 /// The table of `docs/errors.md`, from [`CASES`].
 fn table() -> String {
-    let mut s = format!("{BEGIN}\n\n| class | bad input | command | what whittle says (exit 1) | test |\n|---|---|---|---|---|\n");
+    let mut s = format!(
+        "{BEGIN}\n\n| class | bad input | command | what whittle says (exit 1) | test |\n|---|---|---|---|---|\n"
+    );
     for c in CASES {
         let cell = |t: &str| t.trim_end().replace('|', "\\|").replace('\n', " ");
         // A code span holding backticks is delimited by double ones (CommonMark).
@@ -399,8 +401,16 @@ fn generate_truncate_keeps_the_last_tokens() {
     let prompt: Vec<String> = (0..100).map(|i| format!("w{}", 1 + i % 40)).collect();
     let prompt = prompt.join(" ");
     let o = whittle(&["generate", &fx.s("tiny"), "--prompt", &prompt, "-n", "4", "--ignore-eos", "--json"]);
-    assert!(!o.status.success() && stderr(&o).contains("the prompt is 100 tokens and 4 more are asked for: 104 positions, past the model's context of 64"), "{}", stderr(&o));
-    let o = whittle(&["generate", &fx.s("tiny"), "--prompt", &prompt, "-n", "4", "--ignore-eos", "--truncate", "--json"]);
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains(
+                "the prompt is 100 tokens and 4 more are asked for: 104 positions, past the model's context of 64"
+            ),
+        "{}",
+        stderr(&o)
+    );
+    let o =
+        whittle(&["generate", &fx.s("tiny"), "--prompt", &prompt, "-n", "4", "--ignore-eos", "--truncate", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["prompt_ids"].as_array().unwrap().len(), 60);

@@ -64,7 +64,11 @@ fn two_concurrent_writers_one_output() {
         whittle_models::load(out.to_str().unwrap(), &Default::default()).unwrap();
         assert_eq!(listing(d.path()), ["out", "tiny"], "try {i}: leftovers");
     }
-    eprintln!("20 of 20: one winner; the other refused as busy {} times, as existing {} times", busy.get(), exists.get());
+    eprintln!(
+        "20 of 20: one winner; the other refused as busy {} times, as existing {} times",
+        busy.get(),
+        exists.get()
+    );
 }
 
 /// `kill -9` in the middle of a GGUF write leaves this process's temporary (the final name never exists
@@ -115,10 +119,8 @@ fn force_replacing_a_file_with_a_directory_leaves_no_old_copy() {
     assert!(out.join("model.safetensors").exists());
     assert_eq!(listing(d.path()), ["out", "tiny"]);
     // And back: a directory replaced by a GGUF-named... directory output again, over itself.
-    let o = whittle()
-        .args(["convert", tiny.to_str().unwrap(), "--force", "-o", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o =
+        whittle().args(["convert", tiny.to_str().unwrap(), "--force", "-o", out.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(listing(d.path()), ["out", "tiny"]);
 }

@@ -87,7 +87,12 @@ fn parse(s: &str, n: Option<usize>) -> Result<Vec<Vec<usize>>> {
                         None => members.extend([a, b]),
                     }
                 }
-                _ => return Err(bad_groups(s, format!("`{part}`: a range is FIRST-LAST; join blocks that are not adjacent with `+` (0+2)"))),
+                _ => {
+                    return Err(bad_groups(
+                        s,
+                        format!("`{part}`: a range is FIRST-LAST; join blocks that are not adjacent with `+` (0+2)"),
+                    ))
+                }
             }
         }
         if members.len() < 2 {

@@ -377,14 +377,13 @@ pub fn prune_structured(
     prune_structured_with(model, s, imp, global, stats, None, drop, influence)
 }
 
-/// [`prune_structured`] with the per-weight saliency |w·∂L/∂w| (HF Linear name → row-major values) that
-/// [`Importance::Taylor`] needs.
-#[allow(clippy::too_many_arguments)]
 /// Checks a list of blocks to remove against a model of `nb` blocks: each exists, none twice, one stays.
 /// Cheap: callers run it before any calibration.
 pub fn check_drop(nb: usize, drop: &[usize]) -> Result<()> {
     if let Some(&b) = drop.iter().find(|&&b| b >= nb) {
-        return Err(InvalidOption::new("drop_layers", b, format!("the model has blocks 0..{}", nb.saturating_sub(1))).into());
+        return Err(
+            InvalidOption::new("drop_layers", b, format!("the model has blocks 0..{}", nb.saturating_sub(1))).into()
+        );
     }
     let mut uniq = drop.to_vec();
     uniq.sort_unstable();
@@ -393,11 +392,17 @@ pub fn check_drop(nb: usize, drop: &[usize]) -> Result<()> {
         return Err(InvalidOption::new("drop_layers", format!("{drop:?}"), "a block is named twice").into());
     }
     if uniq.len() >= nb {
-        return Err(Error::Usage(format!("dropping {} of {nb} blocks would leave none; at least one must stay", uniq.len())));
+        return Err(Error::Usage(format!(
+            "dropping {} of {nb} blocks would leave none; at least one must stay",
+            uniq.len()
+        )));
     }
     Ok(())
 }
 
+/// [`prune_structured`] with the per-weight saliency |w·∂L/∂w| (HF Linear name → row-major values) that
+/// [`Importance::Taylor`] needs.
+#[allow(clippy::too_many_arguments)]
 pub fn prune_structured_with(
     model: &mut Model,
     s: &Structured,

@@ -372,7 +372,11 @@ impl Gguf {
         let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::BadTensor { path, tensor: w[0].to_string(), msg: "appears twice in the tensor directory".into() });
+            return Err(Error::BadTensor {
+                path,
+                tensor: w[0].to_string(),
+                msg: "appears twice in the tensor directory".into(),
+            });
         }
         Ok(Self { path, version, metadata, tensors, data_start, mmap, device: whittle_core::backend::cpu::device() })
     }
@@ -664,10 +668,8 @@ mod tests {
 
     /// Two f32 tensors `a` (6 values, at 0) and `b` (2 values, at 32), and the position of `b`'s offset field.
     fn two_tensors() -> (Vec<u8>, usize) {
-        let b = write::to_bytes(
-            &[],
-            &[("a", vec![2, 3], 0, f32_bytes(&[0.; 6])), ("b", vec![2], 0, f32_bytes(&[1., 2.]))],
-        );
+        let b =
+            write::to_bytes(&[], &[("a", vec![2, 3], 0, f32_bytes(&[0.; 6])), ("b", vec![2], 0, f32_bytes(&[1., 2.]))]);
         let name_b = [&1u64.to_le_bytes()[..], b"b"].concat();
         let at = b.windows(9).position(|w| w == name_b.as_slice()).unwrap();
         // name (8 + 1), n_dims (4), one dim (8), type (4), then the offset.

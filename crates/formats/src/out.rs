@@ -74,10 +74,8 @@ pub fn clean_stale(out: &Path) -> Vec<PathBuf> {
             .iter()
             .find_map(|p| n.strip_prefix(p.as_str()))
             .and_then(|rest| rest.parse::<u32>().ok());
-        if pid.is_some_and(|p| !pid_alive(p)) {
-            if remove_any(&e.path()).is_ok() {
-                removed.push(e.path());
-            }
+        if pid.is_some_and(|p| !pid_alive(p)) && remove_any(&e.path()).is_ok() {
+            removed.push(e.path());
         }
     }
     removed
@@ -134,7 +132,9 @@ impl Claim {
         // nobody else is writing `out`.
         for ext in ["gguf.tmp", "json.tmp"] {
             let legacy = out.with_extension(ext);
-            if legacy.file_stem() == out.file_stem() && out.extension().is_some_and(|e| ext.starts_with(&*e.to_string_lossy())) {
+            if legacy.file_stem() == out.file_stem()
+                && out.extension().is_some_and(|e| ext.starts_with(&*e.to_string_lossy()))
+            {
                 let _ = std::fs::remove_file(legacy);
             }
         }
@@ -163,7 +163,14 @@ fn exchange(from: &Path, to: &Path) -> std::io::Result<()> {
     let (a, b) = (c(from)?, c(to)?);
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the syscall only reads them.
     let r = unsafe {
-        libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     if r == 0 {
         Ok(())

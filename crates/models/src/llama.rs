@@ -119,7 +119,12 @@ impl LlamaConfig {
                 format!("{kv} does not divide num_attention_heads {}", c.num_attention_heads),
             ));
         }
-        for (name, v) in [("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size), ("max_position_embeddings", c.max_position_embeddings)] {
+        for (name, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
             if v == 0 {
                 return Err(field(name, "must be at least 1".into()));
             }
@@ -130,7 +135,10 @@ impl LlamaConfig {
             None => {
                 return Err(field(
                     "num_attention_heads",
-                    format!("{} does not divide hidden_size {} (and no head_dim is given)", c.num_attention_heads, c.hidden_size),
+                    format!(
+                        "{} does not divide hidden_size {} (and no head_dim is given)",
+                        c.num_attention_heads, c.hidden_size
+                    ),
                 ))
             }
         };

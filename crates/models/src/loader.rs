@@ -304,7 +304,11 @@ fn check_vocab(l: &Loaded, tok_path: &Path, gguf_vocab: Option<&[String]>) -> Re
         )));
     }
     if let Some(own) = gguf_vocab {
-        let agree = own.iter().enumerate().filter(|(i, t)| l.tokenizer.id_to_token(*i as u32).as_deref() == Some(t.as_str())).count();
+        let agree = own
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| l.tokenizer.id_to_token(*i as u32).as_deref() == Some(t.as_str()))
+            .count();
         // Byte-level spellings agree exactly between tokenizer.json and GGUF; allow a few special tokens.
         if (agree as f64) < 0.99 * own.len() as f64 {
             let (i, t) = own

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 use crate::Result;
+use serde::{Deserialize, Serialize};
 use whittle_eval::bench;
 
 /// The calibration options (the CLI's `--calib`, `--calib-samples`, `--calib-seq-len`; a `[calibration]`
@@ -568,7 +568,8 @@ mod ranges {
     pub fn real(name: &'static str, v: f64, lo: f64, hi: f64, open_lo: bool) -> Result<()> {
         let ok = v.is_finite() && v <= hi && if open_lo { v > lo } else { v >= lo };
         if !ok {
-            let (l, h) = (if open_lo { "(" } else { "[" }, if hi.is_infinite() { "∞)".to_string() } else { format!("{hi}]") });
+            let (l, h) =
+                (if open_lo { "(" } else { "[" }, if hi.is_infinite() { "∞)".to_string() } else { format!("{hi}]") });
             return Err(InvalidOption::new(name, v, format!("must be in {l}{lo}, {h}")).into());
         }
         Ok(())
@@ -624,7 +625,9 @@ impl PruneConfig {
     pub fn check_ranges(&self) -> Result<()> {
         opt_real("sparsity", self.sparsity, 0.0, 1.0, false)?;
         if self.sparsity == Some(1.0) {
-            return Err(whittle_core::InvalidOption::new("sparsity", 1, "must be below 1 (nothing would be left)").into());
+            return Err(
+                whittle_core::InvalidOption::new("sparsity", 1, "must be below 1 (nothing would be left)").into()
+            );
         }
         at_least("group_size", self.group_size, 1)?;
         real("damp", self.damp, 0.0, 1.0, true)?;

@@ -31,7 +31,10 @@ pub struct SensitivityArgs {
 }
 
 pub fn sensitivity(a: &SensitivityArgs, env: &Env) -> Result<()> {
-    let _claim = a.output.as_ref().map(|o| output::check_exclusive(o, a.force, a.wait)).transpose()?;
+    let _claim = match &a.output {
+        Some(o) => Some(output::check_exclusive(o, a.force, a.wait)?),
+        None => None,
+    };
     a.cfg.options()?;
     let mut l = env.open(&a.m)?;
     let s = a.cfg.measure(&mut l, &env.ctx())?;

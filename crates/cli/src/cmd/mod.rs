@@ -125,7 +125,9 @@ pub fn cap_threads(n: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let max = cpus * MAX_THREADS_PER_CPU;
     if n > max {
-        eprintln!("note: --threads {n} capped at {max} ({MAX_THREADS_PER_CPU} × the {cpus} CPUs available to this process)");
+        eprintln!(
+            "note: --threads {n} capped at {max} ({MAX_THREADS_PER_CPU} × the {cpus} CPUs available to this process)"
+        );
         return max;
     }
     n

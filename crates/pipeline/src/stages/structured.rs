@@ -43,7 +43,12 @@ fn plan(c: &PruneConfig) -> Result<Plan> {
     uniq.sort_unstable();
     uniq.dedup();
     if uniq.len() != drop.len() {
-        return Err(InvalidOption::new("drop_layers", c.drop_layers.as_deref().unwrap_or(""), "a block is named twice").into());
+        return Err(InvalidOption::new(
+            "drop_layers",
+            c.drop_layers.as_deref().unwrap_or(""),
+            "a block is named twice",
+        )
+        .into());
     }
     if s.layers > 0 && !drop.is_empty() {
         bail!("option `structured` layers={} and option `drop_layers` both choose blocks: give one", s.layers);
