@@ -2,6 +2,7 @@
 //! WikiText-2 valid, never the test split) and how much of it each family runs by default.
 
 use whittle_calib::observe::CalibOptions;
+use whittle_core::InvalidOption;
 use whittle_eval::data;
 use whittle_models::Loaded;
 
@@ -32,7 +33,18 @@ impl CalibConfig {
     pub fn resolve(&self, l: &Loaded, decoder_samples: usize) -> Result<Calib> {
         let decoder = l.model.is_decoder();
         let samples = if decoder { decoder_samples } else { ENCODER_SAMPLES };
-        self.resolve_with(samples, if decoder { 512 } else { 128 })
+        let ctx = l.model.max_positions();
+        // Windows past the model's positions would run where RoPE / position embeddings never were (and grow
+        // the attention quadratically): refused before the text is read.
+        if let Some(n) = self.calib_seq_len.filter(|&n| n > ctx) {
+            return Err(InvalidOption::new(
+                "calib_seq_len",
+                n,
+                format!("longer than the model's context of {ctx} positions"),
+            )
+            .into());
+        }
+        self.resolve_with(samples, (if decoder { 512 } else { 128 }).min(ctx))
     }
 
     /// Reads the text, with these defaults for what the config leaves open.

@@ -224,6 +224,15 @@ impl Student<'_, '_> {
 /// Trains the student `l` (from the teacher with `d`, on hard labels without), then loads the best student.
 fn run(l: &mut Loaded, d: Option<(&DistillConfig, &Loaded)>, a: &TrainConfig, ctx: &Ctx) -> Result<Box<dyn Report>> {
     let what = if d.is_some() { "distill" } else { "finetune" };
+    let ctx_len = l.model.max_positions();
+    if a.seq_len > ctx_len {
+        return Err(InvalidOption::new(
+            "seq_len",
+            a.seq_len,
+            format!("longer than the model's context of {ctx_len} positions"),
+        )
+        .into());
+    }
     let (outcome, metric) = match &l.model {
         Model::Llama(_) => run_llama(l, d, a, ctx)?,
         Model::Bert(_) => match d {
