@@ -21,7 +21,8 @@ fn ok(args: &[&str]) -> String {
 fn ok_json(args: &[&str]) -> serde_json::Value {
     let o = whittle(args);
     assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 fn fails(args: &[&str], want: &[&str]) {

@@ -50,28 +50,61 @@ fn bad_groups(s: &str, reason: String) -> Error {
 
 /// Parses `0-1,2-3` (or `0-1-2`): groups of two or more blocks, each named once, all below `n`.
 pub fn parse_groups(s: &str, n: usize) -> Result<Vec<Vec<usize>>> {
-    let mut seen = vec![false; n];
+    parse(s, Some(n))
+}
+
+/// Checks the syntax of `groups` alone (before a model is loaded: block indices are checked by
+/// [`parse_groups`]).
+pub fn check_groups_syntax(s: &str) -> Result<()> {
+    parse(s, None).map(|_| ())
+}
+
+fn parse(s: &str, n: Option<usize>) -> Result<Vec<Vec<usize>>> {
+    let mut seen = std::collections::BTreeSet::new();
     let mut groups = Vec::new();
     for g in s.split(',').map(str::trim).filter(|g| !g.is_empty()) {
-        let members: Vec<usize> = g
-            .split('-')
-            .map(|v| {
-                v.trim().parse::<usize>().map_err(|_| {
-                    InvalidOption::new("groups", format!("`{s}`"), format!("`{v}` is not a block index")).into()
-                })
+        let index = |v: &str| -> Result<usize> {
+            v.trim().parse::<usize>().map_err(|_| {
+                InvalidOption::new("groups", format!("`{s}`"), format!("`{v}` is not a block index")).into()
             })
-            .collect::<Result<_>>()?;
+        };
+        // `A-B` is the range A..=B (as users read it; issue 22: `0-2` used to mean {0, 2}); `+` joins
+        // members that are not adjacent: `0+2`, `0-1+4`.
+        let mut members = Vec::new();
+        for part in g.split('+') {
+            match part.split('-').collect::<Vec<_>>()[..] {
+                [one] => members.push(index(one)?),
+                [a, b] => {
+                    let (a, b) = (index(a)?, index(b)?);
+                    if a >= b {
+                        return Err(bad_groups(s, format!("`{part}`: a range FIRST-LAST needs FIRST < LAST")));
+                    }
+                    match n {
+                        Some(n) if b >= n => {
+                            return Err(bad_groups(s, format!("block {b} does not exist (the model has 0..{})", n - 1)))
+                        }
+                        Some(_) => members.extend(a..=b),
+                        None => members.extend([a, b]),
+                    }
+                }
+                _ => {
+                    return Err(bad_groups(
+                        s,
+                        format!("`{part}`: a range is FIRST-LAST; join blocks that are not adjacent with `+` (0+2)"),
+                    ))
+                }
+            }
+        }
         if members.len() < 2 {
             return Err(bad_groups(s, format!("`{g}` names one block; a group shares two or more")));
         }
         for &b in &members {
-            if b >= n {
+            if let Some(n) = n.filter(|&n| b >= n) {
                 return Err(bad_groups(s, format!("block {b} does not exist (the model has 0..{})", n - 1)));
             }
-            if seen[b] {
+            if !seen.insert(b) {
                 return Err(bad_groups(s, format!("block {b} is named twice")));
             }
-            seen[b] = true;
         }
         groups.push(members);
     }
@@ -284,12 +317,25 @@ pub fn share_blocks(l: &mut Loaded, groups: &[Vec<usize>], init: Init) -> Result
 mod tests {
     use super::*;
 
+    /// Issue 22 ("Messages"): `--groups 0-2` meant blocks {0, 2}; users read it as the range 0..=2.
+    #[test]
+    fn share_groups_dash_is_a_range() {
+        assert_eq!(parse_groups("0-2", 6).unwrap(), vec![vec![0, 1, 2]]);
+        assert_eq!(parse_groups("0+2,3-5", 6).unwrap(), vec![vec![0, 2], vec![3, 4, 5]]);
+        assert_eq!(parse_groups("0-1+4", 6).unwrap(), vec![vec![0, 1, 4]]);
+    }
+
     #[test]
     fn groups_parse_or_name_the_problem() {
-        assert_eq!(parse_groups("0-1, 2-3-4", 6).unwrap(), vec![vec![0, 1], vec![2, 3, 4]]);
-        for (bad, want) in
-            [("0-1,1-2", "named twice"), ("0-9", "does not exist"), ("3", "one block"), ("a-1", "not a block")]
-        {
+        assert_eq!(parse_groups("0-1, 2+3+4", 6).unwrap(), vec![vec![0, 1], vec![2, 3, 4]]);
+        for (bad, want) in [
+            ("0-1,1-2", "named twice"),
+            ("0-9", "does not exist"),
+            ("3", "one block"),
+            ("a-1", "not a block"),
+            ("0-2-4", "a range is FIRST-LAST"),
+            ("2-0", "FIRST < LAST"),
+        ] {
             let e = parse_groups(bad, 6).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }

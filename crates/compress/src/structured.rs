@@ -377,6 +377,29 @@ pub fn prune_structured(
     prune_structured_with(model, s, imp, global, stats, None, drop, influence)
 }
 
+/// Checks a list of blocks to remove against a model of `nb` blocks: each exists, none twice, one stays.
+/// Cheap: callers run it before any calibration.
+pub fn check_drop(nb: usize, drop: &[usize]) -> Result<()> {
+    if let Some(&b) = drop.iter().find(|&&b| b >= nb) {
+        return Err(
+            InvalidOption::new("drop_layers", b, format!("the model has blocks 0..{}", nb.saturating_sub(1))).into()
+        );
+    }
+    let mut uniq = drop.to_vec();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if uniq.len() != drop.len() {
+        return Err(InvalidOption::new("drop_layers", format!("{drop:?}"), "a block is named twice").into());
+    }
+    if uniq.len() >= nb {
+        return Err(Error::Usage(format!(
+            "dropping {} of {nb} blocks would leave none; at least one must stay",
+            uniq.len()
+        )));
+    }
+    Ok(())
+}
+
 /// [`prune_structured`] with the per-weight saliency |w·∂L/∂w| (HF Linear name → row-major values) that
 /// [`Importance::Taylor`] needs.
 #[allow(clippy::too_many_arguments)]
@@ -391,18 +414,9 @@ pub fn prune_structured_with(
     influence: Option<&[f64]>,
 ) -> Result<StructuredReport> {
     let nb = model.n_blocks();
-    if let Some(&b) = drop.iter().find(|&&b| b >= nb) {
-        return Err(InvalidOption::new("drop_layers", b, format!("the model has blocks 0..{}", nb - 1)).into());
-    }
+    check_drop(nb, drop)?;
     let mut uniq = drop.to_vec();
     uniq.sort_unstable();
-    uniq.dedup();
-    if uniq.len() != drop.len() {
-        return Err(InvalidOption::new("drop_layers", format!("{drop:?}"), "a block is named twice").into());
-    }
-    if uniq.len() >= nb {
-        return Err(Error::Usage(format!("dropping {} of {nb} blocks would leave none", uniq.len())));
-    }
     let (mut hs, mut fs) = (Vec::new(), Vec::new());
     for bi in 0..nb {
         let (h, f) = scores(model, bi, imp, stats, saliency)?;

@@ -31,7 +31,7 @@ pub fn read_text(path: Option<&Path>, default: (&str, &str)) -> Result<Named> {
     let Some(p) = path else {
         return Ok((default.0.to_string(), default.1.to_string()));
     };
-    let bytes = std::fs::read(p).map_err(|source| Error::Io { path: p.to_path_buf(), source })?;
+    let bytes = std::fs::read(p).map_err(|err| Error::Io { path: p.to_path_buf(), err })?;
     let name = p.display().to_string();
     if bytes.contains(&0) {
         return Err(Error::Data { path: name, msg: "looks binary (contains NUL bytes); expected a text file".into() });

@@ -9,8 +9,8 @@ pub enum Error {
     Model(#[from] whittle_models::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Data { path: String, msg: String },
     #[error("{path}:{line}: {msg}")]

@@ -6,8 +6,12 @@ use thiserror::Error;
 /// there is one.
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The OS error is part of the message, not a `source`: chained printing (`{:#}`) would say it twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    /// Another process holds the output's claim ([`crate::out::Claim`]).
+    #[error("{path}: another whittle process{holder} is writing this output; wait for it to finish, or set option `wait` to queue behind it")]
+    Busy { path: PathBuf, holder: String },
     #[error("{path}: not a GGUF file (magic {magic:?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (whittle reads v2 and v3)")]
@@ -26,8 +30,8 @@ pub enum Error {
     Metadata { path: PathBuf, key: String, msg: String },
     #[error("{path}: invalid safetensors: {msg}")]
     Safetensors { path: PathBuf, msg: String },
-    #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: invalid JSON: {err}")]
+    Json { path: PathBuf, err: serde_json::Error },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("model `{id}` not found in the local Hugging Face cache (looked in {looked}); whittle never downloads: fetch it with `huggingface-cli download {id}` on a connected machine, or pass a local directory or .gguf file")]
@@ -42,5 +46,5 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
-    move |source| Error::Io { path, source }
+    move |err| Error::Io { path, err }
 }

@@ -341,6 +341,42 @@ impl Gguf {
                     len: data_len,
                 });
             }
+            // ggml requires it (gguf.c refuses such files), and block kernels read the data in place.
+            if t.offset % align != 0 {
+                return Err(Error::BadTensor {
+                    path,
+                    tensor: t.name.clone(),
+                    msg: format!("data offset {} is not a multiple of general.alignment {align}", t.offset),
+                });
+            }
+        }
+        // Two tensors sharing bytes (or one name twice) mean a corrupt directory: each would read the other.
+        let mut by_offset: Vec<&GgufTensor> = tensors.iter().collect();
+        by_offset.sort_by_key(|t| (t.offset, t.bytes));
+        for w in by_offset.windows(2) {
+            if w[0].offset + w[0].bytes > w[1].offset && w[0].bytes > 0 && w[1].bytes > 0 {
+                return Err(Error::BadTensor {
+                    path,
+                    tensor: w[1].name.clone(),
+                    msg: format!(
+                        "data [{}, {}) overlaps tensor `{}` [{}, {})",
+                        w[1].offset,
+                        w[1].offset + w[1].bytes,
+                        w[0].name,
+                        w[0].offset,
+                        w[0].offset + w[0].bytes
+                    ),
+                });
+            }
+        }
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::BadTensor {
+                path,
+                tensor: w[0].to_string(),
+                msg: "appears twice in the tensor directory".into(),
+            });
         }
         Ok(Self { path, version, metadata, tensors, data_start, mmap, device: whittle_core::backend::cpu::device() })
     }
@@ -484,17 +520,16 @@ pub mod write {
         }
     }
 
-    /// Writes a GGUF v3 file atomically (temporary sibling, then rename), streaming the tensor data.
+    /// Writes a GGUF v3 file atomically (this process's temporary sibling, then rename: see
+    /// [`crate::out`]), streaming the tensor data.
     pub fn write_file(
         path: &std::path::Path,
         metadata: &[(&str, Value)],
         tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
     ) -> crate::Result<()> {
         use std::io::Write;
-        let tmp = path.with_extension("gguf.tmp");
-        let io = |source| crate::Error::Io { path: tmp.clone(), source };
-        let result = (|| -> std::io::Result<()> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        crate::out::write_file_atomic(path, |file| {
+            let mut f = std::io::BufWriter::new(file);
             let lens: Vec<(&str, &[u64], u32, usize)> =
                 tensors.iter().map(|(n, ne, ty, d)| (*n, ne.as_slice(), *ty, d.len())).collect();
             f.write_all(&header(metadata, &lens))?;
@@ -502,13 +537,8 @@ pub mod write {
                 f.write_all(data)?;
                 f.write_all(&[0u8; 32][..(32 - data.len() % 32) % 32])?;
             }
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        std::fs::rename(&tmp, path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })
+            f.flush()
+        })
     }
 
     /// The header of a GGUF v3 file up to the (32-aligned) start of the data: `tensors` give
@@ -634,6 +664,34 @@ mod tests {
         for (i, x) in v.iter().enumerate() {
             assert_eq!(*x, (i as f32 - 16.) * 0.5);
         }
+    }
+
+    /// Two f32 tensors `a` (6 values, at 0) and `b` (2 values, at 32), and the position of `b`'s offset field.
+    fn two_tensors() -> (Vec<u8>, usize) {
+        let b =
+            write::to_bytes(&[], &[("a", vec![2, 3], 0, f32_bytes(&[0.; 6])), ("b", vec![2], 0, f32_bytes(&[1., 2.]))]);
+        let name_b = [&1u64.to_le_bytes()[..], b"b"].concat();
+        let at = b.windows(9).position(|w| w == name_b.as_slice()).unwrap();
+        // name (8 + 1), n_dims (4), one dim (8), type (4), then the offset.
+        (b, at + 9 + 4 + 8 + 4)
+    }
+
+    /// Issue 22 ("Corrupt data accepted"): an offset of 7 loaded, and generate printed nothing.
+    #[test]
+    fn gguf_offset_not_a_multiple_of_alignment_is_an_error() {
+        let (mut b, at) = two_tensors();
+        assert_eq!(u64::from_le_bytes(b[at..at + 8].try_into().unwrap()), 32);
+        b[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
+        let e = open_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("tensor `b`") && e.contains("offset 7 is not a multiple of general.alignment 32"), "{e}");
+    }
+
+    #[test]
+    fn gguf_overlapping_tensors_are_an_error() {
+        let (mut b, at) = two_tensors();
+        b[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+        let e = open_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("tensor `a`") && e.contains("overlaps tensor `b`"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct HfDir {
 /// Reads and parses a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|err| Error::Json { path: path.to_path_buf(), err })
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -46,6 +46,13 @@ fn dtype_name(d: Dtype) -> String {
 }
 
 fn open_shard(path: &Path) -> Result<Shard> {
+    // Mapping a directory fails with ENODEV ("No such device"); say what is wrong instead. Following the
+    // link first also reports a symlink loop as such.
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { "a directory" } else { "not a regular file" };
+        return Err(Error::Other { path: path.to_path_buf(), msg: format!("is {kind}, expected a safetensors file") });
+    }
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     // SAFETY: read-only mapping of a file whittle never writes while reading.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
@@ -61,9 +68,12 @@ impl HfDir {
         let config = read_json(&dir.join("config.json"))?;
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.exists() {
+        // `symlink_metadata`: a name that is there but cannot be followed (a symlink loop, a dangling link) is
+        // still the weights file, and opening it gives the real reason.
+        let present = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        let files: Vec<PathBuf> = if present(&single) {
             vec![single]
-        } else if index_path.exists() {
+        } else if present(&index_path) {
             let idx = read_json(&index_path)?;
             let map = idx
                 .get("weight_map")
@@ -245,28 +255,30 @@ pub fn resolve_hub_id_in(id: &str, cache: &Path) -> Result<PathBuf> {
 /// Writes a directory atomically: `fill` writes into a fresh temporary sibling of `out`, which then
 /// replaces `out` by rename. On error the temporary directory is removed and `out` is untouched.
 pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::out::parent_dir(out);
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    crate::out::clean_stale(out);
+    let tmp = crate::out::temp_path(out);
+    let _ = crate::out::remove_any(&tmp);
     std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = fill(&tmp).and_then(|()| sync_dir_tree(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(io_err(out))?;
-        std::fs::rename(&tmp, out).map_err(io_err(out))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    crate::out::commit(&tmp, out).inspect_err(|_| {
+        let _ = crate::out::remove_any(&tmp);
+    })
+}
+
+/// Flushes the files of `dir` (one level) and `dir` itself to disk, so the rename that publishes them
+/// never publishes data still in the page cache only.
+fn sync_dir_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::File::open(e.path()).and_then(|f| f.sync_all()).map_err(io_err(e.path()))?;
+        }
     }
-    Ok(())
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
 }
 
 /// Writes named tensors to one safetensors file (row-major, their own dtypes).
@@ -389,6 +401,34 @@ mod tests {
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
         assert_eq!(resolve_hub_id_in("org/name", d.path()).unwrap(), snap);
+    }
+
+    /// Issue 22 ("Messages"): a directory named model.safetensors said "No such device".
+    #[test]
+    fn safetensors_that_is_a_directory_is_named_as_such() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::create_dir(d.path().join("model.safetensors")).unwrap();
+        let e = HfDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: is a directory, expected a safetensors file"), "{e}");
+    }
+
+    /// Issue 22 ("Messages"): a symlink loop said "no model.safetensors in this directory".
+    #[test]
+    fn safetensors_symlink_loop_is_reported_as_a_loop() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("model.safetensors", d.path().join("model.safetensors")).unwrap();
+        let e = HfDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: Too many levels of symbolic links"), "{e}");
+    }
+
+    /// Issue 22 ("Messages"): OS errors were printed twice by chained printing.
+    #[test]
+    fn os_error_is_said_once_in_the_chain() {
+        let e = read_json(Path::new("/nonexistent/config.json")).unwrap_err();
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("No such file").count(), 1, "{e}");
     }
 
     #[test]

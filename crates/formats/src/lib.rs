@@ -9,6 +9,7 @@
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod out;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -110,7 +110,7 @@ pub fn tokenizer_from_json(json: &Json, path: &Path) -> Result<Tokenizer> {
 /// A tokenizer from a `tokenizer.json` file.
 pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
-        return Err(Error::Io { path: path.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
+        return Err(Error::Io { path: path.to_path_buf(), err: std::io::ErrorKind::NotFound.into() });
     }
     Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })
 }

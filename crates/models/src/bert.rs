@@ -74,6 +74,18 @@ impl BertConfig {
                 return Err(field("position_embedding_type", format!("`{p}` is not supported (only `absolute`)")));
             }
         }
+        for (name, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+            ("type_vocab_size", c.type_vocab_size),
+        ] {
+            // hidden_size 0 divided every head count and reached a division by zero (found by scripts/fuzz.sh).
+            if v == 0 {
+                return Err(field(name, "must be at least 1".into()));
+            }
+        }
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",

@@ -75,6 +75,33 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     idx[p.len() - 1] as u32
 }
 
+/// Refuses a prompt of `prompt` tokens plus `n` new ones past the model's positions (the attention and KV
+/// cache would grow without bound, and RoPE was never trained there).
+pub fn check_context(m: &Llama, prompt: usize, n: usize) -> Result<()> {
+    let context = m.config.max_position_embeddings;
+    if prompt.saturating_add(n) > context {
+        return Err(crate::Error::ContextTooLong { prompt, new: n, context });
+    }
+    Ok(())
+}
+
+/// The prompt cut to fit `n` new tokens in the model's context: its last tokens, with a leading BOS (`bos`)
+/// kept first. `None` when not even the BOS and one prompt token fit.
+pub fn truncate_prompt(m: &Llama, prompt: &[u32], n: usize, bos: Option<u32>) -> Option<Vec<u32>> {
+    let room = m.config.max_position_embeddings.checked_sub(n)?;
+    if prompt.len() <= room {
+        return Some(prompt.to_vec());
+    }
+    let keep_bos = bos.is_some() && prompt.first() == bos.as_ref();
+    let tail = room.checked_sub(keep_bos as usize).filter(|&t| t > 0)?;
+    let mut out = Vec::with_capacity(room);
+    if keep_bos {
+        out.push(prompt[0]);
+    }
+    out.extend_from_slice(&prompt[prompt.len() - tail..]);
+    Some(out)
+}
+
 /// Generates up to `n` tokens after `prompt`, stopping early at any of `eos`. Calls `on_token` as
 /// each token is chosen (for streaming).
 pub fn generate(
@@ -85,6 +112,7 @@ pub fn generate(
     s: &Sampling,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    check_context(m, prompt.len(), n)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let mut cache = KvCache::new(m.blocks.len());
     let mut out = Vec::with_capacity(n);

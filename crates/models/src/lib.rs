@@ -71,6 +71,14 @@ impl Model {
         }
     }
 
+    /// The positions the model has: BERT's learned position embeddings, the context a LLaMA was trained for.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Model::Bert(m) => m.config.max_position_embeddings,
+            Model::Llama(m) => m.config.max_position_embeddings,
+        }
+    }
+
     pub fn n_blocks(&self) -> usize {
         match self {
             Model::Bert(m) => m.blocks.len(),

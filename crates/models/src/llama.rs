@@ -119,6 +119,33 @@ impl LlamaConfig {
                 format!("{kv} does not divide num_attention_heads {}", c.num_attention_heads),
             ));
         }
+        for (name, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(field(name, "must be at least 1".into()));
+            }
+        }
+        let head_dim = match c.head_dim {
+            Some(d) => d,
+            None if c.hidden_size.is_multiple_of(c.num_attention_heads) => c.hidden_size / c.num_attention_heads,
+            None => {
+                return Err(field(
+                    "num_attention_heads",
+                    format!(
+                        "{} does not divide hidden_size {} (and no head_dim is given)",
+                        c.num_attention_heads, c.hidden_size
+                    ),
+                ))
+            }
+        };
+        // RoPE rotates pairs of dimensions.
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(field("head_dim", format!("{head_dim}: must be a positive even number (RoPE rotates pairs)")));
+        }
         let rope_scaling = match &c.rope_scaling {
             None | Some(serde_json::Value::Null) => RopeScaling::None,
             Some(v) => {
@@ -154,7 +181,7 @@ impl LlamaConfig {
             num_heads: c.num_attention_heads,
             num_kv_heads: kv,
             intermediate_size: c.intermediate_size,
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            head_dim,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta,
             rope_scaling,

@@ -111,15 +111,16 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Some(format!("{prefix}{leader}.{tail}"))
     };
     let weights = Weights { src: &src, path: dir.to_path_buf(), rename: &rename, dequantize: true };
-    let parse_err =
-        |e: serde_json::Error| Error::Config { path: cfg_path.clone(), field: "(file)".into(), msg: e.to_string() };
+    let infos = src.infos();
     let model = match model_type.as_str() {
         "bert" => {
-            let hf: HfBertConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            let hf: HfBertConfig = parse_config(&src.config, &cfg_path)?;
+            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers", shared.len())?;
             Model::Bert(Bert::load(BertConfig::from_hf(&hf, &cfg_path)?, &weights)?)
         }
         "llama" | "mistral" | "qwen2" => {
-            let hf: HfLlamaConfig = serde_json::from_value(src.config.clone()).map_err(parse_err)?;
+            let hf: HfLlamaConfig = parse_config(&src.config, &cfg_path)?;
+            check_block_count(hf.num_hidden_layers, &infos, &cfg_path, "num_hidden_layers", shared.len())?;
             let cfg = LlamaConfig::from_hf(&hf, &model_type, &cfg_path)?;
             Model::Llama(Llama::load(cfg, &weights, false)?)
         }
@@ -185,7 +186,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         chat_template,
         truncating: Default::default(),
     };
-    check_vocab(&loaded, &tok_path)?;
+    check_vocab(&loaded, &tok_path, None)?;
     Ok(loaded)
 }
 
@@ -201,6 +202,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
+    check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count", 0)?;
     let weights =
         Weights { src: &g, path: path.to_path_buf(), rename: &crate::names::hf_to_gguf, dequantize: opts.dequantize };
     let mut model = Model::Llama(Llama::load(cfg, &weights, true)?);
@@ -224,7 +226,14 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
         truncating: Default::default(),
     };
-    check_vocab(&loaded, &tok_path)?;
+    // A tokenizer given with --tokenizer must spell the ids as the file's own vocabulary does.
+    let own_vocab = match (&opts.tokenizer, g.get("tokenizer.ggml.tokens")) {
+        (Some(_), Some(whittle_formats::gguf::Value::Array(v))) => {
+            Some(v.iter().map(|t| t.as_str().unwrap_or("").to_string()).collect::<Vec<_>>())
+        }
+        _ => None,
+    };
+    check_vocab(&loaded, &tok_path, own_vocab.as_deref())?;
     Ok(loaded)
 }
 
@@ -242,11 +251,99 @@ fn hf_chat_template(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn check_vocab(l: &Loaded, tok_path: &Path) -> Result<()> {
-    let n_tok = l.tokenizer.get_vocab_size(true);
+/// Parses `config.json` into `T`; a field of the wrong type is named (serde's message alone does not say
+/// which field it is).
+fn parse_config<T: serde::de::DeserializeOwned>(config: &serde_json::Value, path: &Path) -> Result<T> {
+    let e = match serde_json::from_value::<T>(config.clone()) {
+        Ok(t) => return Ok(t),
+        Err(e) => e.to_string(),
+    };
+    let missing = e.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(String::from);
+    // The culprit is the key whose removal turns the error into "missing field" (required) or away (optional).
+    let culprit = missing.or_else(|| {
+        let obj = config.as_object()?;
+        obj.keys()
+            .find(|k| {
+                let mut o = obj.clone();
+                o.remove(*k);
+                match serde_json::from_value::<T>(o.into()) {
+                    Ok(_) => true,
+                    Err(e2) => e2.to_string() == format!("missing field `{k}`"),
+                }
+            })
+            .cloned()
+    });
+    let (field, msg) = match culprit {
+        Some(k) => {
+            let got = config.get(&k).map(|v| format!(" (found {v})")).unwrap_or_default();
+            (k, format!("{e}{got}"))
+        }
+        None => ("?".into(), e),
+    };
+    Err(Error::Config { path: path.to_path_buf(), field, msg })
+}
+
+/// The block index of a tensor name (`encoder.layer.N.`, `model.layers.N.`, `blk.N.`).
+fn block_of(name: &str) -> Option<usize> {
+    let rest = ["encoder.layer.", "model.layers.", "blk."].iter().find_map(|p| name.strip_prefix(p))?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// A config must have at least one block, no fewer than the weights file holds (the rest would be silently
+/// ignored: issue 22's `num_hidden_layers: 0` ran on the embeddings alone) and no more than it holds plus
+/// `aliases` (blocks stored as another block's weights, `whittle share`): a huge count must fail here, not
+/// as an allocation (found by scripts/fuzz.sh).
+fn check_block_count(n: usize, tensors: &[TensorInfo], path: &Path, field: &str, aliases: usize) -> Result<()> {
+    let err = |msg: String| Error::Config { path: path.to_path_buf(), field: field.into(), msg };
+    if n == 0 {
+        return Err(err("must be at least 1".into()));
+    }
+    let last = tensors.iter().filter_map(|t| Some((block_of(&t.name)?, &t.name))).max_by_key(|(b, _)| *b);
+    let stored = last.map_or(0, |(b, _)| b + 1);
+    if let Some((b, t)) = last.filter(|(b, _)| *b >= n) {
+        return Err(err(format!("{n}, but the weights hold {} blocks (tensor `{t}`)", b + 1)));
+    }
+    if n > stored.saturating_add(aliases) {
+        return Err(err(format!("{n}, but the weights hold only {stored} blocks")));
+    }
+    Ok(())
+}
+
+/// The tokenizer must fit the model: every id inside the embedding table, a decoder not driven by a
+/// WordPiece (BERT) vocabulary, and, when the model file has its own vocabulary (`gguf_vocab`), the same
+/// tokens at the same ids.
+fn check_vocab(l: &Loaded, tok_path: &Path, gguf_vocab: Option<&[String]>) -> Result<()> {
     let n_model = l.model.vocab_size();
-    if n_tok > n_model {
-        return Err(Error::VocabMismatch { path: tok_path.to_path_buf(), tokenizer: n_tok, model: n_model });
+    let vocab = l.tokenizer.get_vocab(true);
+    if let Some(max_id) = vocab.values().max().map(|&m| m as usize).filter(|&m| m >= n_model) {
+        return Err(Error::VocabMismatch { path: tok_path.to_path_buf(), max_id, model: n_model });
+    }
+    let mismatch = |msg: String| Error::TokenizerMismatch { path: tok_path.to_path_buf(), msg };
+    if l.model.is_decoder() && matches!(l.tokenizer.get_model(), tokenizers::models::ModelWrapper::WordPiece(_)) {
+        return Err(mismatch(format!(
+            "a WordPiece (BERT-style) tokenizer cannot drive a {} decoder",
+            l.model.family()
+        )));
+    }
+    if let Some(own) = gguf_vocab {
+        let agree = own
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| l.tokenizer.id_to_token(*i as u32).as_deref() == Some(t.as_str()))
+            .count();
+        // Byte-level spellings agree exactly between tokenizer.json and GGUF; allow a few special tokens.
+        if (agree as f64) < 0.99 * own.len() as f64 {
+            let (i, t) = own
+                .iter()
+                .enumerate()
+                .find(|(i, t)| l.tokenizer.id_to_token(*i as u32).as_deref() != Some(t.as_str()))
+                .expect("some id disagrees");
+            return Err(mismatch(format!(
+                "only {agree} of the model's {} tokens have the same id (id {i} is `{t}` in the model, {} in the tokenizer)",
+                own.len(),
+                l.tokenizer.id_to_token(i as u32).map_or("absent".into(), |x| format!("`{x}`"))
+            )));
+        }
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
             for f in ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json"] {
                 if src.join(f).exists() {
                     std::fs::copy(src.join(f), dir.join(f))
-                        .map_err(|e| whittle_formats::Error::Io { path: src.join(f), source: e })?;
+                        .map_err(|e| whittle_formats::Error::Io { path: src.join(f), err: e })?;
                     copied_tok_cfg |= f == "tokenizer_config.json";
                 }
             }

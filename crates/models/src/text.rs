@@ -51,6 +51,9 @@ pub fn embed_texts(l: &Loaded, texts: &[&str], max_len: usize, batch: usize) -> 
     let Model::Bert(m) = &l.model else {
         return Err(Error::Usage(format!("`embed` needs an encoder; this model is a {} decoder", l.model.family())));
     };
+    if max_len == 0 {
+        return Err(Error::Usage("a token cap (max_len) of 0 leaves nothing to embed".into()));
+    }
     let max_len = max_len.min(m.config.max_position_embeddings);
     let mut cached = l.truncating.lock().unwrap_or_else(|e| e.into_inner());
     if cached.as_ref().is_none_or(|(n, _)| *n != max_len) {

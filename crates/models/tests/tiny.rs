@@ -94,7 +94,100 @@ fn tokenizer_larger_than_vocab_is_refused() {
     tiny_llama(d.path());
     std::fs::write(d.path().join("tokenizer.json"), word_tokenizer(80).to_string()).unwrap();
     let e = load_dir(d.path()).err().unwrap();
-    assert!(matches!(e, Error::VocabMismatch { tokenizer: 80, model: 50, .. }), "{e}");
+    assert!(matches!(e, Error::VocabMismatch { max_id: 79, model: 50, .. }), "{e}");
+}
+
+/// Issue 22 ("Limits"): a tokenizer with few tokens but an id past the embedding table was accepted, and
+/// the first such token failed deep inside candle without naming the tokenizer.
+#[test]
+fn tokenizer_ids_beyond_vocab_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let mut tok = word_tokenizer(3);
+    tok["model"]["vocab"]["w2"] = json!(4000);
+    std::fs::write(d.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json: tokenizer has token ids up to 4000") && e.contains("50 rows"), "{e}");
+}
+
+/// Issue 22 ("Limits"): a BERT tokenizer given to a LLaMA model was accepted.
+#[test]
+fn bert_tokenizer_for_a_decoder_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..10).map(|i| (format!("t{i}"), json!(i))).chain([("[UNK]".to_string(), json!(10))]).collect();
+    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordPiece", "vocab": vocab, "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100}});
+    std::fs::write(d.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json: tokenizer does not belong to this model: a WordPiece"), "{e}");
+}
+
+/// Issue 22 ("Limits"): `num_hidden_layers: 0` loaded and ran, ignoring the file's blocks.
+#[test]
+fn num_hidden_layers_zero_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = json!(0);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("config field `num_hidden_layers`: must be at least 1"), "{e}");
+    // Fewer layers than the file holds: the rest would be ignored silently.
+    cfg["num_hidden_layers"] = json!(1);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("`num_hidden_layers`: 1, but the weights hold 2 blocks"), "{e}");
+}
+
+/// Found by scripts/fuzz.sh (config target): `num_hidden_layers` of u64::MAX panicked with "capacity
+/// overflow" before any tensor was read.
+#[test]
+fn fuzz_num_hidden_layers_huge_is_an_error_not_an_allocation() {
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = json!(u64::MAX);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("`num_hidden_layers`: 18446744073709551615, but the weights hold only 1 blocks"), "{e}");
+}
+
+/// Found by scripts/fuzz.sh (manifest target): a BERT `hidden_size` of 0 divided every head count and
+/// panicked on a division by zero while loading.
+#[test]
+fn fuzz_bert_hidden_size_zero_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["hidden_size"] = json!(0);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("config field `hidden_size`: must be at least 1"), "{e}");
+}
+
+/// Issue 22 ("Messages"): a config value of the wrong type named the field as `(file)`.
+#[test]
+fn config_type_error_names_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_llama(d.path());
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["hidden_size"] = json!("32");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("config field `hidden_size`: invalid type") && e.contains("(found \"32\")"), "{e}");
+    cfg["hidden_size"] = json!(32);
+    cfg["rope_theta"] = json!("big");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_dir(d.path()).err().unwrap().to_string();
+    assert!(e.contains("config field `rope_theta`"), "{e}");
 }
 
 #[test]

@@ -41,7 +41,7 @@ fn unknown_stages_keys_and_bad_combinations_are_refused() {
         assert!(e.contains(want), "{e}");
     };
     bad(QuantizeConfig { scheme: "w4a16".into(), group_size: 48, ..Default::default() }, "option `group_size` 48");
-    bad(QuantizeConfig { scheme: "w4a16".into(), act_order: true, ..Default::default() }, "option `act_order`");
+    bad(QuantizeConfig { scheme: "w4a16".into(), act_order: Some(true), ..Default::default() }, "option `act_order`");
     bad(QuantizeConfig { scheme: "w8a8-dynamic".into(), target_bpw: Some(4.0), ..Default::default() }, "weight-only");
     let p = PruneConfig { method: Some("magnitude".into()), sparsity: Some(1.5), ..Default::default() };
     assert!(p.check().unwrap_err().to_string().contains("option `sparsity` 1.5"));

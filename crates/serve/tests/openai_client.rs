@@ -15,7 +15,17 @@ fn venv_python() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/whittle-test-venv"));
     let py = venv.join("bin/python");
-    assert!(py.exists(), "{} is missing: run scripts/test-deps.sh first", py.display());
+    if !py.exists() {
+        // As the model fetch does: set the venv up on first use (pip reaches PyPI), serialised by flock.
+        let status = std::process::Command::new("flock")
+            .arg(std::env::temp_dir().join("whittle-test-venv.lock"))
+            .arg(repo_root().join("scripts/test-deps.sh"))
+            .env("WHITTLE_TEST_VENV", &venv)
+            .status()
+            .expect("running scripts/test-deps.sh");
+        assert!(status.success(), "scripts/test-deps.sh failed");
+    }
+    assert!(py.exists(), "{} is missing after scripts/test-deps.sh", py.display());
     py
 }
 

@@ -46,8 +46,8 @@ pub enum Error {
     Formats(#[from] whittle_formats::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -369,7 +369,7 @@ fn signature(s: &dyn Objective) -> Vec<(String, Vec<usize>)> {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |err| Error::Io { path: path.to_path_buf(), err }
 }
 
 /// Writes student weights, AdamW moments and state to `dir`, atomically (temp dir, then rename).
@@ -396,7 +396,7 @@ pub fn save_checkpoint(dir: &Path, s: &dyn Objective, opt: &AdamW, st: &CkptStat
         )?;
         let json = serde_json::to_string_pretty(st).expect("state serializes");
         std::fs::write(tmp.join("state.json"), json)
-            .map_err(|e| whittle_formats::Error::Io { path: tmp.join("state.json"), source: e })?;
+            .map_err(|e| whittle_formats::Error::Io { path: tmp.join("state.json"), err: e })?;
         Ok(())
     })?;
     Ok(())

@@ -36,6 +36,10 @@ pub struct Args {
 }
 
 pub fn run(a: &Args, env: &Env) -> Result<()> {
+    if a.chunks == 0 {
+        anyhow::bail!("--chunks 0: must be at least 1");
+    }
+    a.b.check_ranges()?;
     let o = CompareOptions { chunks: a.chunks, bench: &a.b, reuse: a.reuse, save: a.save };
     let open = |spec: &str| whittle_models::load(spec, &env.load_options(None, false));
     let rows = measure::compare(open, &a.base, &a.variants, &o, &env.ctx())?;

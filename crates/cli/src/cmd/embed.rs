@@ -37,7 +37,10 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         bail!("no texts: pass TEXT arguments or --file");
     }
     if a.batch == 0 {
-        bail!("--batch must be at least 1");
+        bail!("--batch 0: must be at least 1");
+    }
+    if a.max_len.is_some_and(|n| n < 3) {
+        bail!("--max-len {}: must be at least 3 ([CLS], one token, [SEP])", a.max_len.unwrap_or(0));
     }
     let l = env.open(&a.m)?;
     let max_len = a.max_len.or(l.max_seq_length).unwrap_or(512);

@@ -52,6 +52,7 @@ pub struct Print {
 }
 
 pub fn eval(a: &EvalArgs, env: &Env) -> Result<()> {
+    a.cfg.check_ranges()?;
     let l = env.open(&a.m)?;
     let base = match &a.base {
         Some(b) => Some(env.open(&ModelArg { model: b.clone(), ..a.m.clone() })?),
@@ -91,6 +92,7 @@ pub fn bench(a: &BenchArgs, env: &Env) -> Result<()> {
     if let Some(url) = &a.live.url {
         return bench_url(url, a);
     }
+    a.cfg.check_ranges()?;
     let m = ModelArg {
         model: a.model.clone().expect("clap requires MODEL without --url"),
         tokenizer: a.tokenizer.clone(),

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
-use whittle_models::generate::{generate, Sampling};
+use whittle_models::generate::{check_context, generate, truncate_prompt, Sampling};
 use whittle_models::{text, Model};
 
 use super::{Env, ModelArg};
@@ -36,11 +36,20 @@ pub struct Args {
     /// Print one JSON object with prompt and generated token ids
     #[arg(long)]
     pub json: bool,
+    /// Keep only the prompt's last tokens when it and -n do not fit in the model's context (default: error)
+    #[arg(long)]
+    pub truncate: bool,
 }
 
 pub fn run(a: &Args, env: &Env) -> Result<()> {
-    if a.temperature < 0.0 || !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
-        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature {}: must be a finite number >= 0", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1]", a.top_p);
+    }
+    if a.n == 0 {
+        bail!("-n 0: asks for no tokens; it must be at least 1");
     }
     let s = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let l = env.open(&a.m)?;
@@ -53,10 +62,21 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     } else {
         a.prompt.clone()
     };
-    let ids = text::encode_prompt(&l, &text_in, false)?;
+    let mut ids = text::encode_prompt(&l, &text_in, false)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
+    if a.truncate {
+        let context = dec.config.max_position_embeddings;
+        let Some(cut) = truncate_prompt(dec, &ids, a.n, l.bos_token_id) else {
+            bail!("-n {}: leaves no room for the prompt in the model's context of {context} positions", a.n);
+        };
+        if cut.len() < ids.len() {
+            eprintln!("[prompt truncated to its last {} of {} tokens (context {context})]", cut.len(), ids.len());
+        }
+        ids = cut;
+    }
+    check_context(dec, ids.len(), a.n)?;
     let eos: Vec<u32> = if a.ignore_eos { vec![] } else { l.eos_token_ids.clone() };
     let mut stdout = std::io::stdout().lock();
     if !a.json {

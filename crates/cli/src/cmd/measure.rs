@@ -22,15 +22,19 @@ pub struct SensitivityArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn sensitivity(a: &SensitivityArgs, env: &Env) -> Result<()> {
-    if let Some(o) = &a.output {
-        output::check(o, a.force)?;
-    }
+    let _claim = match &a.output {
+        Some(o) => Some(output::check_exclusive(o, a.force, a.wait)?),
+        None => None,
+    };
     a.cfg.options()?;
     let mut l = env.open(&a.m)?;
     let s = a.cfg.measure(&mut l, &env.ctx())?;
@@ -76,10 +80,13 @@ pub struct ImatrixArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
 }
 
 pub fn imatrix(a: &ImatrixArgs, env: &Env) -> Result<()> {
-    output::check(&a.output, a.force)?;
+    let _claim = output::check_exclusive(&a.output, a.force, a.wait)?;
     a.cfg.check()?;
     let mut l = env.open(&a.m)?;
     a.cfg.write(&mut l, &a.output, &env.ctx())?;

@@ -43,6 +43,17 @@ pub struct OutputArgs {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl OutputArgs {
+    /// Claims the output (before any work): refused if it exists without --force, or if another run is
+    /// writing it (unless --wait). Hold the guard until the output is written.
+    pub fn claim(&self) -> Result<whittle_pipeline::output::Claim> {
+        Ok(whittle_pipeline::output::check_exclusive(&self.output, self.force, self.wait)?)
+    }
 }
 
 /// Run options every command takes (global flags).
@@ -79,9 +90,12 @@ impl RunArgs {
     /// Checks the flags and sizes the thread pool (before any tensor work starts).
     pub fn env(&self) -> Result<Env> {
         match self.threads {
-            Some(0) => anyhow::bail!("--threads must be at least 1"),
+            Some(0) => anyhow::bail!("--threads 0: must be at least 1"),
             // candle sizes its thread pools from RAYON_NUM_THREADS; set it before any tensor work starts.
-            Some(n) => std::env::set_var("RAYON_NUM_THREADS", n.to_string()),
+            Some(n) => {
+                let n = cap_threads(n);
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string())
+            }
             // Pin candle's default (physical cores) once: without the variable candle recounts the cores by
             // parsing /proc/cpuinfo on every matmul (measured: ~3% of decoding time).
             None if std::env::var_os("RAYON_NUM_THREADS").is_none() => {
@@ -101,6 +115,24 @@ impl RunArgs {
             whittle_core::RunConfig { isa: kernel, fine_activations: self.fine_activations, ..Default::default() };
         Ok(Env { run, json: false })
     }
+}
+
+/// More threads than this multiple of the CPUs this process may use only add switching (and spawning
+/// 100000 of them took minutes: issue 22).
+pub const MAX_THREADS_PER_CPU: usize = 4;
+
+/// `--threads n`, capped at [`MAX_THREADS_PER_CPU`] × the CPUs available to this process (affinity mask and
+/// cgroup CPU quota, as `std::thread::available_parallelism` counts them), with a note when capped.
+pub fn cap_threads(n: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let max = cpus * MAX_THREADS_PER_CPU;
+    if n > max {
+        eprintln!(
+            "note: --threads {n} capped at {max} ({MAX_THREADS_PER_CPU} × the {cpus} CPUs available to this process)"
+        );
+        return max;
+    }
+    n
 }
 
 impl Env {

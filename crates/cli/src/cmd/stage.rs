@@ -30,7 +30,7 @@ pub type Quantize = Args<QuantizeConfig>;
 /// Checks, opens, applies, saves (atomically) and prints.
 pub fn run<C: clap::Args + Stage>(a: &Args<C>, env: &Env) -> Result<()> {
     a.cfg.check()?;
-    output::check(&a.out.output, a.out.force)?;
+    let _claim = a.out.claim()?;
     let mut l = env.open(&a.m)?;
     let mut report = a.cfg.apply(&mut l, &mut env.ctx())?;
     output::save(&l, &a.out.output, Some(report.as_mut()))
@@ -45,7 +45,7 @@ pub fn quantize(a: &Quantize, env: &Env) -> Result<()> {
         return run(a, env);
     }
     a.cfg.check()?;
-    output::check(&a.out.output, a.out.force)?;
+    let _claim = a.out.claim()?;
     let report = whittle_pipeline::stages::quantize::quantize_gguf(&a.m.model, &a.out.output, &a.cfg)?;
     print_report(report.as_ref(), a.json, Some(&a.out.output))
 }

@@ -30,6 +30,9 @@ pub struct RunFlags {
     /// Replace an existing output
     #[arg(long)]
     pub force: bool,
+    /// If another whittle process is writing the same output, wait for it instead of failing
+    #[arg(long)]
+    pub wait: bool,
     /// Print the history as JSON
     #[arg(long)]
     pub json: bool,
@@ -37,9 +40,8 @@ pub struct RunFlags {
 
 fn run(student: &str, stage: &dyn Stage, t: &TrainConfig, f: &RunFlags, env: &Env) -> Result<()> {
     stage.check()?;
-    if !t.resume {
-        output::check(&t.output, f.force)?;
-    }
+    // Resuming continues into an output the interrupted run may already have written.
+    let _claim = output::check_exclusive(&t.output, f.force || t.resume, f.wait)?;
     let mut l = open_for_training(student, &env.run).with_context(|| format!("loading model `{student}`"))?;
     let report = stage.apply(&mut l, &mut env.ctx())?;
     print_report(report.as_ref(), f.json, None)

@@ -156,6 +156,8 @@ pub fn run(
         settings_key: store::key(&[kind, &settings.to_string()]),
         settings,
     };
+    // One run per output directory at a time (a second one is refused while this one holds the lock).
+    let _lock = whittle_formats::out::Claim::take(out, false)?;
     if store::claim(out, &path, &id, c.force)? {
         ctx.note(&format!("{}: resuming the run kept there", out.display()));
     }

@@ -234,12 +234,7 @@ fn quantizations(decoder: bool) -> Vec<(&'static str, Option<QuantizeConfig>, f6
         ("w8a16", Some(QuantizeConfig { group_size: 32, ..q("w8a16") }), 8.5, 0.8),
     ];
     if decoder {
-        v.push((
-            "w4a16-gptq",
-            Some(QuantizeConfig { group_size: 32, method: "gptq".into(), act_order: true, ..q("w4a16") }),
-            4.5,
-            0.7,
-        ));
+        v.push(("w4a16-gptq", Some(QuantizeConfig { group_size: 32, method: "gptq".into(), ..q("w4a16") }), 4.5, 0.7));
     }
     v
 }

@@ -31,6 +31,7 @@ impl Stage for LowrankConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         Method::parse(&self.method)?;
         self.target()?;
         self.calibration.check()

@@ -82,6 +82,7 @@ impl Stage for PruneConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         self.sparse()?;
         let s = Schedule::of(self)?;
         self.calibration.check()?;

@@ -12,7 +12,7 @@ use whittle_models::Loaded;
 use whittle_quant::gguf_out::{self, Ftype};
 use whittle_quant::{awq, calib, gptq, layerwise, smooth, Observer, Plan, Scheme};
 
-use crate::calib::DECODER_SAMPLES;
+use crate::calib::{DECODER_SAMPLES, GPTQ_DECODER_SAMPLES};
 pub use crate::config::QuantizeConfig;
 use crate::{bail, Ctx, Report, Result, Stage, Table};
 
@@ -40,10 +40,10 @@ impl QuantizeConfig {
             other => return Err(InvalidOption::new("method", other, "valid: rtn, gptq, awq, awq-gptq").into()),
         };
         let gptq = matches!(m, Method::Gptq | Method::AwqGptq);
-        if self.calib_int8 && !gptq {
+        if self.calib_int8 == Some(true) && !gptq {
             bail!("option `calib_int8` runs GPTQ's layer-wise calibration in int8; it needs option `method` gptq or awq-gptq");
         }
-        if self.act_order && !gptq {
+        if self.act_order == Some(true) && !gptq {
             bail!("option `act_order` orders GPTQ's columns; it needs option `method` gptq or awq-gptq");
         }
         if gptq && !(self.damp > 0.0 && self.damp < 1.0) {
@@ -97,11 +97,12 @@ impl Stage for QuantizeConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         if self.group_size == 0 || !self.group_size.is_multiple_of(32) {
             return Err(InvalidOption::new("group_size", self.group_size, "must be a positive multiple of 32").into());
         }
         if self.gguf_ftype().is_some() {
-            return Ok(());
+            return crate::config::input_file("imatrix", self.imatrix.as_deref());
         }
         if let Some(a) = self.smoothquant.filter(|a| !(0.0..=1.0).contains(a)) {
             return Err(InvalidOption::new("smoothquant", a, "the strength alpha must be in [0, 1]").into());
@@ -111,6 +112,7 @@ impl Stage for QuantizeConfig {
         }
         let plan = self.plan()?;
         super::mixed::check(self, &plan)?;
+        crate::config::input_file("sensitivity", self.sensitivity.as_deref())?;
         self.calibration.check()
     }
 
@@ -205,8 +207,10 @@ impl QuantizeConfig {
                 return Err(whittle_quant::Error::AlreadyQuantized(n, lin.storage_name()).into());
             }
         }
-        let mut c = self.calibration.resolve(l, DECODER_SAMPLES)?;
-        c.opts.int8 = self.calib_int8;
+        // Plain GPTQ gets the calibration that makes it pay (see GPTQ_DECODER_SAMPLES); AWQ-then-GPTQ keeps the
+        // float calibration its scales were tuned on.
+        let mut c = self.calibration.resolve(l, if awq { DECODER_SAMPLES } else { GPTQ_DECODER_SAMPLES })?;
+        c.opts.int8 = self.calib_int8.unwrap_or(!awq);
         let scheme_for = |name: &str, k: usize| weight_only_format(plan, name, k);
         if awq {
             // AWQ's scales first (a float rewrite), then GPTQ rounds the scaled weights.
@@ -214,7 +218,7 @@ impl QuantizeConfig {
             let r = awq::awq(&mut l.model, &mut cal.stats, scheme_for, 20, ctx.progress("awq"))?;
             ctx.note(&format!("awq: {} groups scaled", r.len()));
         }
-        let go = gptq::GptqOptions { damp: self.damp, act_order: self.act_order };
+        let go = gptq::GptqOptions { damp: self.damp, act_order: self.act_order.unwrap_or(true) };
         let r = layerwise::gptq_model(l, &c.text, &c.opts, scheme_for, go, ctx.progress("gptq"))?;
         ctx.note(&format!(
             "gptq: {} tokens of {}, {} layers, {:.1}s; calibration activations {:.1} MB",

@@ -35,14 +35,19 @@ impl Stage for ShareConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         Init::parse(&self.init)?;
+        if !matches!(self.groups.as_str(), "auto") {
+            // The syntax alone (block indices need the model): a typo fails before loading.
+            whittle_compress::share::check_groups_syntax(&self.groups)?;
+        }
         if self.calib.is_some() && self.embedding_rank.is_none() {
             bail!("option `calib` weights option `embedding_rank`; set option `embedding_rank` R too");
         }
         if self.unique.is_some() && self.groups != "auto" {
             bail!("option `unique` applies to option `groups` auto");
         }
-        Ok(())
+        crate::config::input_file("calib", self.calib.as_deref())
     }
 
     fn apply(&self, l: &mut Loaded, _ctx: &mut Ctx) -> Result<Box<dyn Report>> {

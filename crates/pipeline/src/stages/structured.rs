@@ -39,6 +39,17 @@ fn plan(c: &PruneConfig) -> Result<Plan> {
             .collect::<std::result::Result<_, _>>()?,
         None => Vec::new(),
     };
+    let mut uniq = drop.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if uniq.len() != drop.len() {
+        return Err(InvalidOption::new(
+            "drop_layers",
+            c.drop_layers.as_deref().unwrap_or(""),
+            "a block is named twice",
+        )
+        .into());
+    }
     if s.layers > 0 && !drop.is_empty() {
         bail!("option `structured` layers={} and option `drop_layers` both choose blocks: give one", s.layers);
     }
@@ -91,6 +102,9 @@ pub(super) fn apply(c: &PruneConfig, l: &mut Loaded, ctx: &mut Ctx) -> Result<Bo
             l.model.n_blocks()
         );
     }
+    // Everything that needs only the block count is checked before calibration (issue 22: `drop_layers` 99
+    // was refused only after ~10 s of it).
+    st::check_drop(l.model.n_blocks(), &drop)?;
     let cal = c.calibration.resolve(l, DECODER_SAMPLES)?;
     let params_in: usize = l.model.linears().iter().map(|(_, l)| l.num_params()).sum();
     let influence = if s.layers > 0 { Some(influence(l, &cal)?) } else { None };

@@ -61,9 +61,7 @@ fn parse_hidden_map(s: &str, ls: usize, lt: usize) -> Result<Vec<(usize, usize)>
 
 impl TrainConfig {
     fn check(&self) -> Result<()> {
-        if self.eval_windows == 0 {
-            return Err(InvalidOption::new("eval_windows", 0, "must be at least 1").into());
-        }
+        self.check_ranges()?;
         if self.output.as_os_str().is_empty() {
             return Err(InvalidOption::new(
                 "output",
@@ -139,6 +137,7 @@ impl Stage for DistillConfig {
         if let Some(k) = &self.keep_layers {
             parse_blocks(k, "keep_layers")?;
         }
+        self.check_ranges()?;
         self.train.check()
     }
 
@@ -225,6 +224,15 @@ impl Student<'_, '_> {
 /// Trains the student `l` (from the teacher with `d`, on hard labels without), then loads the best student.
 fn run(l: &mut Loaded, d: Option<(&DistillConfig, &Loaded)>, a: &TrainConfig, ctx: &Ctx) -> Result<Box<dyn Report>> {
     let what = if d.is_some() { "distill" } else { "finetune" };
+    let ctx_len = l.model.max_positions();
+    if a.seq_len > ctx_len {
+        return Err(InvalidOption::new(
+            "seq_len",
+            a.seq_len,
+            format!("longer than the model's context of {ctx_len} positions"),
+        )
+        .into());
+    }
     let (outcome, metric) = match &l.model {
         Model::Llama(_) => run_llama(l, d, a, ctx)?,
         Model::Bert(_) => match d {
