@@ -220,15 +220,15 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
         }
         let reference = setup.probes.iter().find(|p| p.group == "all")?.kld;
         let mut sum = reference;
-        for (g, t) in &c.probe {
+        for (g, t, w) in &c.probe {
             if t == space::PROBE_REFERENCE {
                 continue;
             }
             let gname = groups.get(*g)?.name;
             let p = setup.probes.iter().find(|p| p.group == gname && &p.gtype == t)?;
-            sum += (p.kld - reference).max(0.0);
+            sum += w * (p.kld - reference).max(0.0);
         }
-        Some(sum)
+        Some(sum.max(reference))
     };
     // The loss the goal allows, as KL (perplexity ratio = exp(KL) to first order).
     let allowed_kld = match goal.metric {
@@ -257,7 +257,11 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
             break;
         }
         let scale = median(&ratios).unwrap_or(1.0).max(0.05);
-        let best_obj = best.and_then(|b| trials[b].figures.as_ref().and_then(|f| goal.objective.value(f)));
+        // Sizes are compared prediction to prediction (the predictions leave out the file's metadata).
+        let best_obj = best.and_then(|b| match goal.objective {
+            Objective::Size | Objective::Memory => Some(trials[b].predicted_bytes),
+            _ => trials[b].figures.as_ref().and_then(|f| goal.objective.value(f)),
+        });
         let exact = matches!(goal.objective, Objective::Size | Objective::Memory);
         let pick = (0..cands.len()).find(|&i| {
             let c = &cands[i];

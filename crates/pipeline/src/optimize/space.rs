@@ -97,8 +97,9 @@ pub struct Candidate {
     pub bytes: f64,
     /// Predicted cost of a forward pass relative to the original (1.0), for speed objectives.
     pub cost: f64,
-    /// For probed families: (group, type) pairs whose KL probes add up to the predicted loss.
-    pub probe: Vec<(usize, String)>,
+    /// For probed families: (group, type, weight) terms whose KL probes (minus the reference's) add up to
+    /// the predicted loss; a weight below 1 stands for a part of the group's blocks.
+    pub probe: Vec<(usize, String, f64)>,
 }
 
 /// A tensor group of the mixed-precision family: its name, its regex on HF layer names and the GGUF types
@@ -183,6 +184,8 @@ pub fn gguf_candidates(src: &Gguf, level: Level, imatrix: &std::path::Path) -> R
     }
     if level >= Level::Medium {
         let groups = gguf_groups(src);
+        let n_blocks = src.tensors.iter().filter(|t| t.name.ends_with("ffn_up.weight")).count();
+        let gate_up = groups.iter().position(|g| g.name == "gate_up");
         let mut idx = vec![0usize; groups.len()];
         'combos: loop {
             let mut overrides = Vec::new();
@@ -193,13 +196,36 @@ pub fn gguf_candidates(src: &Gguf, level: Level, imatrix: &std::path::Path) -> R
                 let t = g.types[i];
                 overrides.push(format!("{}={t}", g.regex));
                 knobs.push((g.name.to_string(), t.to_string()));
-                probe.push((probe.len(), t.to_string()));
+                probe.push((probe.len(), t.to_string(), 1.0));
                 aggr.push(i as u32);
             }
-            let name = format!("mix {}", knobs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
-            let c = gguf_config("q8_0", overrides, imatrix);
-            let bytes = planned(src, &c)?;
-            out.push(Candidate { name, family: "mix", knobs, plan: Plan::Gguf(c), aggr, bytes, cost: bytes, probe });
+            let base = format!("mix {}", knobs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
+            // Per-layer bits: the gate/up projections of the K middle blocks one type lower (the first and
+            // last blocks are the most sensitive, as llama.cpp's use_more_bits assumes).
+            for (li, lean) in [0usize, 4, 8, 12].into_iter().enumerate() {
+                let (mut overrides, mut knobs, mut probe, mut aggr) =
+                    (overrides.clone(), knobs.clone(), probe.clone(), aggr.clone());
+                let mut name = base.clone();
+                if lean > 0 {
+                    let Some(gu) = gate_up else { break };
+                    let (t, Some(lower)) = (groups[gu].types[idx[gu]], groups[gu].types.get(idx[gu] + 1)) else { break };
+                    if lean >= n_blocks {
+                        break;
+                    }
+                    let first = (n_blocks - lean) / 2;
+                    let blocks: Vec<String> = (first..first + lean).map(|b| b.to_string()).collect();
+                    overrides.push(format!(r"re:model\.layers\.({})\.mlp\.(gate_proj|up_proj)={lower}", blocks.join("|")));
+                    knobs.push(("gate_up lower in middle blocks".into(), format!("{lean} ({lower})")));
+                    let w = lean as f64 / n_blocks as f64;
+                    probe.push((gu, lower.to_string(), w));
+                    probe.push((gu, t.to_string(), -w));
+                    name = format!("{base} lean={lean}");
+                }
+                aggr.push(li as u32);
+                let c = gguf_config("q8_0", overrides, imatrix);
+                let bytes = planned(src, &c)?;
+                out.push(Candidate { name, family: "mix", knobs, plan: Plan::Gguf(c), aggr, bytes, cost: bytes, probe });
+            }
             // Next combination (odometer).
             for (k, g) in groups.iter().enumerate() {
                 idx[k] += 1;
@@ -237,6 +263,18 @@ fn quantizations(decoder: bool) -> Vec<(&'static str, Option<QuantizeConfig>, f6
         v.push(("w4a16-gptq", Some(QuantizeConfig { group_size: 32, method: "gptq".into(), ..q("w4a16") }), 4.5, 0.7));
     }
     v
+}
+
+/// How far a quantization moves the model, for the dominance rule: weight-only int8 least, then dynamic int8
+/// activations, then static ranges (SmoothQuant first moves the outliers), then 4-bit weights.
+fn quant_aggressiveness(name: &str) -> u32 {
+    match name {
+        "w8a16" => 0,
+        "w8a8-dynamic" => 1,
+        "w8a8-static+sq0.5" => 2,
+        "w8a8-static" => 3,
+        _ => 4,
+    }
 }
 
 /// The candidates of a model run from its float weights (encoders, or decoders in directories).
@@ -344,7 +382,7 @@ pub fn stage_candidates(s: &Shape, level: Level, distill_seconds: f64, teacher: 
                 family,
                 knobs,
                 plan: Plan::Stages(st),
-                aggr: aggr.clone(),
+                aggr: aggr.iter().copied().chain(std::iter::once(quant_aggressiveness(qname))).collect(),
                 bytes,
                 cost,
                 probe: Vec::new(),
