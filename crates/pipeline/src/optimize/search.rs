@@ -263,6 +263,26 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
             _ => trials[b].figures.as_ref().and_then(|f| goal.objective.value(f)),
         });
         let exact = matches!(goal.objective, Objective::Size | Objective::Memory);
+        // The speed model is rough: rescale it by what the trials measured (median measured / predicted).
+        let raw = |c: &Candidate| match goal.objective {
+            Objective::Size | Objective::Memory => c.bytes,
+            Objective::Latency => c.cost * baseline.latency_ms.unwrap_or(1.0),
+            Objective::Throughput => baseline.throughput.unwrap_or(1.0) / c.cost,
+        };
+        let speed_scale = if exact {
+            1.0
+        } else {
+            let r: Vec<f64> = trials
+                .iter()
+                .filter_map(|t| {
+                    let v = goal.objective.value(t.figures.as_ref()?)?;
+                    let c = cands.iter().find(|c| c.name == t.name)?;
+                    Some(v / raw(c))
+                })
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .collect();
+            median(&r).unwrap_or(1.0)
+        };
         let pick = (0..cands.len()).find(|&i| {
             let c = &cands[i];
             if tried[i] {
@@ -270,11 +290,7 @@ pub fn search(model: &str, goal: &Goal, out: &Path, open: Open, ctx: &mut Ctx) -
             }
             // Cannot beat the best: exact predictions are trusted; speed estimates get a 25% margin.
             if let Some(b) = best_obj {
-                let p = match goal.objective {
-                    Objective::Size | Objective::Memory => c.bytes,
-                    Objective::Latency => c.cost * baseline.latency_ms.unwrap_or(1.0),
-                    Objective::Throughput => baseline.throughput.unwrap_or(1.0) / c.cost,
-                };
+                let p = raw(c) * speed_scale;
                 let margin = if exact { 1.0 } else { 1.25 };
                 let can_beat =
                     if goal.objective.maximise() { p * margin > b } else { p < b * margin && (!exact || p < b) };

@@ -76,7 +76,7 @@ impl Level {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Plan {
     /// A llama.cpp file type (with per-group overrides) written from the GGUF source.
-    Gguf(QuantizeConfig),
+    Gguf(Box<QuantizeConfig>),
     /// Stages applied in order to the model in memory, saved as an HF directory.
     Stages(Vec<AnyStage>),
 }
@@ -175,7 +175,7 @@ pub fn gguf_candidates(src: &Gguf, level: Level, imatrix: &std::path::Path) -> R
             name: format!("gguf {ft}"),
             family: "gguf",
             knobs: vec![("file type".into(), ft.to_string())],
-            plan: Plan::Gguf(c),
+            plan: Plan::Gguf(Box::new(c)),
             aggr: vec![i as u32],
             bytes,
             cost: bytes,
@@ -208,13 +208,16 @@ pub fn gguf_candidates(src: &Gguf, level: Level, imatrix: &std::path::Path) -> R
                 let mut name = base.clone();
                 if lean > 0 {
                     let Some(gu) = gate_up else { break };
-                    let (t, Some(lower)) = (groups[gu].types[idx[gu]], groups[gu].types.get(idx[gu] + 1)) else { break };
+                    let (t, Some(lower)) = (groups[gu].types[idx[gu]], groups[gu].types.get(idx[gu] + 1)) else {
+                        break;
+                    };
                     if lean >= n_blocks {
                         break;
                     }
                     let first = (n_blocks - lean) / 2;
                     let blocks: Vec<String> = (first..first + lean).map(|b| b.to_string()).collect();
-                    overrides.push(format!(r"re:model\.layers\.({})\.mlp\.(gate_proj|up_proj)={lower}", blocks.join("|")));
+                    overrides
+                        .push(format!(r"re:model\.layers\.({})\.mlp\.(gate_proj|up_proj)={lower}", blocks.join("|")));
                     knobs.push(("gate_up lower in middle blocks".into(), format!("{lean} ({lower})")));
                     let w = lean as f64 / n_blocks as f64;
                     probe.push((gu, lower.to_string(), w));
@@ -224,7 +227,16 @@ pub fn gguf_candidates(src: &Gguf, level: Level, imatrix: &std::path::Path) -> R
                 aggr.push(li as u32);
                 let c = gguf_config("q8_0", overrides, imatrix);
                 let bytes = planned(src, &c)?;
-                out.push(Candidate { name, family: "mix", knobs, plan: Plan::Gguf(c), aggr, bytes, cost: bytes, probe });
+                out.push(Candidate {
+                    name,
+                    family: "mix",
+                    knobs,
+                    plan: Plan::Gguf(Box::new(c)),
+                    aggr,
+                    bytes,
+                    cost: bytes,
+                    probe,
+                });
             }
             // Next combination (odometer).
             for (k, g) in groups.iter().enumerate() {
