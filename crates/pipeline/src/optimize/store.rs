@@ -134,20 +134,10 @@ pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename (the output rule of
+/// `whittle_formats::out`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = r {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path, e));
-    }
-    Ok(())
+    Ok(whittle_formats::out::write_file_atomic(path, |f| f.write_all(bytes))?)
 }
 
 /// `.NAME.tmp-PID` beside `path`.
@@ -228,14 +218,8 @@ pub fn place(src: &Path, dst: &Path) -> Result<()> {
     })
 }
 
-/// Removes a file or a directory tree.
-pub fn remove_any(p: &Path) -> std::io::Result<()> {
-    if p.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
-    }
-}
+/// Removes a file or a directory tree (absent is fine).
+pub use whittle_formats::out::remove_any;
 
 /// Removes `.NAME.tmp-PID` / `.NAME.old-PID` leftovers of killed runs in `dir`.
 pub fn clean_leftovers(dir: &Path) {

@@ -17,18 +17,9 @@ pub use crate::config::{DistillConfig, FinetuneConfig, TrainConfig};
 use crate::measure::QualityProbe;
 use crate::{bail, Ctx, Report, Result, Stage};
 
-/// Seconds from `20m`, `1h`, `90s` or `90`.
+/// Seconds of option `max_time` (`20m`, `1h`, `90s` or `90`).
 fn parse_time(s: &str) -> Result<f64> {
-    let (num, mul) = match s.chars().last() {
-        Some('s') => (&s[..s.len() - 1], 1.0),
-        Some('m') => (&s[..s.len() - 1], 60.0),
-        Some('h') => (&s[..s.len() - 1], 3600.0),
-        _ => (s, 1.0),
-    };
-    match num.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v * mul),
-        _ => Err(InvalidOption::new("max_time", s, "expected seconds or a duration like 20m").into()),
-    }
+    crate::optimize::goal::parse_duration(s, "max_time")
 }
 
 /// Block indices like `0,2,4`.
