@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use whittle_kernels::int8::Parallel;
 
-use crate::backend::cpu::{with_f32_slice, CandlePool};
+use crate::backend::cpu::{with_f32_slice, KernelPool};
 use crate::Result;
 
 /// Exact-form GELU, `x · ½(1 + erf(x/√2))`, with a vectorizable erf, split over the thread pool.
@@ -21,7 +21,7 @@ fn par_chunks(v: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     const CHUNK: usize = 4096;
     let n = v.len();
     let p = SendPtr(v.as_mut_ptr());
-    CandlePool.for_each(n.div_ceil(CHUNK), &|range| {
+    KernelPool.for_each(n.div_ceil(CHUNK), &|range| {
         #[allow(clippy::redundant_locals)]
         let p = p;
         for c in range {
@@ -45,7 +45,7 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
         with_f32_slice(k, |ks| {
             with_f32_slice(v, |vs| {
                 whittle_kernels::filled(b * t * w, |out| {
-                    whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, dq, d, lens, out, &CandlePool)
+                    whittle_kernels::attn::encoder_attention(qs, ks, vs, b, t, n_head, dq, d, lens, out, &KernelPool)
                 })
             })
         })
@@ -87,7 +87,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     with_f32_slice(q, |qs| {
         with_f32_slice(k, |ks| {
             with_f32_slice(v, |vs| {
-                CandlePool.for_each(b * h * blocks, &|range| {
+                KernelPool.for_each(b * h * blocks, &|range| {
                     #[allow(clippy::redundant_locals)]
                     let op = op;
                     let mut p = Vec::new();

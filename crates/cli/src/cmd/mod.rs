@@ -103,6 +103,12 @@ impl RunArgs {
             }
             None => {}
         }
+        // candle's own barrier pool (its elementwise ops) would be a second set of spinning workers beside
+        // whittle's kernel pool: two pools on the same cores cost ~15% quiet and collapse under contention
+        // (issue 22). With one thread it has no workers and runs those ops on the caller.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
         let kernel = self.kernel.map(|k| match k {
             KernelArg::Ref => whittle_kernels::Isa::Ref,
             KernelArg::Avx2 => whittle_kernels::Isa::Avx2,

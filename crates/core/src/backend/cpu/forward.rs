@@ -9,7 +9,7 @@ use whittle_kernels::block::{BlockActs, PackedBlock};
 use whittle_kernels::f32::PackedF32;
 use whittle_kernels::int8::{quantize_activations, PackedI8};
 
-use super::{with_f32_slice, CandlePool};
+use super::{with_f32_slice, KernelPool};
 use crate::linear::{Linear, LinearWeight};
 use crate::run::Dispatch;
 use crate::Result;
@@ -34,7 +34,7 @@ impl Linear {
             let dims = x.dims().to_vec();
             let rows: usize = dims[..dims.len() - 1].iter().product();
             let acts = with_f32_slice(&x.reshape((rows, in_f))?, |xs| {
-                whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, d0.block_isa(), &CandlePool)
+                whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, d0.block_isa(), &KernelPool)
             })?;
             return layers.iter().map(|l| l.block_forward(&acts, &dims, x.device())).collect();
         }
@@ -49,7 +49,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let kp = int8[0].kp;
         let xa = with_f32_slice(&x.reshape((rows, in_f))?, |xs| {
-            whittle_kernels::int8::quantize_activations(xs, rows, in_f, kp, &CandlePool)
+            whittle_kernels::int8::quantize_activations(xs, rows, in_f, kp, &KernelPool)
         })?;
         let mut out = Vec::with_capacity(layers.len());
         for (l, p) in layers.iter().zip(int8) {
@@ -58,7 +58,7 @@ impl Linear {
                 None => None,
             };
             let y = whittle_kernels::filled(rows * l.out_features, |y| {
-                whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, l.dispatch.isa, &CandlePool)
+                whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, l.dispatch.isa, &KernelPool)
             });
             let mut od = dims.clone();
             *od.last_mut().unwrap() = l.out_features;
@@ -102,7 +102,7 @@ impl Linear {
                 };
                 let y = with_f32_slice(&x2, |xs| {
                     whittle_kernels::filled(rows * self.out_features, |y| {
-                        whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &CandlePool)
+                        whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &KernelPool)
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
@@ -114,7 +114,7 @@ impl Linear {
                 };
                 let y = with_f32_slice(&x2, |xs| {
                     whittle_kernels::filled(rows * self.out_features, |y| {
-                        whittle_kernels::sparse::gemm(&s.packed, xs, rows, bias.as_deref(), y, &CandlePool)
+                        whittle_kernels::sparse::gemm(&s.packed, xs, rows, bias.as_deref(), y, &KernelPool)
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
@@ -141,7 +141,7 @@ impl Linear {
             LinearWeight::Block(b) => {
                 let ab = act_block_for(&b.packed, self.dispatch);
                 let acts = with_f32_slice(&x2, |xs| {
-                    whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, self.dispatch.block_isa(), &CandlePool)
+                    whittle_kernels::block::quantize_acts(xs, rows, in_f, ab, self.dispatch.block_isa(), &KernelPool)
                 })?;
                 return self.block_forward(&acts, x.dims(), x.device());
             }
@@ -153,7 +153,7 @@ impl Linear {
                 let y = with_f32_slice(&x2, |xs| {
                     let xa = whittle_kernels::int8::quantize_activations_static(xs, rows, p.k, p.kp, *scale, *zero);
                     whittle_kernels::filled(rows * self.out_features, |y| {
-                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, self.dispatch.isa, &CandlePool)
+                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, self.dispatch.isa, &KernelPool)
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
@@ -164,9 +164,9 @@ impl Linear {
                     None => None,
                 };
                 let y = with_f32_slice(&x2, |xs| {
-                    let xa = quantize_activations(xs, rows, p.k, p.kp, &CandlePool);
+                    let xa = quantize_activations(xs, rows, p.k, p.kp, &KernelPool);
                     whittle_kernels::filled(rows * self.out_features, |y| {
-                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, self.dispatch.isa, &CandlePool)
+                        whittle_kernels::int8::gemm(p, &xa, rows, bias.as_deref(), y, self.dispatch.isa, &KernelPool)
                     })
                 })?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
@@ -202,7 +202,7 @@ impl Linear {
             None => None,
         };
         let y = whittle_kernels::filled(acts.n * self.out_features, |y| {
-            whittle_kernels::block::gemm(&b.packed, acts, bias.as_deref(), y, self.dispatch.block_isa(), &CandlePool)
+            whittle_kernels::block::gemm(&b.packed, acts, bias.as_deref(), y, self.dispatch.block_isa(), &KernelPool)
         });
         let mut od = dims.to_vec();
         *od.last_mut().unwrap() = self.out_features;

@@ -1,4 +1,4 @@
-//! The CPU backend: the device, the thread pool whittle's kernels share with candle, zero-copy access to a
+//! The CPU backend: the device, the kernels' thread pool, zero-copy access to a
 //! CPU tensor's f32 data, and (in `forward`) how each [`crate::LinearWeight`] runs on this CPU's kernels.
 
 use candle_core::{Device, Tensor};
@@ -13,13 +13,14 @@ pub fn device() -> Device {
     Device::Cpu
 }
 
-/// Runs kernel work on candle's own thread pool, so whittle's kernels and candle's ops share the same
-/// threads instead of two pools fighting over the cores.
-pub(crate) struct CandlePool;
+/// Runs kernel work on whittle's kernel pool (`whittle_kernels::pool`), sized like candle's (`--threads`,
+/// `RAYON_NUM_THREADS`, else every core). Its regions wait only for the workers that joined them, so a
+/// core taken by another process slows a forward pass instead of stalling every op (issue 22).
+pub(crate) struct KernelPool;
 
-impl Parallel for CandlePool {
+impl Parallel for KernelPool {
     fn for_each(&self, n_items: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        candle_core::utils::barrier_pool().execute_chunked(n_items, f);
+        whittle_kernels::pool::global(candle_core::utils::get_num_threads).run(n_items, f);
     }
 }
 
