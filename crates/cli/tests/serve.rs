@@ -44,7 +44,7 @@ impl Serve {
             .unwrap_or_else(|| panic!("no port in `{line}`"));
         let s = Serve { child, port, stderr: rx };
         let t0 = Instant::now();
-        while request(s.port, "GET", "/health", None).map(|r| r.status) != Ok(200) {
+        while request(s.port, "GET", "/health", None).map(|r| r.status).ok() != Some(200) {
             assert!(t0.elapsed() < PATIENCE, "not healthy within {PATIENCE:?}: {}", s.stderr_text());
             std::thread::sleep(Duration::from_millis(50));
         }
