@@ -187,7 +187,8 @@ fn sigterm_drains_a_stream_and_a_completion_then_exits_0_and_frees_the_port() {
     assert!(streamed.body.len() > before_signal, "nothing was streamed after SIGTERM: the test did not run mid-stream");
     let events: Vec<&str> = streamed.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "the stream did not end cleanly: {:?}", events.last());
-    let chunks: Vec<Value> = events.iter().filter(|e| **e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> =
+        events.iter().filter(|e| **e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
     assert!(chunks.iter().all(|c| c.get("error").is_none()), "an error event in a drained stream");
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], n_stream, "the stream was cut short: {usage}");

@@ -91,7 +91,10 @@ impl CpuSample {
         // user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
         let f: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
         let [user, nice, system, idle, iowait, irq, softirq, steal] = f[..] else { return None };
-        let cpus = stat.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count();
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
         let rest = &self_stat[self_stat.rfind(')')? + 2..];
         let p: Vec<&str> = rest.split_whitespace().collect();
         let own = p.get(11)?.parse::<u64>().ok()? + p.get(12)?.parse::<u64>().ok()?;
@@ -175,7 +178,8 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    const STAT_A: &str = "cpu  1000 0 200 5000 10 0 5 0 0 0\ncpu0 500 0 100 2500 5 0 2 0 0 0\ncpu1 500 0 100 2500 5 0 3 0 0 0\nintr 1\n";
+    const STAT_A: &str =
+        "cpu  1000 0 200 5000 10 0 5 0 0 0\ncpu0 500 0 100 2500 5 0 2 0 0 0\ncpu1 500 0 100 2500 5 0 3 0 0 0\nintr 1\n";
     // One second later (200 ticks on 2 CPUs): 150 busy ticks, of which this process took 50 and another
     // process 100 (one whole core); 10 ticks stolen.
     const STAT_B: &str = "cpu  1120 0 230 5040 10 0 5 10 0 0\ncpu0 560 0 115 2520 5 0 2 5 0 0\ncpu1 560 0 115 2520 5 0 3 5 0 0\nintr 2\n";

@@ -205,8 +205,10 @@ pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx)
         ..Default::default()
     };
     let epoch = Instant::now();
-    let mut runners =
-        models.iter().map(|(l, _)| bench::Runner::new(l, &pairs, &o, epoch)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut runners = models
+        .iter()
+        .map(|(l, _)| bench::Runner::new(l, &pairs, &o, epoch))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let reps = runners[0].reps();
     let n = runners.len();
     let names: Vec<&str> = models.iter().map(|m| m.1).collect();

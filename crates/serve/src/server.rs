@@ -381,10 +381,8 @@ async fn similarity(State(s): St, req: Request) -> Result<Response, ApiError> {
             "inputs.sentences",
         ));
     }
-    let texts: Vec<Input> = std::iter::once(&q.inputs.source_sentence)
-        .chain(&q.inputs.sentences)
-        .map(|t| Input::Text(t.clone()))
-        .collect();
+    let texts: Vec<Input> =
+        std::iter::once(&q.inputs.source_sentence).chain(&q.inputs.sentences).map(|t| Input::Text(t.clone())).collect();
     let name = |i: usize| match i {
         0 => "inputs.source_sentence".to_string(),
         i => format!("inputs.sentences[{}]", i - 1),

@@ -21,7 +21,10 @@ pub fn start(dir: &Path, cfg: ServeConfig) -> Server {
     s
 }
 
-pub use whittle_models::testing::slow_llama;
+/// A LLaMA slow enough to generate that timeouts, disconnects and the queue can be tested (seconds).
+pub fn slow_llama(dir: &Path) {
+    whittle_models::testing::slow_llama(dir)
+}
 
 /// A blocking HTTP client for one server.
 pub struct Client {
