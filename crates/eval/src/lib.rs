@@ -87,6 +87,27 @@ pub struct Metrics {
     pub tg_tok_s_range: Option<(f64, f64)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_per_s_range: Option<(f64, f64)>,
+    /// The figure of each timed repetition, in the order they ran (the median and range above come from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_per_s_reps: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp_tok_s_reps: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tg_tok_s_reps: Option<Vec<f64>>,
+    /// When each timed repetition started, in seconds from the start of the benchmark (`compare`: of all
+    /// the models' benchmarks, which take turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rep_starts_s: Option<Vec<f64>>,
+    /// CPU other processes used during the timed repetitions, in cores on average (`/proc/stat`'s busy time
+    /// less this process's): 1.0 = another process held a whole core throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_cpu: Option<f64>,
+    /// The most any one repetition saw of [`Self::other_cpu`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_cpu_max: Option<f64>,
+    /// Share of the machine's CPU time stolen by the hypervisor during the timed repetitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_frac: Option<f64>,
     // --- size and resources ---
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_bytes: Option<u64>,

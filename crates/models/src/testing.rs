@@ -61,6 +61,34 @@ pub fn tiny_llama(dir: &Path) -> Vec<(String, Tensor)> {
     t
 }
 
+/// A LLaMA wide and long enough that generating thousands of tokens takes a while (seconds), for the
+/// server's tests of timeouts, disconnects, the queue and shutdown: 4 blocks of width 256, context 4096, vocab 50.
+pub fn slow_llama(dir: &Path) {
+    let (v, c, hd, f, layers) = (50, 256, 64, 512, 4);
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_string(), rand(&[v, c], 1)),
+        ("model.norm.weight".into(), (rand(&[c], 2) + 1.0).unwrap()),
+    ];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        let s = 10 * (i as u64 + 1);
+        t.push((format!("{p}input_layernorm.weight"), (rand(&[c], s) + 1.0).unwrap()));
+        t.push((format!("{p}post_attention_layernorm.weight"), (rand(&[c], s + 1) + 1.0).unwrap()));
+        t.push((format!("{p}self_attn.q_proj.weight"), rand(&[4 * hd, c], s + 2)));
+        t.push((format!("{p}self_attn.k_proj.weight"), rand(&[2 * hd, c], s + 3)));
+        t.push((format!("{p}self_attn.v_proj.weight"), rand(&[2 * hd, c], s + 4)));
+        t.push((format!("{p}self_attn.o_proj.weight"), rand(&[c, 4 * hd], s + 5)));
+        t.push((format!("{p}mlp.gate_proj.weight"), rand(&[f, c], s + 6)));
+        t.push((format!("{p}mlp.up_proj.weight"), rand(&[f, c], s + 7)));
+        t.push((format!("{p}mlp.down_proj.weight"), rand(&[c, f], s + 8)));
+    }
+    let cfg = json!({"model_type": "llama", "vocab_size": v, "hidden_size": c, "intermediate_size": f,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2});
+    write_model(dir, &cfg, &t, &word_tokenizer(v));
+}
+
 /// A 1-block BERT (vocab 40, width 16, 2 heads); `w1`/`w2` act as [CLS]/[SEP].
 pub fn tiny_bert(dir: &Path) {
     tiny_bert_sized(dir, 16, 24);

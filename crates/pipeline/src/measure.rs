@@ -133,7 +133,8 @@ pub struct CompareOptions<'a> {
 }
 
 /// Evaluates and benchmarks `base` and each variant (the variants' quality measured against the base); one
-/// row per model, the base first.
+/// row per model, the base first. Quality is measured model by model; speed with the models' repetitions
+/// interleaved ([`bench_interleaved`]), so every model stays loaded until the end.
 pub fn compare(
     open: impl Fn(&str) -> whittle_models::Result<Loaded>,
     base: &str,
@@ -147,12 +148,17 @@ pub fn compare(
         let (q, s) = if decoder { (m.ppl, m.pp_tok_s) } else { (m.sts_spearman, m.sent_per_s) };
         q.is_some() && s.is_some() && (is_base || !decoder || m.kld_mean.is_some() || m.cos_mean.is_some())
     };
+    let names: Vec<&str> = std::iter::once(base).chain(variants.iter().map(String::as_str)).collect();
     let mut rows = Vec::new();
-    for name in std::iter::once(base).chain(variants.iter().map(String::as_str)) {
-        let is_base = name == base;
+    // The variants loaded for the benchmark (None: the base, or figures reused), and the rows it fills.
+    let mut loaded: Vec<Option<Loaded>> = Vec::new();
+    let mut to_bench = Vec::new();
+    for (i, &name) in names.iter().enumerate() {
+        let is_base = i == 0;
         if let Some(m) = read_saved(name).filter(|m| o.reuse && complete(m, is_base)) {
             ctx.note(&format!("reusing saved figures for {name}"));
             rows.push(m);
+            loaded.push(None);
             continue;
         }
         let l = if is_base { None } else { Some(open(name)?) };
@@ -165,12 +171,61 @@ pub fn compare(
             );
         }
         let ec = EvalConfig { chunks: Some(o.chunks), ..Default::default() };
-        let mut m = evaluate(lm, name, &ec, (!is_base).then_some(&base_l), ctx)?;
-        m.merge(bench(lm, name, o.bench, ctx)?);
+        rows.push(evaluate(lm, name, &ec, (!is_base).then_some(&base_l), ctx)?);
+        loaded.push(l);
+        to_bench.push(i);
+    }
+    let models: Vec<(&Loaded, &str)> =
+        to_bench.iter().map(|&i| (loaded[i].as_ref().unwrap_or(&base_l), names[i])).collect();
+    let speeds = bench_interleaved(&models, o.bench, ctx)?;
+    for (&i, speed) in to_bench.iter().zip(speeds) {
+        rows[i].merge(speed);
         if o.save {
-            ctx.note(&format!("saved {}", save_results(name, &m)?.display()));
+            ctx.note(&format!("saved {}", save_results(names[i], &rows[i])?.display()));
         }
-        rows.push(m);
     }
     Ok(rows)
+}
+
+/// Benchmarks `models` with their timed repetitions taking turns (A, B, C, A, B, C, …, after every model's
+/// warm-up), so that a spell of other work on the machine slows them alike rather than whichever one was
+/// being measured; each row keeps its repetitions' figures, start times and the CPU other processes took
+/// ([`bench::busy_warning`]).
+pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx) -> Result<Vec<Metrics>> {
+    if models.is_empty() {
+        return Ok(vec![]);
+    }
+    let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
+    let o = bench::BenchOptions {
+        batch: c.batch,
+        max_len: c.max_len,
+        pp: c.pp,
+        tg: c.tg,
+        reps: c.reps,
+        ..Default::default()
+    };
+    let epoch = Instant::now();
+    let mut runners = models
+        .iter()
+        .map(|(l, _)| bench::Runner::new(l, &pairs, &o, epoch))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let reps = runners[0].reps();
+    let n = runners.len();
+    let names: Vec<&str> = models.iter().map(|m| m.1).collect();
+    let mut pb = ctx.progress(&format!("bench {} (interleaved)", names.join(", ")));
+    for r in 0..reps {
+        for (k, run) in runners.iter_mut().enumerate() {
+            run.rep()?;
+            pb(r * n + k + 1, reps * n);
+        }
+    }
+    Ok(runners
+        .into_iter()
+        .zip(names)
+        .map(|(run, name)| {
+            let mut m = run.finish();
+            m.model = Some(name.to_string());
+            m
+        })
+        .collect())
 }

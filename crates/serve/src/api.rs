@@ -46,6 +46,24 @@ pub struct EmbeddingsRequest {
     pub user: Option<String>,
 }
 
+/// `POST /v1/similarity`: text-embeddings-inference's `/similarity` request, `{"inputs": {"source_sentence",
+/// "sentences"}}`, with OpenAI's optional `model`.
+#[derive(Debug, Deserialize)]
+pub struct SimilarityRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub inputs: SimilarityInputs,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SimilarityInputs {
+    pub source_sentence: String,
+    pub sentences: Vec<String>,
+}
+
 /// A text or a list of token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {

@@ -121,6 +121,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/similarity", post(similarity))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
@@ -295,19 +296,45 @@ async fn embeddings(State(s): St, req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::invalid(format!("this model's embeddings have {dim} dimensions, not {d}"), "dimensions"));
     }
     let inputs = api::inputs(&q.input, "input")?;
+    let (vectors, prompt_tokens) = embed_inputs(&s, &r, engine, &inputs, "input", |i| format!("input {i}")).await?;
+    let mut data = Vec::with_capacity(vectors.len());
+    for (index, v) in vectors.into_iter().enumerate() {
+        let embedding = if base64 {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            EmbeddingData::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            EmbeddingData::Float(v)
+        };
+        data.push(EmbeddingOut { object: "embedding", index, embedding });
+    }
+    let usage = EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens };
+    Ok(Json(EmbeddingsResponse { object: "list", data, model: &s.model_name, usage }).into_response())
+}
+
+/// Tokenizes `inputs` (each checked against the context), queues one job per input and waits for their
+/// embeddings, in order; also returns the prompt tokens. `param` is the field errors name, `name(i)` the
+/// input `i` in their messages.
+async fn embed_inputs(
+    s: &AppState,
+    r: &Ready,
+    engine: &std::sync::mpsc::Sender<EmbedMsg>,
+    inputs: &[Input],
+    param: &str,
+    name: impl Fn(usize) -> String,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     if inputs.len() > MAX_INPUTS {
-        return Err(ApiError::invalid(format!("{} inputs; at most {MAX_INPUTS} per request", inputs.len()), "input"));
+        return Err(ApiError::invalid(format!("{} inputs; at most {MAX_INPUTS} per request", inputs.len()), param));
     }
     let mut rows = Vec::with_capacity(inputs.len());
     for (i, inp) in inputs.iter().enumerate() {
-        let ids = tokens_of(&r, inp, true, "input")?;
+        let ids = tokens_of(r, inp, true, param)?;
         if ids.is_empty() {
-            return Err(ApiError::invalid(format!("input {i} has no tokens"), "input"));
+            return Err(ApiError::invalid(format!("{} has no tokens", name(i)), param));
         }
         if ids.len() > r.context {
             return Err(ApiError::too_long(
-                format!("input {i} has {} tokens, more than the model's maximum of {} tokens", ids.len(), r.context),
-                "input",
+                format!("{} has {} tokens, more than the model's maximum of {} tokens", name(i), ids.len(), r.context),
+                param,
             ));
         }
         rows.push(ids);
@@ -330,19 +357,61 @@ async fn embeddings(State(s): St, req: Request) -> Result<Response, ApiError> {
     let results = tokio::time::timeout(s.cfg.request_timeout, all)
         .await
         .map_err(|_| ApiError::timeout(s.cfg.request_timeout.as_secs_f64()))?;
-    let mut data = Vec::with_capacity(results.len());
-    for (index, res) in results.into_iter().enumerate() {
-        let v = res.map_err(|_| ApiError::internal("the engine dropped the request"))?.map_err(ApiError::internal)?;
-        let embedding = if base64 {
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            EmbeddingData::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
-        } else {
-            EmbeddingData::Float(v)
-        };
-        data.push(EmbeddingOut { object: "embedding", index, embedding });
+    let vectors = results
+        .into_iter()
+        .map(|res| res.map_err(|_| ApiError::internal("the engine dropped the request"))?.map_err(ApiError::internal))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((vectors, prompt_tokens))
+}
+
+/// `POST /v1/similarity` (text-embeddings-inference's `/similarity`): the cosine similarity of
+/// `inputs.source_sentence` to each of `inputs.sentences`, all embedded in one round.
+async fn similarity(State(s): St, req: Request) -> Result<Response, ApiError> {
+    let b = body(&s, req).await?;
+    let r = s.ready()?;
+    let EngineTx::Embed(engine) = &r.engine else { return Err(ApiError::wrong_kind("/v1/similarity", r.kind())) };
+    let q: api::SimilarityRequest = api::parse(&b)?;
+    s.check_model(&q.model)?;
+    if q.inputs.sentences.is_empty() {
+        return Err(ApiError::invalid("`inputs.sentences` is empty", "inputs.sentences"));
     }
+    if q.inputs.sentences.len() >= MAX_INPUTS {
+        return Err(ApiError::invalid(
+            format!("{} sentences; at most {} per request", q.inputs.sentences.len(), MAX_INPUTS - 1),
+            "inputs.sentences",
+        ));
+    }
+    let texts: Vec<Input> =
+        std::iter::once(&q.inputs.source_sentence).chain(&q.inputs.sentences).map(|t| Input::Text(t.clone())).collect();
+    let name = |i: usize| match i {
+        0 => "inputs.source_sentence".to_string(),
+        i => format!("inputs.sentences[{}]", i - 1),
+    };
+    let (vectors, prompt_tokens) = embed_inputs(&s, &r, engine, &texts, "inputs", name).await?;
+    let (source, others) = vectors.split_first().ok_or_else(|| ApiError::internal("no embeddings came back"))?;
+    let data: Vec<Value> = others
+        .iter()
+        .enumerate()
+        .map(|(index, v)| json!({"object": "similarity", "index": index, "similarity": cosine(source, v)}))
+        .collect();
     let usage = EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens };
-    Ok(Json(EmbeddingsResponse { object: "list", data, model: &s.model_name, usage }).into_response())
+    Ok(Json(json!({"object": "list", "data": data, "model": s.model_name, "usage": usage})).into_response())
+}
+
+/// cos(a, b) in f64; 0 when either vector is zero.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
 }
 
 /// Typed rather than a `serde_json::Value` so the floats print as f32 (shortest round-trip form: about half

@@ -118,6 +118,79 @@ fn bad_requests_get_their_status_and_envelope_and_the_server_keeps_serving() {
     assert_eq!(c.get("/health").status, 200);
 }
 
+/// Cosine of two vectors, as the test computes it from offline embeddings.
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+/// Server cosine vs the cosine of offline embeddings: batching and padding only.
+const MAX_SIMILARITY_ABS_ERR: f64 = 1e-4;
+
+#[test]
+fn similarity_scores_each_sentence_against_the_source() {
+    let (dir, s) = tiny_bert();
+    let c = Client::new(&s);
+    let (source, others) = ("w3 w4 w5", ["w3 w4 w5", "w9 w10", "w20 w21 w22 w23 w24"]);
+    let r = c.post_json(
+        "/v1/similarity",
+        &json!({"model": "tiny", "inputs": {"source_sentence": source, "sentences": others}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["object"], "list");
+    let data = r.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let l = whittle_models::load(dir.path().to_str().unwrap(), &Default::default()).unwrap();
+    let want = text::embed_texts(&l, &[source, others[0], others[1], others[2]], 32, 1).unwrap();
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"], i);
+        assert_eq!(d["object"], "similarity");
+        let got = d["similarity"].as_f64().unwrap();
+        let expect = cos(&want[0], &want[i + 1]);
+        assert!((got - expect).abs() <= MAX_SIMILARITY_ABS_ERR, "sentence {i}: {got} vs {expect}");
+    }
+    assert!((data[0]["similarity"].as_f64().unwrap() - 1.0).abs() <= MAX_SIMILARITY_ABS_ERR, "itself");
+    // [CLS] w3 w4 w5 [SEP] twice + [CLS] w9 w10 [SEP] + [CLS] w20..w24 [SEP]
+    assert_eq!(r.body["usage"]["prompt_tokens"], 5 + 5 + 4 + 7);
+
+    // Bad requests: their status, OpenAI's envelope, the field named.
+    let missing = c.post_json("/v1/similarity", &json!({"input": "w3"}));
+    assert_error(&missing, 422);
+    let wrong = c.post_json("/v1/similarity", &json!({"inputs": {"source_sentence": "w3", "sentences": "w4"}}));
+    assert_error(&wrong, 422);
+    assert_eq!(wrong.body["error"]["param"], "inputs.sentences");
+    let empty = c.post_json("/v1/similarity", &json!({"inputs": {"source_sentence": "w3", "sentences": []}}));
+    assert_error(&empty, 400);
+    assert_eq!(empty.body["error"]["param"], "inputs.sentences");
+    assert_error(&c.post("/v1/similarity", "{\"inputs\": "), 400);
+    let long: Vec<String> = (0..40).map(|i| format!("w{}", 3 + i % 30)).collect();
+    let r = c.post_json(
+        "/v1/similarity",
+        &json!({"inputs": {"source_sentence": "w3", "sentences": ["w4", long.join(" ")]}}),
+    );
+    assert_error(&r, 400);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("inputs.sentences[1]") && msg.contains("42") && msg.contains("32"), "{msg}");
+    let unknown = c.post_json(
+        "/v1/similarity",
+        &json!({"model": "gpt-5", "inputs": {"source_sentence": "w3", "sentences": ["w4"]}}),
+    );
+    assert_error(&unknown, 404);
+    assert_error(&c.get("/v1/similarity"), 405);
+    // Still serving.
+    let ok = c.post_json("/v1/similarity", &json!({"inputs": {"source_sentence": "w3", "sentences": ["w4"]}}));
+    assert_eq!(ok.status, 200, "{}", ok.text);
+}
+
+#[test]
+fn similarity_on_a_decoder_is_404() {
+    let (_dir, s) = tiny_llama(ServeConfig::default());
+    let c = Client::new(&s);
+    let r = c.post_json("/v1/similarity", &json!({"inputs": {"source_sentence": "w3", "sentences": ["w4"]}}));
+    assert_error(&r, 404);
+}
+
 #[test]
 fn queue_full_is_429_with_retry_after() {
     let (_dir, s) = tiny_llama(ServeConfig { max_queue: 2, ..Default::default() });

@@ -1,4 +1,6 @@
-//! `compare`: eval + bench of a base and its variants, one markdown table with deltas and speed-ups.
+//! `compare`: eval + bench of a base and its variants, one markdown table with deltas and speed-ups. The
+//! speed figures are medians of repetitions that took turns between the models (A, B, A, B, …), shown with
+//! their min–max; a warning goes to stderr when other processes took CPU meanwhile.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,6 +45,10 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     let o = CompareOptions { chunks: a.chunks, bench: &a.b, reuse: a.reuse, save: a.save };
     let open = |spec: &str| whittle_models::load(spec, &env.load_options(None, false));
     let rows = measure::compare(open, &a.base, &a.variants, &o, &env.ctx())?;
+    // The busy warnings first (stderr), so they are not missed under a long table.
+    for w in rows.iter().filter_map(whittle_eval::bench::busy_warning) {
+        eprintln!("warning: {w}");
+    }
     if let Some(p) = &a.output {
         whittle_pipeline::output::write_json(p, &rows)?;
     }
@@ -68,6 +74,11 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.prec$}"))
 }
 
+/// The spread of a figure over its repetitions: "min–max".
+fn spread(r: Option<(f64, f64)>, prec: usize) -> String {
+    r.map_or_else(|| "-".into(), |(lo, hi)| format!("{lo:.prec$}–{hi:.prec$}"))
+}
+
 fn mb(m: &Metrics) -> f64 {
     m.model_bytes.map_or(0.0, |b| b as f64 / 1e6)
 }
@@ -90,6 +101,7 @@ fn decoder_cols() -> Vec<Col> {
         ("bpw", |m, _| fmt_opt(m.bpw, 2)),
         ("pp tok/s", |m, _| fmt_opt(m.pp_tok_s, 1)),
         ("tg tok/s", |m, _| fmt_opt(m.tg_tok_s, 1)),
+        ("tg min–max", |m, _| spread(m.tg_tok_s_range, 1)),
         ("speed-up tg", |m, b| fmt_opt(both(m.tg_tok_s, b.tg_tok_s, |a, b| a / b), 2) + "x"),
         ("peak MB", |m, _| fmt_opt(m.peak_rss_mb, 0)),
     ]
@@ -104,6 +116,7 @@ fn encoder_cols() -> Vec<Col> {
         ("size MB", |m, _| format!("{:.1}", mb(m))),
         ("bpw", |m, _| fmt_opt(m.bpw, 2)),
         ("sent/s", |m, _| fmt_opt(m.sent_per_s, 1)),
+        ("sent/s min–max", |m, _| spread(m.sent_per_s_range, 1)),
         ("speed-up", |m, b| fmt_opt(both(m.sent_per_s, b.sent_per_s, |a, b| a / b), 2) + "x"),
         ("p50 ms", |m, _| fmt_opt(m.p50_ms, 2)),
         ("p99 ms", |m, _| fmt_opt(m.p99_ms, 2)),

@@ -100,6 +100,9 @@ pub fn bench(a: &BenchArgs, env: &Env) -> Result<()> {
     };
     let l = env.open(&m)?;
     let r = measure::bench(&l, &m.model, &a.cfg, &env.ctx())?;
+    if let Some(w) = whittle_eval::bench::busy_warning(&r) {
+        eprintln!("warning: {w}");
+    }
     show(&m.model, &r, &a.out)
 }
 
