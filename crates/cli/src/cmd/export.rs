@@ -1,0 +1,50 @@
+//! `export`: a model (any representation whittle loads) to a format another runtime runs, written atomically.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+
+use super::{Env, ModelArg, OutputArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub m: ModelArg,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Target format: `onnx` writes OUT/model.onnx (opset 17), OUT/config.json and OUT/tokenizer.json, the
+    /// layout Optimum's ORTModel classes load
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Onnx,
+}
+
+pub fn run(a: &Args, env: &Env) -> Result<()> {
+    let _claim = a.out.claim()?;
+    let l = env.open(&a.m)?;
+    let out = &a.out.output;
+    let r = match a.format {
+        Format::Onnx => whittle_export::onnx::export(&l, out).with_context(|| format!("exporting to {}", out.display()))?,
+    };
+    let mut so = std::io::stdout().lock();
+    if a.json {
+        writeln!(so, "{}", serde_json::to_string_pretty(&r)?)?;
+        return Ok(());
+    }
+    writeln!(so, "format   {} (opset {})", r.format, r.opset)?;
+    writeln!(so, "inputs   {}", r.inputs.join(", "))?;
+    writeln!(so, "outputs  {}", r.outputs.join(", "))?;
+    for (form, n) in &r.linears {
+        writeln!(so, "linears  {n:>3} × {form}")?;
+    }
+    writeln!(so, "wrote {} ({:.1} MB)", r.model_file.display(), r.bytes as f64 / 1e6)?;
+    Ok(())
+}
