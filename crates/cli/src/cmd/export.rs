@@ -17,6 +17,11 @@ pub struct Args {
     /// layout Optimum's ORTModel classes load
     #[arg(long, value_enum)]
     pub format: Format,
+    /// w8a8-dynamic layers with ONNX Runtime's per-tensor DynamicQuantizeLinear (the form its
+    /// quantize_dynamic writes) instead of whittle's per-token activation scales (default: per token, as
+    /// whittle runs them)
+    #[arg(long)]
+    pub per_tensor_dynamic: bool,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -32,7 +37,12 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     let l = env.open(&a.m)?;
     let out = &a.out.output;
     let r = match a.format {
-        Format::Onnx => whittle_export::onnx::export(&l, out).with_context(|| format!("exporting to {}", out.display()))?,
+        Format::Onnx => {
+            let o = whittle_export::onnx::OnnxOptions {
+                linear: whittle_export::onnx::linear::LinearOptions { per_tensor_dynamic: a.per_tensor_dynamic },
+            };
+            whittle_export::onnx::export(&l, out, &o).with_context(|| format!("exporting to {}", out.display()))?
+        }
     };
     let mut so = std::io::stdout().lock();
     if a.json {

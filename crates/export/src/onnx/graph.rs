@@ -49,6 +49,8 @@ pub struct Graph {
     pub(crate) cache: HashMap<String, Vec<String>>,
     /// Constants by value, so each small constant is written once.
     consts: HashMap<(i32, Vec<i64>, Vec<u8>), String>,
+    /// How Linears are written.
+    pub options: super::linear::LinearOptions,
 }
 
 impl Graph {
@@ -66,6 +68,7 @@ impl Graph {
             counter: 0,
             cache: HashMap::new(),
             consts: HashMap::new(),
+            options: Default::default(),
         }
     }
 

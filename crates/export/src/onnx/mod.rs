@@ -27,6 +27,12 @@ pub const MODEL_FILE: &str = "model.onnx";
 /// not write yet.
 const MAX_PROTO_BYTES: usize = (2usize << 30) - (16 << 20);
 
+/// Choices of the ONNX export.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnnxOptions {
+    pub linear: linear::LinearOptions,
+}
+
 /// What an export wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {
@@ -42,10 +48,13 @@ pub struct ExportReport {
 }
 
 /// The ONNX form a representation takes (for the report).
-fn form(l: &whittle_core::Linear) -> String {
+fn form(l: &whittle_core::Linear, o: &OnnxOptions) -> String {
     let s = l.storage_name();
     let f = match &l.weight {
-        whittle_core::LinearWeight::Int8Dynamic(_) => "DynamicQuantizeLinear+MatMulInteger",
+        whittle_core::LinearWeight::Int8Dynamic(_) if o.linear.per_tensor_dynamic => {
+            "DynamicQuantizeLinear+MatMulInteger"
+        }
+        whittle_core::LinearWeight::Int8Dynamic(_) => "per-token u8+MatMulInteger",
         whittle_core::LinearWeight::Int8Static { .. } => "QuantizeLinear/DequantizeLinear+MatMul",
         whittle_core::LinearWeight::LowRank(_) => "MatMul×2",
         _ => "MatMul",
@@ -54,8 +63,9 @@ fn form(l: &whittle_core::Linear) -> String {
 }
 
 /// Builds the ONNX model of `l` in memory: the serialised `ModelProto`, its input and output names.
-pub fn model_bytes(l: &Loaded) -> Result<(Vec<u8>, Vec<String>, Vec<String>)> {
+pub fn model_bytes(l: &Loaded, o: &OnnxOptions) -> Result<(Vec<u8>, Vec<String>, Vec<String>)> {
     let mut g = graph::Graph::new(OPSET);
+    g.options = o.linear;
     let (name, ins, outs) = match &l.model {
         Model::Bert(m) => {
             bert::build(&mut g, m)?;
@@ -84,11 +94,11 @@ pub fn model_bytes(l: &Loaded) -> Result<(Vec<u8>, Vec<String>, Vec<String>)> {
 
 /// Writes the ONNX export of `l` to the directory `out` (atomically: a temporary sibling, moved into place
 /// at the end). The caller has claimed `out` (`pipeline::output::check_exclusive`).
-pub fn export(l: &Loaded, out: &Path) -> Result<ExportReport> {
+pub fn export(l: &Loaded, out: &Path, o: &OnnxOptions) -> Result<ExportReport> {
     if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(&l.source.path).ok() {
         return Err(Error::Usage(format!("{}: output would overwrite the input model", out.display())));
     }
-    let (bytes, inputs, outputs) = model_bytes(l)?;
+    let (bytes, inputs, outputs) = model_bytes(l, o)?;
     let config = match &l.model {
         Model::Bert(m) => m.config.to_hf_json(&m.blocks),
         Model::Llama(m) => {
@@ -123,7 +133,7 @@ pub fn export(l: &Loaded, out: &Path) -> Result<ExportReport> {
     let mut linears = BTreeMap::new();
     // BERT's pooler is not part of the export (its outputs are the hidden states and the sentence embedding).
     for (_, lin) in l.model.linears().into_iter().filter(|(n, _)| !n.starts_with("pooler.")) {
-        *linears.entry(form(lin)).or_insert(0) += 1;
+        *linears.entry(form(lin, o)).or_insert(0) += 1;
     }
     Ok(ExportReport {
         output: out.to_path_buf(),
