@@ -50,11 +50,23 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         return Ok(());
     }
     writeln!(so, "format   {} (opset {})", r.format, r.opset)?;
-    writeln!(so, "inputs   {}", r.inputs.join(", "))?;
-    writeln!(so, "outputs  {}", r.outputs.join(", "))?;
+    writeln!(so, "inputs   {}", names(&r.inputs))?;
+    writeln!(so, "outputs  {}", names(&r.outputs))?;
     for (form, n) in &r.linears {
         writeln!(so, "linears  {n:>3} × {form}")?;
     }
     writeln!(so, "wrote {} ({:.1} MB)", r.model_file.display(), r.bytes as f64 / 1e6)?;
     Ok(())
+}
+
+/// Names with the per-block cache tensors folded: `past_key_values.{0..29}.key/value`.
+fn names(v: &[String]) -> String {
+    let (cache, plain): (Vec<&String>, Vec<&String>) =
+        v.iter().partition(|n| n.starts_with("past_key_values.") || n.starts_with("present."));
+    let mut out: Vec<String> = plain.iter().map(|s| s.to_string()).collect();
+    if let Some(first) = cache.first() {
+        let stem = first.split('.').next().unwrap_or("");
+        out.push(format!("{stem}.{{0..{}}}.key/value", cache.len() / 2 - 1));
+    }
+    out.join(", ")
 }

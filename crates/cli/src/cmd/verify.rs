@@ -111,7 +111,7 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         if let (Some(k), Some(t)) = (d.kld_mean, d.top1_agree) {
             writeln!(
                 so,
-                "chunks     {} × {} tokens ({} scored): KLD {:.6} (p99 {:.6}), top-1 {:.2}%, PPL onnx {:.4} whittle {:.4}",
+                "chunks     {} × {} tokens ({} scored): KLD {:.3e} (p99 {:.3e}), top-1 {:.2}%, PPL onnx {:.4} whittle {:.4}",
                 d.chunks,
                 d.ctx,
                 d.tokens,
