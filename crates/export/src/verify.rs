@@ -41,8 +41,11 @@ pub struct VerifyOptions {
 }
 
 /// The prompts `verify` decodes when none are given.
-pub const DEFAULT_PROMPTS: [&str; 3] =
-    ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"", "Once upon a time, in a small village,"];
+pub const DEFAULT_PROMPTS: [&str; 3] = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+    "Once upon a time, in a small village,",
+];
 
 impl Default for VerifyOptions {
     fn default() -> Self {

@@ -70,14 +70,22 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         bail!("--ort-threads 0: must be at least 1");
     }
     let file = whittle_export::onnx::model_file(&a.exported)?;
-    let m = ModelArg { model: a.against.model.clone(), tokenizer: a.against.tokenizer.clone(), dequantize: a.against.dequantize };
+    let m = ModelArg {
+        model: a.against.model.clone(),
+        tokenizer: a.against.tokenizer.clone(),
+        dequantize: a.against.dequantize,
+    };
     let l = env.open(&m)?;
     let o = VerifyOptions {
         ort_lib: a.ort_lib.clone(),
         threads: a.ort_threads,
         max_len: a.max_len,
         sts_file: a.sts_file.clone(),
-        prompts: if a.prompts.is_empty() { DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect() } else { a.prompts.clone() },
+        prompts: if a.prompts.is_empty() {
+            DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
+        } else {
+            a.prompts.clone()
+        },
         n_tokens: a.n_tokens,
         chunks: a.chunks,
         ctx: a.ctx,
@@ -92,7 +100,11 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     writeln!(so, "runtime    onnxruntime ({})", r.runtime_library.display())?;
     if let Some(e) = &r.encoder {
         writeln!(so, "sentences  {} (STS-B, {} pairs, max {} tokens)", e.sentences, e.pairs, a.max_len)?;
-        writeln!(so, "cos_min    {:.7}   cos_mean {:.7}   (ONNX Runtime vs whittle, per sentence)", e.cos_min, e.cos_mean)?;
+        writeln!(
+            so,
+            "cos_min    {:.7}   cos_mean {:.7}   (ONNX Runtime vs whittle, per sentence)",
+            e.cos_min, e.cos_mean
+        )?;
         writeln!(so, "STS-B      onnx {:.2}   whittle {:.2}", e.sts_onnx, e.sts_whittle)?;
     }
     if let Some(d) = &r.decoder {

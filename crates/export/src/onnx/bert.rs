@@ -33,11 +33,7 @@ fn f32_init(g: &mut Graph, name: &str, t: &candle_core::Tensor) -> Result<String
 fn layer_norm(g: &mut Graph, name: &str, ln: &LayerNorm, x: &str) -> Result<String> {
     let w = f32_init(g, &format!("{name}.weight"), &ln.weight)?;
     let b = f32_init(g, &format!("{name}.bias"), &ln.bias)?;
-    Ok(g.op(
-        "LayerNormalization",
-        &[x, &w, &b],
-        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(ln.eps as f32))],
-    ))
+    Ok(g.op("LayerNormalization", &[x, &w, &b], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(ln.eps as f32))]))
 }
 
 /// Exact GELU, `x · ½(1 + erf(x/√2))` (opset 17 has no Gelu; ONNX Runtime fuses this pattern).

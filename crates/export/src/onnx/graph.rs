@@ -144,7 +144,14 @@ impl Graph {
     }
 
     /// A node of `op` in `domain` with `n_out` outputs; returns their names.
-    pub fn op_n(&mut self, op: &str, domain: &str, inputs: &[&str], n_out: usize, attrs: Vec<(&str, Attr)>) -> Vec<String> {
+    pub fn op_n(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        n_out: usize,
+        attrs: Vec<(&str, Attr)>,
+    ) -> Vec<String> {
         self.counter += 1;
         let id = self.counter;
         let outputs: Vec<String> = (0..n_out).map(|i| format!("{op}_{id}_out{i}")).collect();
@@ -160,7 +167,15 @@ impl Graph {
         self.push_node(op, "", inputs, &outs, attrs, id);
     }
 
-    fn push_node(&mut self, op: &str, domain: &str, inputs: &[&str], outputs: &[String], attrs: Vec<(&str, Attr)>, id: usize) {
+    fn push_node(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        outputs: &[String],
+        attrs: Vec<(&str, Attr)>,
+        id: usize,
+    ) {
         let attribute = attrs
             .into_iter()
             .map(|(name, a)| {

@@ -187,7 +187,8 @@ mod tests {
     /// above shows here.
     #[test]
     fn field_numbers_match_onnx_proto() {
-        let t = TensorProto { dims: vec![2], data_type: DataType::Float as i32, name: "w".into(), raw_data: vec![0; 8] };
+        let t =
+            TensorProto { dims: vec![2], data_type: DataType::Float as i32, name: "w".into(), raw_data: vec![0; 8] };
         // dims (1, packed varints), data_type (2, varint), name (8, bytes), raw_data (9, bytes)
         let want = [&[0x0a, 1, 2, 0x10, 1, 0x42, 1, b'w', 0x4a, 8][..], &[0; 8]].concat();
         assert_eq!(t.encode_to_vec(), want);
