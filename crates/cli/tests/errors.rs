@@ -321,7 +321,7 @@ const CASES: &[Case] = &[
         input: "a GGUF Q4_1 model exported to ONNX in its block format (no faithful ONNX form; never a silent f32 fallback)",
         shown: "whittle export smol.gguf --format onnx -o out",
         args: |fx| vec!["export".into(), smol(), "--format".into(), "onnx".into(), "-o".into(), fx.s("out")],
-        gets: "`model.layers.0.self_attn.q_proj` (q4_1): block-quantized weights have no faithful ONNX form in this exporter; load the model with `--dequantize` to export its f32 dequantization",
+        gets: "`model.layers.0.self_attn.q_proj` (q4_1): this block format has no faithful ONNX form in this exporter (4-bit grouped `w4a16` and GGUF `q4_0` do, as com.microsoft.MatMulNBits); load the model with `--dequantize` to export its f32 dequantization",
     },
     Case {
         test: "verify_export_missing",

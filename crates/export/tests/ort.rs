@@ -200,6 +200,46 @@ fn llama_with_kv_cache_decodes_as_whittle() {
     assert!(v.kld_mean.unwrap() < 1e-6, "KLD {:?}", v.kld_mean);
 }
 
+/// The tiny LLaMA with every block Linear whose width allows it in whittle's 4-bit grouped format
+/// (symmetric or with zero points), exported as MatMulNBits: the same greedy tokens in ONNX Runtime.
+#[test]
+fn llama_w4a16_as_matmul_nbits() {
+    if !ort_available() {
+        return;
+    }
+    for zero_point in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("llama");
+        testing::tiny_llama(&m);
+        let mut l = open(&m);
+        let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point };
+        let mut n = 0;
+        for (_, lin) in l.model.block_linears_mut() {
+            if lin.in_features() % 32 == 0 {
+                let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let bw = rtn.quantize(&w, lin.out_features(), lin.in_features());
+                *lin = Linear::rtn(&bw, rtn, None).unwrap().inheriting(lin);
+                n += 1;
+            }
+        }
+        assert!(n >= 8, "{n} layers quantized");
+        let out = d.path().join("onnx");
+        let r = onnx::export(&l, &out, &OnnxOptions::default()).unwrap();
+        assert!(r.linears.keys().any(|k| k.contains("MatMulNBits")), "{:?}", r.linears);
+        let o = VerifyOptions {
+            prompts: vec!["w1 w3 w5".into(), "w2 w9 w4 w4 w8 w11".into()],
+            n_tokens: 8,
+            chunks: 0,
+            threads: Some(1),
+            ..Default::default()
+        };
+        let v = verify(&out, &l, &o).unwrap().decoder.unwrap();
+        for p in &v.prompts {
+            assert_eq!(p.onnx_ids, p.whittle_ids, "zero_point {zero_point}: prompt {:?}", p.prompt);
+        }
+    }
+}
+
 #[test]
 fn block_formats_are_refused_naming_the_tensor() {
     let d = tempfile::tempdir().unwrap();
@@ -209,14 +249,54 @@ fn block_formats_are_refused_naming_the_tensor() {
     for (n, lin) in l.model.block_linears_mut() {
         if n == "model.layers.0.mlp.gate_proj" {
             let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point: false };
+            // 3-bit groups: no MatMulNBits form here.
+            let rtn = whittle_core::rtn::Rtn { bits: 3, group: 32, zero_point: false };
             let bw = rtn.quantize(&w, lin.out_features(), lin.in_features());
             *lin = Linear::rtn(&bw, rtn, None).unwrap();
         }
     }
     let out = d.path().join("onnx");
     let e = onnx::export(&l, &out, &OnnxOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("`model.layers.0.mlp.gate_proj` (w4a16-g32)") && e.contains("no faithful ONNX form"), "{e}");
+    assert!(e.contains("`model.layers.0.mlp.gate_proj` (w3a16-g32)") && e.contains("no faithful ONNX form"), "{e}");
     assert!(!out.exists(), "nothing written");
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temporary left");
+}
+
+/// One Linear alone, in ONNX Runtime: y for `x` (rows × K), as the graph computes it.
+fn ort_linear(lin: &Linear, x: &[f32], rows: usize, dir: &Path) -> Vec<f32> {
+    use whittle_export::onnx::graph::{Dim, Graph};
+    use whittle_export::onnx::proto::DataType;
+    use whittle_export::runtime::{Input, OrtModel};
+    let k = lin.in_features();
+    let mut g = Graph::new(onnx::OPSET);
+    g.input("x", DataType::Float, &[Dim::Fixed(rows), Dim::Fixed(k)]);
+    let y = onnx::linear::linear(&mut g, "l", lin, "x").unwrap();
+    g.output_from(&y, "y", DataType::Float, &[Dim::Fixed(rows), Dim::Fixed(lin.out_features())]);
+    let p = dir.join("linear.onnx");
+    std::fs::write(&p, g.finish("l", "", &[])).unwrap();
+    let mut m = OrtModel::open(&p, None, Some(1)).unwrap();
+    m.run(vec![("x".into(), Input::F32(vec![rows, k], x.to_vec()))], &["y"]).unwrap().remove(0).data
+}
+
+/// A 4-bit grouped Linear of several blocks per row (K = 256, groups of 64 and 128, symmetric and
+/// asymmetric) gives in ONNX Runtime what whittle's block kernel gives.
+#[test]
+fn matmul_nbits_matches_whittle_over_many_blocks() {
+    if !ort_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (n, k, rows) = (24, 256, 5);
+    let w: Vec<f32> = testing::rand(&[n, k], 7).flatten_all().unwrap().to_vec1().unwrap();
+    let x = testing::rand(&[rows, k], 8);
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    for (group, zero_point) in [(64, false), (128, true), (32, false)] {
+        let rtn = whittle_core::rtn::Rtn { bits: 4, group, zero_point };
+        let lin = Linear::rtn(&rtn.quantize(&w, n, k), rtn, None).unwrap();
+        let ours: Vec<f32> = lin.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let theirs = ort_linear(&lin, &xv, rows, d.path());
+        let err = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = ours.iter().fold(0f32, |a, b| a.max(b.abs()));
+        assert!(err <= 1e-4 * scale.max(1.0), "group {group} zp {zero_point}: max |Δ| {err} of {scale}");
+    }
 }

@@ -57,6 +57,7 @@ fn form(l: &whittle_core::Linear, o: &OnnxOptions) -> String {
         whittle_core::LinearWeight::Int8Dynamic(_) => "per-token u8+MatMulInteger",
         whittle_core::LinearWeight::Int8Static { .. } => "QuantizeLinear/DequantizeLinear+MatMul",
         whittle_core::LinearWeight::LowRank(_) => "MatMul×2",
+        whittle_core::LinearWeight::Block(_) => "com.microsoft.MatMulNBits",
         _ => "MatMul",
     };
     format!("{s} → {f}")
