@@ -122,13 +122,25 @@ pub struct OrtModel {
 }
 
 impl OrtModel {
-    /// Loads `model` in ONNX Runtime, `threads` intra-op threads (None: ONNX Runtime's default).
+    /// Loads `model` in ONNX Runtime, `threads` intra-op threads (None: ONNX Runtime's default), with its
+    /// graph optimizations (fusions) unless `plain`.
     pub fn open(model: &Path, lib: Option<&Path>, threads: Option<usize>) -> Result<Self> {
+        Self::open_with(model, lib, threads, false)
+    }
+
+    /// [`OrtModel::open`], with ONNX Runtime's graph optimizations disabled when `plain` (every node runs as
+    /// written: tells a fusion's numerics from the graph's).
+    pub fn open_with(model: &Path, lib: Option<&Path>, threads: Option<usize>, plain: bool) -> Result<Self> {
         init(lib)?;
         let env = LOADED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, e)| e.clone());
         let env = env.ok_or_else(|| Error::Runtime("not initialised".into()))?;
         let rt = |e: ort::Error| Error::Runtime(format!("{}: {e}", model.display()));
         let mut b = Session::builder(&env).map_err(rt)?;
+        if plain {
+            b = b
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+                .map_err(|e| Error::Runtime(format!("{}: {e}", model.display())))?;
+        }
         if let Some(n) = threads {
             b = b.with_intra_threads(n).map_err(|e| Error::Runtime(format!("{}: {e}", model.display())))?;
         }

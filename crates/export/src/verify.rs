@@ -25,6 +25,8 @@ pub struct VerifyOptions {
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (None: its default).
     pub threads: Option<usize>,
+    /// Run the graph as written, without ONNX Runtime's graph optimizations (fusions).
+    pub no_optimize: bool,
     /// Encoders: token cap per sentence (the STS-B protocol's 128).
     pub max_len: usize,
     /// Encoders: an STS-B TSV instead of the bundled test split.
@@ -52,6 +54,7 @@ impl Default for VerifyOptions {
         Self {
             ort_lib: None,
             threads: None,
+            no_optimize: false,
             max_len: 128,
             sts_file: None,
             prompts: DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
@@ -126,7 +129,7 @@ pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyRe
     let t0 = std::time::Instant::now();
     let file = crate::onnx::model_file(exported)?;
     let lib = crate::runtime::init(o.ort_lib.as_deref())?;
-    let mut ort = OrtModel::open(&file, o.ort_lib.as_deref(), o.threads)?;
+    let mut ort = OrtModel::open_with(&file, o.ort_lib.as_deref(), o.threads, o.no_optimize)?;
     let (encoder, decoder) = match &l.model {
         Model::Bert(_) => (Some(encoder(&mut ort, l, o)?), None),
         Model::Llama(m) => (None, Some(decoder(&mut ort, l, m, o)?)),

@@ -17,6 +17,9 @@ const MIN_COS_F32: f64 = 0.99999;
 /// int8 graphs round like whittle but may round a tie the other way (half-even vs half-away) or sum in
 /// another order before the scales: embeddings of the tiny model agree to this cosine.
 const MIN_COS_INT8: f64 = 0.999;
+/// One MatMulNBits Linear against whittle's block kernel: the same int8 activations and 4-bit weights, f32
+/// sums in another order (measured: about 7e-7 of the largest output).
+const MAX_NBITS_REL_ERR: f32 = 1e-5;
 /// Spearman on a dozen pairs moves by whole ranks; the two runs must rank the pairs alike.
 const MAX_STS_DIFF: f64 = 1e-6;
 
@@ -297,6 +300,6 @@ fn matmul_nbits_matches_whittle_over_many_blocks() {
         let theirs = ort_linear(&lin, &xv, rows, d.path());
         let err = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let scale = ours.iter().fold(0f32, |a, b| a.max(b.abs()));
-        assert!(err <= 1e-4 * scale.max(1.0), "group {group} zp {zero_point}: max |Δ| {err} of {scale}");
+        assert!(err <= MAX_NBITS_REL_ERR * scale.max(1.0), "group {group} zp {zero_point}: max |Δ| {err} of {scale}");
     }
 }

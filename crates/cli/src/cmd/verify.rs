@@ -22,6 +22,9 @@ pub struct Args {
     /// ONNX Runtime intra-op threads (default: its own choice)
     #[arg(long)]
     pub ort_threads: Option<usize>,
+    /// Run the graph as written, with ONNX Runtime's graph optimizations (fusions) disabled
+    #[arg(long)]
+    pub ort_no_optimize: bool,
     /// Encoders: token cap per STS-B sentence
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,
@@ -79,6 +82,7 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     let o = VerifyOptions {
         ort_lib: a.ort_lib.clone(),
         threads: a.ort_threads,
+        no_optimize: a.ort_no_optimize,
         max_len: a.max_len,
         sts_file: a.sts_file.clone(),
         prompts: if a.prompts.is_empty() {
