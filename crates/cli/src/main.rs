@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cmd::{compare, convert, embed, eval, generate, inspect, measure, optimize, serve, stage, train};
+use cmd::{compare, convert, embed, eval, export, generate, inspect, measure, optimize, serve, stage, train, verify};
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
 /// back on every op (measured: whittle bench, MiniLM w8a8).
@@ -68,6 +68,12 @@ enum Cmd {
     /// Make the smallest (or fastest) model within a quality tolerance: a recipe of stages (--recipe R.toml),
     /// or a search at a level (--level light|medium|full, --max-drop 1%); writes OUT/model, OUT/report.html
     Optimize(optimize::Args),
+    /// Export a model to another runtime's format: ONNX (encoders with pooling in the graph, decoders with a
+    /// KV cache; f32, w8a8-dynamic as DynamicQuantizeLinear + MatMulInteger, w8a8-static as Q/DQ)
+    Export(export::Args),
+    /// Run an export in its own runtime (ONNX Runtime) and compare it with whittle's run of the source model:
+    /// cos_min and STS-B for encoders, greedy tokens, KLD and top-1 for decoders
+    Verify(verify::Args),
     /// Serve a model over HTTP with OpenAI's API: embeddings (encoders), completions and chat with
     /// continuous batching (decoders), /health, /metrics
     Serve(serve::Args),
@@ -91,6 +97,8 @@ impl Cmd {
             Cmd::Generate(a) => a.json,
             Cmd::Embed(a) => a.json,
             Cmd::Optimize(a) => a.json,
+            Cmd::Export(a) => a.json,
+            Cmd::Verify(a) => a.json,
             Cmd::Convert(_) | Cmd::Imatrix(_) | Cmd::Serve(_) => false,
         }
     }
@@ -116,6 +124,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => eval::bench(a, &env),
         Cmd::Compare(a) => compare::run(a, &env),
         Cmd::Optimize(a) => optimize::run(a, &env),
+        Cmd::Export(a) => export::run(a, &env),
+        Cmd::Verify(a) => verify::run(a, &env),
         Cmd::Serve(a) => serve::run(a, &env),
     }
 }

@@ -47,6 +47,55 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|&v| v as f64 - lse).collect()
 }
 
+/// KL(base ‖ model) = Σ p_base (log p_base − log p_model) of two log-softmax rows, and whether both pick the
+/// same top token.
+fn kl_top1(lq: &[f64], lp: &[f64]) -> (f64, bool) {
+    let kl: f64 = lq.iter().zip(lp).map(|(&q, &p)| if q > -700.0 { q.exp() * (q - p) } else { 0.0 }).sum();
+    (kl.max(0.0), argmax(lq) == argmax(lp))
+}
+
+/// One scored position of a model against a base, from their logit rows: what [`perplexity`] accumulates.
+#[derive(Debug, Clone, Copy)]
+pub struct RowScore {
+    /// −log p_model(target), −log p_base(target).
+    pub nll: f64,
+    pub nll_base: f64,
+    /// KL(base ‖ model), nats.
+    pub kl: f64,
+    /// Both rows pick the same top token.
+    pub agree: bool,
+}
+
+/// Scores one position: the model's and the base's logits and the true next token (for logits computed
+/// elsewhere, e.g. an export run in another runtime).
+pub fn score_row(base: &[f32], model: &[f32], target: usize) -> RowScore {
+    let (lq, lp) = (log_softmax(base), log_softmax(model));
+    let (kl, agree) = kl_top1(&lq, &lp);
+    RowScore { nll: -lp[target], nll_base: -lq[target], kl, agree }
+}
+
+/// The PPL-protocol chunks of `text` for `l`: `ctx` tokens each (BOS first when the tokenizer adds one),
+/// the first `chunks` of them; each chunk's scored positions are `ctx/2 ..`.
+pub fn chunks(l: &Loaded, text_in: &str, ctx: usize, chunks: usize) -> Result<Vec<Vec<u32>>> {
+    if ctx < 4 {
+        return Err(InvalidOption::new("ctx", ctx, "too small (at least 4)").into());
+    }
+    let ids = text::encode_prompt(l, text_in, false)?;
+    let n = (ids.len() / ctx).min(chunks);
+    if n == 0 {
+        return Err(Error::Usage(format!("the text has {} tokens, fewer than option `ctx` {ctx}", ids.len())));
+    }
+    Ok((0..n)
+        .map(|c| {
+            let mut chunk = ids[c * ctx..(c + 1) * ctx].to_vec();
+            if let Some(bos) = l.bos_token_id {
+                chunk[0] = bos;
+            }
+            chunk
+        })
+        .collect())
+}
+
 fn argmax(row: &[f64]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -58,7 +107,7 @@ fn argmax(row: &[f64]) -> usize {
 }
 
 /// Logits of positions `from..ctx-1` of one chunk: (n, V) as rows.
-fn chunk_logits(m: &Llama, chunk: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
+pub fn chunk_logits(m: &Llama, chunk: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
     let ids = Tensor::new(chunk, m.embed_tokens.device())?.unsqueeze(0)?; // (1, ctx)
     let h = m.forward_hidden(&ids, &mut KvCache::default()).map_err(Error::Model)?; // (1, ctx, C)
     let n = chunk.len() - 1 - from;
@@ -128,10 +177,9 @@ pub fn perplexity(
             if let Some(br) = &base_rows {
                 let lq = log_softmax(&br[i]);
                 nll_base -= lq[target];
-                // KL(base ‖ model) = Σ p_base (log p_base − log p_model)
-                let kl: f64 = lq.iter().zip(&lp).map(|(&q, &p)| if q > -700.0 { q.exp() * (q - p) } else { 0.0 }).sum();
-                klds.push(kl.max(0.0));
-                agree += (argmax(&lq) == argmax(&lp)) as usize;
+                let (kl, same) = kl_top1(&lq, &lp);
+                klds.push(kl);
+                agree += same as usize;
             }
         }
         progress(c + 1, n_chunks);

@@ -45,21 +45,34 @@ pub fn sts(
     }
     let sents: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
     let e = embed_all(l, &sents, max_len, progress)?;
-    let cos: Vec<f64> = e.chunks(2).map(|p| dot(&p[0], &p[1])).collect();
-    let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
     let mut m = Metrics {
         task: Some("sts".into()),
-        sts_spearman: Some(100.0 * spearman(&cos, &gold)),
+        sts_spearman: Some(spearman_of(&e, pairs)),
         items: Some(pairs.len()),
         ..Default::default()
     };
     if let Some(b) = base {
         let eb = embed_all(b, &sents, max_len, &mut |_, _| {})?;
-        let c: Vec<f64> = e.iter().zip(&eb).map(|(x, y)| dot(x, y) / (dot(x, x) * dot(y, y)).sqrt()).collect();
-        m.cos_mean = Some(c.iter().sum::<f64>() / c.len() as f64);
-        m.cos_min = Some(c.iter().copied().fold(f64::INFINITY, f64::min));
+        let (mean, min) = cosine_agreement(&e, &eb);
+        m.cos_mean = Some(mean);
+        m.cos_min = Some(min);
     }
     Ok(m)
+}
+
+/// STS-B Spearman × 100 of embeddings `e` of the pairs' sentences in order (sentence 1, sentence 2, …),
+/// L2-normalised (cosine = dot product): the figure [`sts`] reports, for embeddings computed elsewhere (an
+/// export run in another runtime).
+pub fn spearman_of(e: &[Vec<f32>], pairs: &[StsPair]) -> f64 {
+    let cos: Vec<f64> = e.chunks(2).map(|p| dot(&p[0], &p[1])).collect();
+    let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
+    100.0 * spearman(&cos, &gold)
+}
+
+/// Mean and minimum cosine between `a[i]` and `b[i]` (the same sentences embedded twice).
+pub fn cosine_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
+    let c: Vec<f64> = a.iter().zip(b).map(|(x, y)| dot(x, y) / (dot(x, x) * dot(y, y)).sqrt()).collect();
+    (c.iter().sum::<f64>() / c.len().max(1) as f64, c.iter().copied().fold(f64::INFINITY, f64::min))
 }
 
 pub(crate) fn require_encoder(l: &Loaded) -> Result<()> {

@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod measure;
@@ -12,6 +13,7 @@ pub mod optimize;
 pub mod serve;
 pub mod stage;
 pub mod train;
+pub mod verify;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

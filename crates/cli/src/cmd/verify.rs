@@ -1,0 +1,144 @@
+//! `verify`: runs an export in its own runtime and compares it with whittle's run of the source model.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use whittle_export::verify::{VerifyOptions, DEFAULT_PROMPTS};
+
+use super::{Env, ModelArg};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The export: the directory `whittle export` wrote, or an .onnx file
+    pub exported: PathBuf,
+    /// The model it was exported from (as every command loads it: add --dequantize for a GGUF exported in f32)
+    #[command(flatten)]
+    pub against: AgainstArg,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, else the `onnxruntime` wheel in $VIRTUAL_ENV,
+    /// ~/.cache/whittle-test-venv or ~/.cache/whittle-peers)
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (default: its own choice)
+    #[arg(long)]
+    pub ort_threads: Option<usize>,
+    /// Run the graph as written, with ONNX Runtime's graph optimizations (fusions) disabled
+    #[arg(long)]
+    pub ort_no_optimize: bool,
+    /// Encoders: token cap per STS-B sentence
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Encoders: an STS-B TSV instead of the bundled test split
+    #[arg(long)]
+    pub sts_file: Option<PathBuf>,
+    /// Decoders: a prompt for the greedy comparison (repeatable; default: three built-in prompts)
+    #[arg(long = "prompt")]
+    pub prompts: Vec<String>,
+    /// Decoders: greedy tokens per prompt
+    #[arg(short = 'n', long, default_value_t = 32)]
+    pub n_tokens: usize,
+    /// Decoders: WikiText-2 chunks for KLD and top-1 agreement (0: skip)
+    #[arg(long, default_value_t = 2)]
+    pub chunks: usize,
+    /// Decoders: tokens per chunk
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Decoders: a text file instead of the bundled WikiText-2 test split
+    #[arg(long)]
+    pub text_file: Option<PathBuf>,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--against MODEL` with the usual model flags.
+#[derive(clap::Args, Clone)]
+pub struct AgainstArg {
+    /// HF directory, .gguf file, or `org/name` from the local HF cache
+    #[arg(long = "against")]
+    pub model: String,
+    /// Use this tokenizer.json instead of the model's own
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Run GGUF block-quantized weights dequantized to f32
+    #[arg(long)]
+    pub dequantize: bool,
+}
+
+pub fn run(a: &Args, env: &Env) -> Result<()> {
+    if a.max_len < 3 {
+        bail!("--max-len {}: must be at least 3 ([CLS], one token, [SEP])", a.max_len);
+    }
+    if a.ort_threads == Some(0) {
+        bail!("--ort-threads 0: must be at least 1");
+    }
+    let file = whittle_export::onnx::model_file(&a.exported)?;
+    let m = ModelArg {
+        model: a.against.model.clone(),
+        tokenizer: a.against.tokenizer.clone(),
+        dequantize: a.against.dequantize,
+    };
+    let l = env.open(&m)?;
+    let o = VerifyOptions {
+        ort_lib: a.ort_lib.clone(),
+        threads: a.ort_threads,
+        no_optimize: a.ort_no_optimize,
+        max_len: a.max_len,
+        sts_file: a.sts_file.clone(),
+        prompts: if a.prompts.is_empty() {
+            DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
+        } else {
+            a.prompts.clone()
+        },
+        n_tokens: a.n_tokens,
+        chunks: a.chunks,
+        ctx: a.ctx,
+        text_file: a.text_file.clone(),
+    };
+    let r = whittle_export::verify::verify(&file, &l, &o).with_context(|| format!("verifying {}", file.display()))?;
+    let mut so = std::io::stdout().lock();
+    if a.json {
+        writeln!(so, "{}", serde_json::to_string_pretty(&r)?)?;
+        return Ok(());
+    }
+    writeln!(so, "runtime    onnxruntime ({})", r.runtime_library.display())?;
+    if let Some(e) = &r.encoder {
+        writeln!(so, "sentences  {} (STS-B, {} pairs, max {} tokens)", e.sentences, e.pairs, a.max_len)?;
+        writeln!(
+            so,
+            "cos_min    {:.7}   cos_mean {:.7}   (ONNX Runtime vs whittle, per sentence)",
+            e.cos_min, e.cos_mean
+        )?;
+        writeln!(so, "STS-B      onnx {:.2}   whittle {:.2}", e.sts_onnx, e.sts_whittle)?;
+    }
+    if let Some(d) = &r.decoder {
+        for p in &d.prompts {
+            let verdict = match p.first_diff {
+                None => format!("identical {} tokens", p.onnx_ids.len()),
+                Some(i) => format!("DIFFER at token {i}"),
+            };
+            writeln!(so, "prompt     {:?}: {verdict}", p.prompt)?;
+            writeln!(so, "  onnx     {:?}", p.onnx_text)?;
+            if p.first_diff.is_some() {
+                writeln!(so, "  whittle  {:?}", p.whittle_text)?;
+            }
+        }
+        writeln!(so, "greedy     {}/{} prompts identical", d.identical, d.prompts.len())?;
+        if let (Some(k), Some(t)) = (d.kld_mean, d.top1_agree) {
+            writeln!(
+                so,
+                "chunks     {} × {} tokens ({} scored): KLD {:.3e} (p99 {:.3e}), top-1 {:.2}%, PPL onnx {:.4} whittle {:.4}",
+                d.chunks,
+                d.ctx,
+                d.tokens,
+                k,
+                d.kld_p99.unwrap_or(0.0),
+                t,
+                d.ppl_onnx.unwrap_or(0.0),
+                d.ppl_whittle.unwrap_or(0.0)
+            )?;
+        }
+    }
+    writeln!(so, "took       {:.1}s", r.seconds)?;
+    Ok(())
+}

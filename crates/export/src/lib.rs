@@ -1,0 +1,44 @@
+//! whittle-export: a compressed model leaves the tool, and `verify` proves it runs the same elsewhere.
+//!
+//! - [`onnx`]: ONNX graphs written with prost from a minimal message set of `onnx.proto` (no `protoc`):
+//!   BERT encoders with sentence-transformers' pooling in the graph, LLaMA decoders with a KV cache, named as
+//!   Optimum's exports are; each Linear in the ONNX form of its representation ([`onnx::linear`]).
+//! - [`runtime`]: ONNX Runtime through the `ort` crate, loaded at run time from a `libonnxruntime` the user
+//!   has (the `onnxruntime` Python wheel ships one); nothing is downloaded.
+//! - [`verify`]: runs an export in ONNX Runtime and compares it with whittle's own run of the source model on
+//!   real data, with `whittle_eval`'s instruments.
+
+pub mod onnx;
+pub mod runtime;
+pub mod verify;
+
+use std::path::PathBuf;
+
+/// Errors of exporting and verifying; each names the file, tensor or option concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Linear whose representation has no faithful form in the target format.
+    #[error("`{tensor}` ({repr}): {reason}")]
+    Unsupported { tensor: String, repr: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    /// ONNX Runtime could not be loaded or refused the model.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error(transparent)]
+    Model(#[from] whittle_models::Error),
+    #[error(transparent)]
+    Formats(#[from] whittle_formats::Error),
+    #[error(transparent)]
+    Core(#[from] whittle_core::Error),
+    #[error(transparent)]
+    Option(#[from] whittle_core::InvalidOption),
+    #[error(transparent)]
+    Eval(#[from] whittle_eval::Error),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,318 @@
+//! `whittle verify`: an export run in its own runtime against whittle's run of the source model, on real data.
+//!
+//! - Encoders: every STS-B test sentence (truncated at `max_len` tokens, batches of 32) embedded by ONNX Runtime
+//!   (`sentence_embedding`) and by whittle; the cosine between the two embeddings of each sentence (mean and
+//!   minimum), and the STS-B Spearman of each ([`whittle_eval::sts::spearman_of`]).
+//! - Decoders: greedy continuations of a few prompts, ONNX Runtime decoding with its KV cache
+//!   (`past_key_values.N.*` → `present.N.*`) against [`whittle_models::generate::generate`]; and on the first
+//!   WikiText-2 chunks (llama.cpp's perplexity protocol), KL(whittle ‖ ONNX Runtime), top-1 agreement and both
+//!   perplexities ([`whittle_eval::ppl::score_row`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use whittle_eval::data;
+use whittle_models::llama::Llama;
+use whittle_models::{text, Loaded, Model};
+
+use crate::runtime::{Input, OrtModel};
+use crate::{Error, Result};
+
+/// What to verify with.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The ONNX Runtime library (else found as [`crate::runtime::find_library`] says).
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (None: its default).
+    pub threads: Option<usize>,
+    /// Run the graph as written, without ONNX Runtime's graph optimizations (fusions).
+    pub no_optimize: bool,
+    /// Encoders: token cap per sentence (the STS-B protocol's 128).
+    pub max_len: usize,
+    /// Encoders: an STS-B TSV instead of the bundled test split.
+    pub sts_file: Option<PathBuf>,
+    /// Decoders: prompts for the greedy comparison.
+    pub prompts: Vec<String>,
+    /// Decoders: new tokens per prompt.
+    pub n_tokens: usize,
+    /// Decoders: WikiText-2 chunks for KLD / top-1 (0 skips them), of `ctx` tokens.
+    pub chunks: usize,
+    pub ctx: usize,
+    /// Decoders: a text instead of the bundled WikiText-2 test split.
+    pub text_file: Option<PathBuf>,
+}
+
+/// The prompts `verify` decodes when none are given.
+pub const DEFAULT_PROMPTS: [&str; 3] = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+    "Once upon a time, in a small village,",
+];
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            ort_lib: None,
+            threads: None,
+            no_optimize: false,
+            max_len: 128,
+            sts_file: None,
+            prompts: DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
+            n_tokens: 32,
+            chunks: 2,
+            ctx: 512,
+            text_file: None,
+        }
+    }
+}
+
+/// Encoder figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderCheck {
+    pub sentences: usize,
+    /// Cosine between ONNX Runtime's and whittle's embedding of each sentence.
+    pub cos_min: f64,
+    pub cos_mean: f64,
+    /// STS-B Spearman × 100 of each.
+    pub sts_onnx: f64,
+    pub sts_whittle: f64,
+    pub pairs: usize,
+}
+
+/// One prompt's greedy continuations.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptCheck {
+    pub prompt: String,
+    pub whittle_ids: Vec<u32>,
+    pub onnx_ids: Vec<u32>,
+    /// Position of the first differing token (None: identical).
+    pub first_diff: Option<usize>,
+    pub whittle_text: String,
+    pub onnx_text: String,
+}
+
+/// Decoder figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecoderCheck {
+    pub prompts: Vec<PromptCheck>,
+    /// Prompts whose continuations are identical.
+    pub identical: usize,
+    pub chunks: usize,
+    pub ctx: usize,
+    pub tokens: usize,
+    /// KL(whittle ‖ ONNX Runtime) per scored token, nats.
+    pub kld_mean: Option<f64>,
+    pub kld_p99: Option<f64>,
+    /// % of scored positions with the same top token.
+    pub top1_agree: Option<f64>,
+    pub ppl_onnx: Option<f64>,
+    pub ppl_whittle: Option<f64>,
+}
+
+/// The result of `verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub exported: PathBuf,
+    pub against: PathBuf,
+    pub runtime: String,
+    pub runtime_library: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<DecoderCheck>,
+    pub seconds: f64,
+}
+
+/// Runs the ONNX export at `exported` (its directory or `.onnx` file) in ONNX Runtime and compares it with
+/// whittle's run of `l`.
+pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyReport> {
+    let t0 = std::time::Instant::now();
+    let file = crate::onnx::model_file(exported)?;
+    let lib = crate::runtime::init(o.ort_lib.as_deref())?;
+    let mut ort = OrtModel::open_with(&file, o.ort_lib.as_deref(), o.threads, o.no_optimize)?;
+    let (encoder, decoder) = match &l.model {
+        Model::Bert(_) => (Some(encoder(&mut ort, l, o)?), None),
+        Model::Llama(m) => (None, Some(decoder(&mut ort, l, m, o)?)),
+    };
+    Ok(VerifyReport {
+        exported: file,
+        against: l.source.path.clone(),
+        runtime: "onnxruntime".into(),
+        runtime_library: lib,
+        encoder,
+        decoder,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Checks that the ONNX model has the inputs this model family's export has.
+fn expect_inputs(ort: &OrtModel, want: &[&str]) -> Result<()> {
+    let have = ort.input_names();
+    if let Some(miss) = want.iter().find(|w| !have.iter().any(|h| h == *w)) {
+        return Err(Error::Usage(format!(
+            "{}: no input `{miss}` (inputs: {}); is it the export of this model?",
+            ort.path.display(),
+            have.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn encoder(ort: &mut OrtModel, l: &Loaded, o: &VerifyOptions) -> Result<EncoderCheck> {
+    expect_inputs(ort, &["input_ids", "attention_mask", "token_type_ids"])?;
+    let named = data::read_text(o.sts_file.as_deref(), data::STS_TEST)?;
+    let pairs = data::parse_sts(&named)?;
+    let sents: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
+    let ours = whittle_eval::sts::embed_all(l, &sents, o.max_len, &mut |_, _| {})?;
+    let Model::Bert(m) = &l.model else { unreachable!("encoder() takes encoders") };
+    let tok = text::truncating(&l.tokenizer, o.max_len.min(m.config.max_position_embeddings))?;
+    let mut theirs = Vec::with_capacity(sents.len());
+    for chunk in sents.chunks(32) {
+        let b = text::encode_batch(&tok, chunk)?;
+        let shape = b.ids.dims().to_vec();
+        let as_i64 = |t: &candle_core::Tensor| -> Result<Vec<i64>> {
+            Ok(t.flatten_all()?.to_vec1::<u32>()?.into_iter().map(i64::from).collect())
+        };
+        let inputs = vec![
+            ("input_ids".to_string(), Input::I64(shape.clone(), as_i64(&b.ids)?)),
+            ("attention_mask".to_string(), Input::I64(shape.clone(), as_i64(&b.mask)?)),
+            ("token_type_ids".to_string(), Input::I64(shape.clone(), as_i64(&b.type_ids)?)),
+        ];
+        let out = ort.run(inputs, &["sentence_embedding"])?.remove(0);
+        let c = *out.shape.last().unwrap_or(&0);
+        theirs.extend(out.data.chunks(c.max(1)).map(|r| r.to_vec()));
+    }
+    let (cos_mean, cos_min) = whittle_eval::sts::cosine_agreement(&theirs, &ours);
+    Ok(EncoderCheck {
+        sentences: sents.len(),
+        cos_min,
+        cos_mean,
+        sts_onnx: whittle_eval::sts::spearman_of(&theirs, &pairs),
+        sts_whittle: whittle_eval::sts::spearman_of(&ours, &pairs),
+        pairs: pairs.len(),
+    })
+}
+
+/// One ONNX Runtime call of the decoder: `ids` after the cache `past` (one (key, value) per block, each
+/// (1, KV, P, D) as flat data); returns the logits (T, V) and the new cache.
+#[allow(clippy::type_complexity)]
+fn ort_step(
+    ort: &mut OrtModel,
+    m: &Llama,
+    ids: &[u32],
+    past: &[(Vec<f32>, Vec<f32>)],
+    past_len: usize,
+) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
+    let t = ids.len();
+    let d = m.config.head_dim;
+    let mut inputs = vec![
+        ("input_ids".to_string(), Input::I64(vec![1, t], ids.iter().map(|&i| i as i64).collect())),
+        ("attention_mask".to_string(), Input::I64(vec![1, past_len + t], vec![1; past_len + t])),
+        ("position_ids".to_string(), Input::I64(vec![1, t], (past_len..past_len + t).map(|p| p as i64).collect())),
+    ];
+    let mut want = vec!["logits".to_string()];
+    for (i, (b, (k, v))) in m.blocks.iter().zip(past).enumerate() {
+        let shape = vec![1, b.n_kv_head, past_len, d];
+        inputs.push((format!("past_key_values.{i}.key"), Input::F32(shape.clone(), k.clone())));
+        inputs.push((format!("past_key_values.{i}.value"), Input::F32(shape, v.clone())));
+        want.push(format!("present.{i}.key"));
+        want.push(format!("present.{i}.value"));
+    }
+    let want_refs: Vec<&str> = want.iter().map(String::as_str).collect();
+    let mut outs = ort.run(inputs, &want_refs)?.into_iter();
+    let logits = outs.next().expect("logits requested").data;
+    let mut present = Vec::with_capacity(m.blocks.len());
+    while let (Some(k), Some(v)) = (outs.next(), outs.next()) {
+        present.push((k.data, v.data));
+    }
+    Ok((logits, present))
+}
+
+/// Greedy decoding in ONNX Runtime: `n` tokens after `prompt` (no early stop, as the comparison needs).
+fn ort_greedy(ort: &mut OrtModel, m: &Llama, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+    let v = m.config.vocab_size;
+    let mut past: Vec<(Vec<f32>, Vec<f32>)> = m.blocks.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    let mut past_len = 0;
+    let mut input = prompt.to_vec();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (logits, present) = ort_step(ort, m, &input, &past, past_len)?;
+        let last = &logits[logits.len() - v..];
+        let next = whittle_models::generate::argmax(last);
+        out.push(next);
+        past_len += input.len();
+        past = present;
+        input = vec![next];
+    }
+    Ok(out)
+}
+
+fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Result<DecoderCheck> {
+    expect_inputs(ort, &["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"])?;
+    if o.prompts.is_empty() && o.chunks == 0 {
+        return Err(Error::Usage("nothing to verify: no prompts and option `chunks` 0".into()));
+    }
+    let mut prompts = Vec::new();
+    for p in &o.prompts {
+        let ids = text::encode_prompt(l, p, false)?;
+        if ids.is_empty() {
+            return Err(Error::Usage(format!("prompt {p:?} is empty after tokenization")));
+        }
+        let sampling = whittle_models::generate::Sampling::default();
+        let ours = whittle_models::generate::generate(m, &ids, o.n_tokens, &[], &sampling, |_| {})?;
+        let theirs = ort_greedy(ort, m, &ids, o.n_tokens)?;
+        let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+        prompts.push(PromptCheck {
+            prompt: p.clone(),
+            whittle_text: text::decode(l, &ours)?,
+            onnx_text: text::decode(l, &theirs)?,
+            whittle_ids: ours,
+            onnx_ids: theirs,
+            first_diff,
+        });
+    }
+    let identical = prompts.iter().filter(|p| p.first_diff.is_none()).count();
+    let mut check = DecoderCheck {
+        prompts,
+        identical,
+        chunks: 0,
+        ctx: o.ctx,
+        tokens: 0,
+        kld_mean: None,
+        kld_p99: None,
+        top1_agree: None,
+        ppl_onnx: None,
+        ppl_whittle: None,
+    };
+    if o.chunks == 0 {
+        return Ok(check);
+    }
+    if o.ctx > m.config.max_position_embeddings {
+        return Err(whittle_core::InvalidOption::new("ctx", o.ctx, "larger than the model's context").into());
+    }
+    let named = data::read_text(o.text_file.as_deref(), data::WIKI_TEST)?;
+    let chunks = whittle_eval::ppl::chunks(l, &named.1, o.ctx, o.chunks)?;
+    let first = o.ctx / 2;
+    let v = m.config.vocab_size;
+    let mut scores = Vec::new();
+    for chunk in &chunks {
+        let ours = whittle_eval::ppl::chunk_logits(m, chunk, first - 1)?;
+        let empty: Vec<(Vec<f32>, Vec<f32>)> = m.blocks.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        let (theirs, _) = ort_step(ort, m, chunk, &empty, 0)?; // (ctx, V)
+        for (i, row) in ours.iter().enumerate() {
+            let pos = first - 1 + i;
+            let t_row = &theirs[pos * v..(pos + 1) * v];
+            scores.push(whittle_eval::ppl::score_row(row, t_row, chunk[pos + 1] as usize));
+        }
+    }
+    let n = scores.len() as f64;
+    let klds: Vec<f64> = scores.iter().map(|s| s.kl).collect();
+    check.chunks = chunks.len();
+    check.tokens = scores.len();
+    check.kld_mean = Some(klds.iter().sum::<f64>() / n);
+    check.kld_p99 = Some(whittle_eval::stats::percentile(&klds, 99.0));
+    check.top1_agree = Some(100.0 * scores.iter().filter(|s| s.agree).count() as f64 / n);
+    check.ppl_onnx = Some((scores.iter().map(|s| s.nll).sum::<f64>() / n).exp());
+    check.ppl_whittle = Some((scores.iter().map(|s| s.nll_base).sum::<f64>() / n).exp());
+    Ok(check)
+}
