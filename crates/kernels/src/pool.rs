@@ -215,7 +215,13 @@ impl Pool {
         // SAFETY: see `Shared`; the pointer is only used while this call keeps `f` alive.
         unsafe {
             let f: *const (dyn Fn(Range<usize>) + Sync) = f;
-            *s.job.get() = Job { f: std::mem::transmute(f), n_items, chunk };
+            *s.job.get() = Job {
+                f: std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const (dyn Fn(Range<usize>) + Sync)>(
+                    f,
+                ),
+                n_items,
+                chunk,
+            };
         }
         s.cursor.store(0, Ordering::Relaxed);
         let gen = (s.state.load(Ordering::Relaxed) >> 32).wrapping_add(1) & 0xffff_ffff;
