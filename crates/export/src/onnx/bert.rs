@@ -9,25 +9,13 @@
 use whittle_models::bert::{Bert, BertBlock};
 use whittle_models::nn::LayerNorm;
 
-use super::graph::{Attr, Dim, Graph};
+use super::graph::{f32_init, Attr, Dim, Graph};
 use super::linear::linear;
 use super::proto::DataType;
 use crate::Result;
 
 const B: &str = "batch_size";
 const T: &str = "sequence_length";
-
-fn f32_init(g: &mut Graph, name: &str, t: &candle_core::Tensor) -> Result<String> {
-    let key = format!("tensor:{:?}", t.id());
-    if let Some(n) = g.cache.get(&key) {
-        return Ok(n[0].clone());
-    }
-    let dims = t.dims().to_vec();
-    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    let n = g.init_f32(name, &dims, &v);
-    g.cache.insert(key, vec![n.clone()]);
-    Ok(n)
-}
 
 /// `LayerNormalization` over the last axis (opset 17).
 fn layer_norm(g: &mut Graph, name: &str, ln: &LayerNorm, x: &str) -> Result<String> {

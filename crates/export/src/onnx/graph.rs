@@ -264,3 +264,16 @@ impl Graph {
         m.encode_to_vec()
     }
 }
+
+/// A candle tensor as an f32 initializer, stored once however many nodes use it (shared blocks, a tied head).
+pub(crate) fn f32_init(g: &mut Graph, name: &str, t: &candle_core::Tensor) -> crate::Result<String> {
+    let key = format!("tensor:{:?}", t.id());
+    if let Some(n) = g.cache.get(&key) {
+        return Ok(n[0].clone());
+    }
+    let dims = t.dims().to_vec();
+    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let n = g.init_f32(name, &dims, &v);
+    g.cache.insert(key, vec![n.clone()]);
+    Ok(n)
+}

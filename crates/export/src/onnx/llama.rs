@@ -16,7 +16,7 @@ use whittle_core::LinearWeight;
 use whittle_models::llama::{Llama, LlamaBlock};
 use whittle_models::nn::RmsNorm;
 
-use super::graph::{Attr, Dim, Graph};
+use super::graph::{f32_init, Attr, Dim, Graph};
 use super::linear::linear;
 use super::proto::DataType;
 use crate::Result;
@@ -25,18 +25,6 @@ const B: &str = "batch_size";
 const T: &str = "sequence_length";
 const P: &str = "past_sequence_length";
 const TOTAL: &str = "past_sequence_length + sequence_length";
-
-fn f32_init(g: &mut Graph, name: &str, t: &candle_core::Tensor) -> Result<String> {
-    let key = format!("tensor:{:?}", t.id());
-    if let Some(n) = g.cache.get(&key) {
-        return Ok(n[0].clone());
-    }
-    let dims = t.dims().to_vec();
-    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    let n = g.init_f32(name, &dims, &v);
-    g.cache.insert(key, vec![n.clone()]);
-    Ok(n)
-}
 
 /// RMSNorm, `x / √(mean(x²) + ε) · w` (opset 17 has no RMSNormalization; ONNX Runtime fuses this pattern).
 fn rms_norm(g: &mut Graph, name: &str, n: &RmsNorm, x: &str) -> Result<String> {
