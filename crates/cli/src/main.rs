@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cmd::{compare, convert, embed, eval, export, generate, inspect, measure, optimize, serve, stage, train, verify};
+use cmd::{
+    compare, convert, embed, eval, export, generate, inspect, machine, measure, optimize, serve, stage, train, verify,
+};
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc returns large ones to the OS and page-faults them
 /// back on every op (measured: whittle bench, MiniLM w8a8).
@@ -74,6 +76,9 @@ enum Cmd {
     /// Run an export in its own runtime (ONNX Runtime) and compare it with whittle's run of the source model:
     /// cos_min and STS-B for encoders, greedy tokens, KLD and top-1 for decoders
     Verify(verify::Args),
+    /// Measure this machine's limits: streaming read bandwidth, f32 FMA and int8 dot-product throughput (what
+    /// `bench` and `cargo bench -p whittle-kernels` compare the kernels with)
+    Machine(machine::Args),
     /// Serve a model over HTTP with OpenAI's API: embeddings (encoders), completions and chat with
     /// continuous batching (decoders), /health, /metrics
     Serve(serve::Args),
@@ -99,6 +104,7 @@ impl Cmd {
             Cmd::Optimize(a) => a.json,
             Cmd::Export(a) => a.json,
             Cmd::Verify(a) => a.json,
+            Cmd::Machine(a) => a.json,
             Cmd::Convert(_) | Cmd::Imatrix(_) | Cmd::Serve(_) => false,
         }
     }
@@ -127,6 +133,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export(a) => export::run(a, &env),
         Cmd::Verify(a) => verify::run(a, &env),
         Cmd::Serve(a) => serve::run(a, &env),
+        Cmd::Machine(a) => machine::run(a),
     }
 }
 

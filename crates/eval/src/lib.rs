@@ -94,6 +94,14 @@ pub struct Metrics {
     pub pp_tok_s_reps: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tg_tok_s_reps: Option<Vec<f64>>,
+    /// Streaming read bandwidth of this machine in GB/s, measured between the timed repetitions (`whittle
+    /// machine --bandwidth`, in a child process); the best pass counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_gbps: Option<f64>,
+    /// Decoding as a fraction of the bandwidth limit: `model_bytes` × `tg_tok_s` ÷ `mem_gbps` (every weight
+    /// is read once per token; the tied LM head reads the whole embedding table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tg_bw_frac: Option<f64>,
     /// When each timed repetition started, in seconds from the start of the benchmark (`compare`: of all
     /// the models' benchmarks, which take turns).
     #[serde(default, skip_serializing_if = "Option::is_none")]

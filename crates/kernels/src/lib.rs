@@ -10,6 +10,7 @@ pub mod block;
 pub mod f32;
 pub mod ggml;
 pub mod int8;
+pub mod peak;
 pub mod pool;
 pub mod sparse;
 

@@ -45,21 +45,28 @@ pub fn evaluate(l: &Loaded, name: &str, c: &EvalConfig, base: Option<&Loaded>, c
     Ok(m)
 }
 
-/// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg).
+/// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg; decoders also the
+/// machine's read bandwidth and the fraction of it decoding reaches).
 pub fn bench(l: &Loaded, name: &str, c: &BenchConfig, ctx: &Ctx) -> Result<Metrics> {
-    let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions {
-        batch: c.batch,
-        max_len: c.max_len,
-        pp: c.pp,
-        tg: c.tg,
-        reps: c.reps,
-        ..Default::default()
-    };
-    let mut pb = ctx.progress(&format!("bench {name}"));
-    let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
-    m.model = Some(name.to_string());
-    Ok(m)
+    let mut rows = bench_interleaved(&[(l, name)], c, ctx)?;
+    Ok(rows.remove(0))
+}
+
+/// This machine's streaming read bandwidth in GB/s, from `whittle machine --bandwidth --json` run as a child
+/// process (its 256 MiB buffer must not count in the benchmarked process's peak memory, and mimalloc would
+/// keep it); `None` when this process is not the `whittle` binary or the probe fails.
+pub fn bandwidth_probe() -> Option<f64> {
+    let exe = std::env::current_exe().ok()?;
+    if exe.file_stem()? != "whittle" {
+        return None;
+    }
+    let out = std::process::Command::new(exe)
+        .args(["machine", "--bandwidth", "--reps", "4", "--json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["read_gbps"].as_f64().filter(|g| g.is_finite() && *g > 0.0)
 }
 
 /// The quick quality check of schedules, sharing and training: perplexity on the first `windows` WikiText-2
@@ -212,11 +219,22 @@ pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx)
     let reps = runners[0].reps();
     let n = runners.len();
     let names: Vec<&str> = models.iter().map(|m| m.1).collect();
-    let mut pb = ctx.progress(&format!("bench {} (interleaved)", names.join(", ")));
+    let label =
+        if n == 1 { format!("bench {}", names[0]) } else { format!("bench {} (interleaved)", names.join(", ")) };
+    let mut pb = ctx.progress(&label);
+    // Decoding is bound by memory bandwidth: measure it between the rounds, as close as possible to the
+    // timed decoding (this machine's bandwidth moves with its neighbours' load).
+    let decoders = models.iter().any(|(l, _)| l.model.is_decoder());
+    let mut bw: Option<f64> = None;
     for r in 0..reps {
         for (k, run) in runners.iter_mut().enumerate() {
             run.rep()?;
             pb(r * n + k + 1, reps * n);
+        }
+        if decoders {
+            if let Some(g) = bandwidth_probe() {
+                bw = Some(bw.map_or(g, |b: f64| b.max(g)));
+            }
         }
     }
     Ok(runners
@@ -225,6 +243,12 @@ pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx)
         .map(|(run, name)| {
             let mut m = run.finish();
             m.model = Some(name.to_string());
+            if m.tg_tok_s.is_some() {
+                m.mem_gbps = bw;
+                if let (Some(g), Some(tg), Some(b)) = (bw, m.tg_tok_s, m.model_bytes) {
+                    m.tg_bw_frac = Some(b as f64 * tg / (g * 1e9));
+                }
+            }
             m
         })
         .collect())

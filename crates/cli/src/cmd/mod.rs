@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod inspect;
+pub mod machine;
 pub mod measure;
 pub mod optimize;
 pub mod serve;
