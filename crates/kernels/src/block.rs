@@ -10,12 +10,16 @@
 //!
 //! `off` folds the signed formats into unsigned codes (Q8_0: q = w_q + 128, off = −128; Q4_0: off = −8; Q6_K:
 //! off = −32) so that one `vpdpbusd` (u8 × s8) serves every format; formats with a free min (Q4_1, Q4_K, Q2_K,
-//! asymmetric int4) add one FMA per sub-block. Codes are kept one per byte: simpler and as fast as nibbles for
-//! the compute-bound shapes here (the cost is memory traffic in single-token decoding).
+//! asymmetric int4) add one FMA per sub-block. Codes are stored as densely as their range allows — a byte each
+//! (codes up to 255: Q8_0, Q6_K), a nibble (up to 15: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K) or a nibble plus a bit
+//! plane (up to 31: Q5_0, Q5_1, Q5_K) — because single-token decoding streams every weight once per token and
+//! is bound by memory bandwidth; the kernel widens them to bytes in registers just before `vpdpbusd`.
 //!
-//! Packed layout: output channels in panels of 16 (panel count padded to a multiple of 4 with zero weights);
-//! panel `p`, k-quad `g` holds 64 bytes: channel `c` at `4c..4c+4` = `q[16p+c, 4g..4g+4]`. Scales and mins are
-//! `[panel][sub-block][16]` f32.
+//! Packed layout: output channels in panels of 16 (panel count padded to a multiple of 4 with zero weights).
+//! A k-quad `g` of a panel is 64 codes: channel `c` at `4c..4c+4` = `q[16p+c, 4g..4g+4]`. Bytes: quad `g` of
+//! panel `p` is the 64 bytes at `(p·k/4 + g)·64`. Nibbles: quads `2h` (low nibbles) and `2h+1` (high nibbles)
+//! share the 64 bytes at `(p·k/8 + h)·64`. Five bits: the nibbles, and bit 4 of quad `g`'s 64 codes in the
+//! `u64` at `p·k/4 + g` (bit `4c + i`). Scales and mins are `[panel][sub-block][16]` f32.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -118,7 +122,11 @@ pub struct PackedBlock {
     pub act_block: usize,
     /// Panels of 16 channels, padded to a multiple of 4.
     pub npanels: usize,
+    /// Bits per stored code: 8 (bytes), 4 (nibbles) or 5 (nibbles and a bit plane); see the module docs.
+    pub bits: u32,
     data: Vec<u8>,
+    /// Bit 4 of every code, one `u64` per 64-code quad (5-bit storage only).
+    hi: Vec<u64>,
     scale: Vec<f32>,
     min: Option<Vec<f32>>,
 }
@@ -129,13 +137,27 @@ impl PackedBlock {
         let (m, k, sb) = (w.m, w.k, w.sb);
         let npanels = m.div_ceil(MB).div_ceil(PANEL_ALIGN) * PANEL_ALIGN;
         let nsb = k / sb;
-        let mut data = vec![0u8; npanels * k * MB];
+        let bits = match w.q.iter().copied().max().unwrap_or(0) {
+            0..=15 => 4,
+            16..=31 => 5,
+            _ => 8,
+        };
+        let mut data = vec![0u8; if bits == 8 { npanels * k * MB } else { npanels * k * MB / 2 }];
+        let mut hi = vec![0u64; if bits == 5 { npanels * k / 4 } else { 0 }];
         let mut scale = vec![0f32; npanels * nsb * MB];
         let mut min = w.min.as_ref().map(|_| vec![0f32; npanels * nsb * MB]);
         for ch in 0..m {
             let (p, c) = (ch / MB, ch % MB);
             for (kk, &v) in w.q[ch * k..(ch + 1) * k].iter().enumerate() {
-                data[(p * (k / 4) + kk / 4) * 64 + c * 4 + kk % 4] = v;
+                let (g, lane) = (kk / 4, c * 4 + kk % 4);
+                if bits == 8 {
+                    data[(p * (k / 4) + g) * 64 + lane] = v;
+                    continue;
+                }
+                data[(p * (k / 8) + g / 2) * 64 + lane] |= (v & 0xf) << (4 * (g % 2));
+                if bits == 5 {
+                    hi[p * (k / 4) + g] |= u64::from(v >> 4 & 1) << lane;
+                }
             }
             for j in 0..nsb {
                 scale[(p * nsb + j) * MB + c] = w.scale[ch * nsb + j];
@@ -144,7 +166,7 @@ impl PackedBlock {
                 }
             }
         }
-        Ok(Self { m, k, sb, off: w.off, act_block: w.act_block, npanels, data, scale, min })
+        Ok(Self { m, k, sb, off: w.off, act_block: w.act_block, npanels, bits, data, hi, scale, min })
     }
 
     /// Back to the unpacked form (for saving and dequantizing).
@@ -157,7 +179,7 @@ impl PackedBlock {
         for ch in 0..m {
             let (p, c) = (ch / MB, ch % MB);
             for kk in 0..k {
-                q[ch * k + kk] = self.data[(p * (k / 4) + kk / 4) * 64 + c * 4 + kk % 4];
+                q[ch * k + kk] = self.code(ch, kk);
             }
             for j in 0..nsb {
                 scale[ch * nsb + j] = self.scale[(p * nsb + j) * MB + c];
@@ -171,12 +193,18 @@ impl PackedBlock {
 
     /// Bytes held in memory by the packed form.
     pub fn resident_bytes(&self) -> usize {
-        self.data.len() + 4 * self.scale.len() + self.min.as_ref().map_or(0, |m| 4 * m.len())
+        self.data.len() + 8 * self.hi.len() + 4 * self.scale.len() + self.min.as_ref().map_or(0, |m| 4 * m.len())
     }
 
     #[inline]
     fn code(&self, ch: usize, kk: usize) -> u8 {
-        self.data[((ch / MB) * (self.k / 4) + kk / 4) * 64 + (ch % MB) * 4 + kk % 4]
+        let (p, g, lane) = (ch / MB, kk / 4, (ch % MB) * 4 + kk % 4);
+        if self.bits == 8 {
+            return self.data[(p * (self.k / 4) + g) * 64 + lane];
+        }
+        let nib = self.data[(p * (self.k / 8) + g / 2) * 64 + lane] >> (4 * (g % 2)) & 0xf;
+        let top = if self.bits == 5 { (self.hi[p * (self.k / 4) + g] >> lane & 1) as u8 } else { 0 };
+        nib | top << 4
     }
 }
 
@@ -390,18 +418,49 @@ unsafe impl Sync for Tile<'_> {}
 impl Tile<'_> {
     #[inline(always)]
     unsafe fn dispatch<const MR: usize, const NP: usize>(&self, r0: usize, p0: usize) {
-        match (self.w.sb, self.w.min.is_some()) {
-            (16, false) => self.run::<MR, NP, 16, false>(r0, p0),
-            (16, true) => self.run::<MR, NP, 16, true>(r0, p0),
-            (_, false) => self.run::<MR, NP, 32, false>(r0, p0),
-            (_, true) => self.run::<MR, NP, 32, true>(r0, p0),
+        match (self.w.bits, self.w.sb, self.w.min.is_some()) {
+            (8, 16, false) => self.run::<MR, NP, 16, false, 8>(r0, p0),
+            (8, 16, true) => self.run::<MR, NP, 16, true, 8>(r0, p0),
+            (8, _, false) => self.run::<MR, NP, 32, false, 8>(r0, p0),
+            (8, _, true) => self.run::<MR, NP, 32, true, 8>(r0, p0),
+            (5, 16, false) => self.run::<MR, NP, 16, false, 5>(r0, p0),
+            (5, 16, true) => self.run::<MR, NP, 16, true, 5>(r0, p0),
+            (5, _, false) => self.run::<MR, NP, 32, false, 5>(r0, p0),
+            (5, _, true) => self.run::<MR, NP, 32, true, 5>(r0, p0),
+            (_, 16, false) => self.run::<MR, NP, 16, false, 4>(r0, p0),
+            (_, 16, true) => self.run::<MR, NP, 16, true, 4>(r0, p0),
+            (_, _, false) => self.run::<MR, NP, 32, false, 4>(r0, p0),
+            (_, _, true) => self.run::<MR, NP, 32, true, 4>(r0, p0),
         }
+    }
+
+    /// The 64 codes of quad `kq` of panel `p` as bytes (widened from nibbles and the bit plane if stored so).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn codes<const BITS: u32>(&self, p: usize, kq: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let (w, k) = (self.w, self.w.k);
+        if BITS == 8 {
+            return _mm512_loadu_si512(w.data.as_ptr().add((p * (k / 4) + kq) * 64) as *const _);
+        }
+        let v = _mm512_loadu_si512(w.data.as_ptr().add((p * (k / 8) + kq / 2) * 64) as *const _);
+        let v = if kq % 2 == 0 { v } else { _mm512_srli_epi16::<4>(v) };
+        let q = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+        if BITS == 5 {
+            let top = *w.hi.get_unchecked(p * (k / 4) + kq);
+            return _mm512_mask_add_epi8(q, top, q, _mm512_set1_epi8(0x10));
+        }
+        q
     }
 
     /// MR rows × NP panels: i32 sums per sub-block in registers, scaled into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // register tiles indexed by row and panel
-    unsafe fn run<const MR: usize, const NP: usize, const SB: usize, const MIN: bool>(&self, r0: usize, p0: usize) {
+    unsafe fn run<const MR: usize, const NP: usize, const SB: usize, const MIN: bool, const BITS: u32>(
+        &self,
+        r0: usize,
+        p0: usize,
+    ) {
         use std::arch::x86_64::*;
         let (w, a) = (self.w, self.a);
         let k = w.k;
@@ -409,7 +468,6 @@ impl Tile<'_> {
         let (nb, ab) = (k / a.ab, a.ab);
         let (xsum, xsx) = if SB == 16 { (&a.xsum16, &a.xsx16) } else { (&a.xsum32, &a.xsx32) };
         let mut facc = [[_mm512_setzero_ps(); NP]; MR];
-        let wd = w.data.as_ptr();
         let xq = a.xq.as_ptr();
         for j in 0..nsb {
             let mut iacc = [[_mm512_setzero_si512(); NP]; MR];
@@ -425,7 +483,7 @@ impl Tile<'_> {
                 let kq = j * (SB / 4) + g;
                 let mut wv = [_mm512_setzero_si512(); NP];
                 for p in 0..NP {
-                    wv[p] = _mm512_loadu_si512(wd.add(((p0 + p) * (k / 4) + kq) * 64) as *const _);
+                    wv[p] = self.codes::<BITS>(p0 + p, kq);
                 }
                 for i in 0..MR {
                     let x = _mm512_set1_epi32((xq.add((r0 + i) * k + kq * 4) as *const i32).read_unaligned());
@@ -513,6 +571,12 @@ mod tests {
                 let bw = random_weights(&mut rng, m, k, sb, bits, min);
                 let p = PackedBlock::new(&bw).unwrap();
                 assert_eq!(p.unpack().q, bw.q);
+                let want_bits = match bits {
+                    0..=4 => 4,
+                    5 => 5,
+                    _ => 8,
+                };
+                assert!(p.bits <= want_bits, "{bits}-bit codes stored in {} bits", p.bits);
                 let x: Vec<f32> = (0..n * k).map(|_| (rng.random::<f32>() - 0.5) * 4.0).collect();
                 let b: Vec<f32> = (0..m).map(|_| rng.random::<f32>()).collect();
                 let ab = if k % 256 == 0 && sb == 16 { 256 } else { 32 };
