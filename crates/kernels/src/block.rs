@@ -444,7 +444,7 @@ impl Tile<'_> {
             return _mm512_loadu_si512(w.data.as_ptr().add((p * (k / 4) + kq) * 64) as *const _);
         }
         let v = _mm512_loadu_si512(w.data.as_ptr().add((p * (k / 8) + kq / 2) * 64) as *const _);
-        let v = if kq % 2 == 0 { v } else { _mm512_srli_epi16::<4>(v) };
+        let v = if kq.is_multiple_of(2) { v } else { _mm512_srli_epi16::<4>(v) };
         let q = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
         if BITS == 5 {
             let top = *w.hi.get_unchecked(p * (k / 4) + kq);
