@@ -457,6 +457,17 @@ impl TensorSource for Gguf {
             self.tensor(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         self.dequantize(t)
     }
+    /// f16 and bf16 tensors as stored (one copy out of the mapping, 2 bytes per value); others as f32.
+    fn load_native(&self, name: &str) -> Result<Tensor> {
+        let t =
+            self.tensor(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+        let dtype = match t.type_id {
+            ty::F16 => DType::F16,
+            ty::BF16 => DType::BF16,
+            _ => return self.dequantize(t),
+        };
+        Ok(Tensor::from_raw_buffer(self.raw(t), dtype, &t.shape(), &self.device)?)
+    }
     fn describe(&self) -> String {
         self.path.display().to_string()
     }

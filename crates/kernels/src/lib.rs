@@ -8,6 +8,7 @@ pub mod act;
 pub mod attn;
 pub mod block;
 pub mod f32;
+pub mod half;
 pub mod ggml;
 pub mod int8;
 pub mod pool;

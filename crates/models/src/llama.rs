@@ -619,7 +619,8 @@ impl Llama {
     pub fn load(config: LlamaConfig, w: &Weights, from_gguf: bool) -> Result<Self> {
         let c = &config;
         let (hs, hd) = (c.hidden_size, c.head_dim);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, hs])?;
+        // In the dtype dense weights are kept in: a tied f16 / bf16 table stays 16-bit and serves the head too.
+        let embed_tokens = w.get_weight("model.embed_tokens.weight", &[c.vocab_size, hs])?;
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}.");
@@ -813,7 +814,11 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
         let bw = bl.packed.unpack().select_rows(&perm);
         return Ok(Linear::block(&bw, &bl.format, bl.bpw, b)?);
     }
-    let w = unpermute_rows(&l.dequantize()?, n_head)?;
+    // A dense weight keeps its dtype (an f16 q_proj stays f16).
+    let w = match &l.weight {
+        LinearWeight::Dense(t) => unpermute_rows(t, n_head)?,
+        _ => unpermute_rows(&l.dequantize()?, n_head)?,
+    };
     Ok(Linear::dense(w, b)?)
 }
 

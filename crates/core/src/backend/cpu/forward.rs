@@ -7,9 +7,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use whittle_kernels::block::{BlockActs, PackedBlock};
 use whittle_kernels::f32::PackedF32;
+use whittle_kernels::half::HalfWeights;
 use whittle_kernels::int8::{quantize_activations, PackedI8};
 
-use super::{with_f32_slice, KernelPool};
+use super::{with_f32_slice, with_half_slice, KernelPool};
 use crate::linear::{Linear, LinearWeight};
 use crate::run::Dispatch;
 use crate::Result;
@@ -105,6 +106,23 @@ impl Linear {
                         whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &KernelPool)
                     })
                 })?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            LinearWeight::Dense(w) if matches!(w.dtype(), DType::F16 | DType::BF16) && x.device().is_cpu() => {
+                // Kept 16-bit: widened on the fly by the half kernel (never copied to f32).
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
+                };
+                let y = with_half_slice(w, |kind, data| {
+                    let hw = HalfWeights { kind, m: self.out_features, k: self.in_features, data };
+                    with_f32_slice(&x2, |xs| {
+                        whittle_kernels::filled(rows * self.out_features, |y| {
+                            whittle_kernels::half::gemm(&hw, xs, rows, bias.as_deref(), y, &KernelPool)
+                        })
+                    })
+                })?
+                .expect("a CPU f16/bf16 tensor")?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
             LinearWeight::Sparse(s) if whittle_kernels::sparse::PackedSparse::available() && x.device().is_cpu() => {
