@@ -22,7 +22,7 @@ use crate::int8::Parallel;
 
 /// Activation rows up to which [`gemm`] streams the weights (GEMV) instead of widening panels.
 pub const GEMV_MAX_ROWS: usize = 4;
-/// Output channels per GEMV task (a multiple of 4, the channels one pass computes).
+/// Output channels per GEMV task (a multiple of 8, the most channels one pass computes).
 const GEMV_CHANNELS_PER_TASK: usize = 32;
 
 /// A 16-bit float format weights are kept in.
@@ -183,7 +183,8 @@ unsafe fn widen<const BF: bool>(p: *const u16, mask: u16) -> std::arch::x86_64::
     }
 }
 
-/// Channels `c0..c1` of every row of `y`: four channels per pass against up to four activation rows.
+/// Channels `c0..c1` of every row of `y`: eight channels per pass for one activation row (decoding), four
+/// against up to four rows otherwise.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL; `w.data` holds m × k values, `x` n × k, `y` points at n × m floats.
@@ -199,21 +200,47 @@ unsafe fn gemv_channels<const BF: bool>(
     c1: usize,
     y: *mut f32,
 ) {
+    if n == 1 {
+        channels::<BF, 8>(w, x, n, bias, c0, c1, y)
+    } else {
+        channels::<BF, 4>(w, x, n, bias, c0, c1, y)
+    }
+}
+
+/// [`gemv_channels`] with `R` channels per pass.
+///
+/// # Safety
+/// As [`gemv_channels`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn channels<const BF: bool, const R: usize>(
+    w: &HalfWeights,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+) {
     let (m, k) = (w.m, w.k);
     let mut c = c0;
     while c < c1 {
-        let ch = (c1 - c).min(4);
-        // Fewer than four channels left: the missing ones repeat the last (computed, not stored).
-        let wp: [*const u16; 4] = std::array::from_fn(|i| w.data.as_ptr().add((c + i.min(ch - 1)) * k));
+        let ch = (c1 - c).min(R);
+        // Fewer than R channels left: the missing ones repeat the last (computed, not stored).
+        let mut wp = [w.data.as_ptr(); R];
+        for (i, p) in wp.iter_mut().enumerate() {
+            *p = w.data.as_ptr().add((c + i.min(ch - 1)) * k);
+        }
         let mut r = 0;
         while r < n {
             let xr = (n - r).min(4);
-            let mut out = [[0f32; 4]; 4];
+            let mut out = [[0f32; R]; 4];
             match xr {
-                1 => dot4::<BF, 1>(wp, x.as_ptr().add(r * k), k, &mut out),
-                2 => dot4::<BF, 2>(wp, x.as_ptr().add(r * k), k, &mut out),
-                3 => dot4::<BF, 3>(wp, x.as_ptr().add(r * k), k, &mut out),
-                _ => dot4::<BF, 4>(wp, x.as_ptr().add(r * k), k, &mut out),
+                1 => dot::<BF, R, 1>(wp, x.as_ptr().add(r * k), k, &mut out),
+                2 => dot::<BF, R, 2>(wp, x.as_ptr().add(r * k), k, &mut out),
+                3 => dot::<BF, R, 3>(wp, x.as_ptr().add(r * k), k, &mut out),
+                _ => dot::<BF, R, 4>(wp, x.as_ptr().add(r * k), k, &mut out),
             }
             for (j, row) in out.iter().enumerate().take(xr) {
                 for (i, v) in row.iter().enumerate().take(ch) {
@@ -226,33 +253,40 @@ unsafe fn gemv_channels<const BF: bool>(
     }
 }
 
-/// `out[j][i] = Σ_k x[j,k]·W_i[k]` for four weight rows and `X` consecutive activation rows (stride k).
+/// `out[j][i] = Σ_k x[j,k]·W_i[k]` for `R` consecutive weight rows and `X` consecutive activation rows
+/// (stride k).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL; each `wp[i]` valid for k values, `xp` for X × k floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dot4<const BF: bool, const X: usize>(wp: [*const u16; 4], xp: *const f32, k: usize, out: &mut [[f32; 4]; 4]) {
+unsafe fn dot<const BF: bool, const R: usize, const X: usize>(
+    wp: [*const u16; R],
+    xp: *const f32,
+    k: usize,
+    out: &mut [[f32; R]; 4],
+) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 4]; X];
-    // The four rows are short (k values each) and the hardware prefetchers lose track of four short streams:
-    // prefetch the next four rows (the next 4·k values, contiguous) two lines per step, so they are in cache
-    // when this pass ends. Measured: decoding's 49152 × 576 head from memory went from 13 to ~26 GB/s.
-    let next = wp[0].wrapping_add(4 * k) as *const i8;
+    let mut acc = [[_mm512_setzero_ps(); R]; X];
+    // The rows are short (k values each) and the hardware prefetchers lose track of R short streams:
+    // prefetch the next R rows (the next R·k values, contiguous) as fast as this pass consumes its own, so
+    // they are in cache when it ends. Measured: decoding's 49152 × 576 head from memory went from 13 to
+    // ~25 GB/s.
+    let next = wp[0].wrapping_add(R * k) as *const i8;
+    let lines = R / 2; // 64-byte lines consumed per step: R rows × 16 values × 2 bytes
     let mut kk = 0;
     while kk + 16 <= k {
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(8 * kk));
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(8 * kk + 64));
-        // Written out, not `array::from_fn`: a closure would not inherit this function's target features.
-        let wv = [
-            widen::<BF>(wp[0].add(kk), u16::MAX),
-            widen::<BF>(wp[1].add(kk), u16::MAX),
-            widen::<BF>(wp[2].add(kk), u16::MAX),
-            widen::<BF>(wp[3].add(kk), u16::MAX),
-        ];
+        for l in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(2 * R * kk + 64 * l));
+        }
+        // A loop, not `array::from_fn`: a closure would not inherit this function's target features.
+        let mut wv = [_mm512_setzero_ps(); R];
+        for i in 0..R {
+            wv[i] = widen::<BF>(wp[i].add(kk), u16::MAX);
+        }
         for (j, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_loadu_ps(xp.add(j * k + kk));
-            for i in 0..4 {
+            for i in 0..R {
                 a[i] = _mm512_fmadd_ps(xv, wv[i], a[i]);
             }
         }
@@ -260,21 +294,19 @@ unsafe fn dot4<const BF: bool, const X: usize>(wp: [*const u16; 4], xp: *const f
     }
     if kk < k {
         let mask = ((1u32 << (k - kk)) - 1) as u16;
-        let wv = [
-            widen::<BF>(wp[0].add(kk), mask),
-            widen::<BF>(wp[1].add(kk), mask),
-            widen::<BF>(wp[2].add(kk), mask),
-            widen::<BF>(wp[3].add(kk), mask),
-        ];
+        let mut wv = [_mm512_setzero_ps(); R];
+        for i in 0..R {
+            wv[i] = widen::<BF>(wp[i].add(kk), mask);
+        }
         for (j, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_maskz_loadu_ps(mask, xp.add(j * k + kk));
-            for i in 0..4 {
+            for i in 0..R {
                 a[i] = _mm512_fmadd_ps(xv, wv[i], a[i]);
             }
         }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
-        for i in 0..4 {
+        for i in 0..R {
             o[i] = _mm512_reduce_add_ps(a[i]);
         }
     }
