@@ -618,6 +618,29 @@ mod tests {
         Gguf::open(&p)
     }
 
+    /// f16 and bf16 tensors load 16-bit as stored (`load_native`) and widened exactly (`load_f32`).
+    #[test]
+    fn half_tensors_load_native_and_f32() {
+        let vals = [0.5f32, -1.25, 3.0, 65504.0, 1e-3, 0.0];
+        let f16: Vec<u8> = vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let bytes = write::to_bytes(
+            &[("general.architecture", Value::String("llama".into()))],
+            &[("h", vec![3, 2], ty::F16, f16), ("b", vec![3, 2], ty::BF16, bf16)],
+        );
+        let g = open_bytes(&bytes).unwrap();
+        for (name, dt) in [("h", DType::F16), ("b", DType::BF16)] {
+            let n = g.load_native(name).unwrap();
+            assert_eq!((n.dtype(), n.dims()), (dt, &[2usize, 3][..]), "{name}");
+            let wide: Vec<f32> = g.load_f32(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let back: Vec<f32> = n.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(wide, back, "{name}");
+        }
+        // Other types come back as f32.
+        let g = open_bytes(&sample()).unwrap();
+        assert_eq!(g.load_native("a").unwrap().dtype(), DType::F32);
+    }
+
     #[test]
     fn reads_metadata_and_tensor() {
         let g = open_bytes(&sample()).unwrap();

@@ -115,8 +115,13 @@ fn half_vs_f32() {
         }
     }
     println!();
-    println!("{:>5} {:>5} {:>5} | {:>10} {:>10} {:>10} | {:>10} {:>10}", "n", "m", "k", "f32", "f16", "bf16", "f32 GB/s", "f16 GB/s");
-    for (n, m, k) in [(1, 1536, 576), (1, 576, 1536), (1, 49152, 576), (512, 1536, 576), (512, 576, 1536), (512, 192, 576)] {
+    println!(
+        "{:>5} {:>5} {:>5} | {:>10} {:>10} {:>10} | {:>10} {:>10}",
+        "n", "m", "k", "f32", "f16", "bf16", "f32 GB/s", "f16 GB/s"
+    );
+    for (n, m, k) in
+        [(1, 1536, 576), (1, 576, 1536), (1, 49152, 576), (512, 1536, 576), (512, 576, 1536), (512, 192, 576)]
+    {
         let copies = if n == 1 && std::env::var_os("HOT").is_none() { (48 * 1536 * 576 / (m * k)).max(2) } else { 1 };
         let ws: Vec<Vec<f32>> = (0..copies)
             .map(|c| (0..m * k).map(|i| ((i + c * 31) * 7919 % 1000) as f32 / 1000.0 - 0.5).collect())
@@ -127,7 +132,9 @@ fn half_vs_f32() {
         let h: Vec<Vec<u16>> = ws.iter().map(|w| w.iter().map(|&v| Half::F16.from_f32(v)).collect()).collect();
         let b: Vec<Vec<u16>> = ws.iter().map(|w| w.iter().map(|&v| Half::Bf16.from_f32(v)).collect()).collect();
         let reps = if n == 1 { 31 } else { 9 };
-        let tf = time(reps, || dense.iter().for_each(|p| kf32::gemm(p, &x, n, None, whittle_kernels::as_uninit(&mut y), &P)));
+        let tf = time(reps, || {
+            dense.iter().for_each(|p| kf32::gemm(p, &x, n, None, whittle_kernels::as_uninit(&mut y), &P))
+        });
         let run = |hs: &Vec<Vec<u16>>, kind, y: &mut Vec<f32>| {
             time(reps, || {
                 hs.iter().for_each(|d| {

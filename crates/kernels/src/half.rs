@@ -140,7 +140,14 @@ unsafe impl Sync for SendPtr {}
 
 /// `y (n × m) = x (n × k) · Wᵀ + b` (AVX-512 where [`available`], else the reference). Writes every
 /// element of `y`.
-pub fn gemm(w: &HalfWeights, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>], par: &dyn Parallel) {
+pub fn gemm(
+    w: &HalfWeights,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+    par: &dyn Parallel,
+) {
     assert_eq!(w.data.len(), w.m * w.k, "half weights: data does not match m × k");
     assert_eq!(x.len(), n * w.k, "half gemm: x");
     assert_eq!(y.len(), n * w.m, "half gemm: y");
@@ -200,7 +207,11 @@ fn gemv(w: &HalfWeights, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [May
 #[inline]
 unsafe fn widen<const BF: bool>(p: *const u16, mask: u16) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let v = if mask == u16::MAX { _mm256_loadu_si256(p as *const __m256i) } else { _mm256_maskz_loadu_epi16(mask, p as *const i16) };
+    let v = if mask == u16::MAX {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_maskz_loadu_epi16(mask, p as *const i16)
+    };
     if BF {
         // bf16 is f32's upper half: zero-extend and shift into place (exact).
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
@@ -442,7 +453,9 @@ fn gemm_bf16_dot(
                 let t = (n - r).min(crate::f32::MR);
                 // SAFETY: AVX512-BF16 checked; xb holds n × kp pairs, b0/b1 kp × 16 each; the tile writes the
                 // valid channels of c0..c0+32 in rows r..r+t, which no other task writes.
-                unsafe { tile_bf16(&xb[r * kp..(r + t) * kp], t, kp, b0, b1, &bvec[c0..], valid, m, yp.0.add(r * m + c0)) };
+                unsafe {
+                    tile_bf16(&xb[r * kp..(r + t) * kp], t, kp, b0, b1, &bvec[c0..], valid, m, yp.0.add(r * m + c0))
+                };
                 r += t;
             }
         }

@@ -207,8 +207,10 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
     check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count", 0)?;
-    let weights =
-        Weights { src: &g, path: path.to_path_buf(), rename: &crate::names::hf_to_gguf,
+    let weights = Weights {
+        src: &g,
+        path: path.to_path_buf(),
+        rename: &crate::names::hf_to_gguf,
         dequantize: opts.dequantize,
         dtype: opts.dtype,
     };

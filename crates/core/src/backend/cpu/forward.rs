@@ -287,6 +287,42 @@ mod tests {
         assert!(werr <= 1.0 / 127.0 / 2.0 + 1e-6);
     }
 
+    /// A dense f16 / bf16 Linear stays 16-bit and equals the f32 Linear on its widened weights (decoding rows
+    /// and prefill rows; bf16 prefill on AVX512-BF16 rounds activations to bf16, hence its own budget).
+    #[test]
+    fn half_dense_matches_f32_on_widened_weights() {
+        /// Same exact products, another summation order.
+        const MAX_HALF_LINEAR_ABS_ERR: f32 = 1e-4;
+        /// bf16 activations (8-bit mantissa): error relative to the output scale.
+        const MAX_BF16_ACTS_REL_ERR: f32 = 1e-2;
+        let dev = Device::Cpu;
+        let w =
+            (Tensor::arange(0f32, 40. * 70., &dev).unwrap().reshape((40, 70)).unwrap() * 0.37).unwrap().sin().unwrap();
+        let b = Tensor::arange(0f32, 40., &dev).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let wh = w.to_dtype(dt).unwrap();
+            let half = Linear::dense(wh.clone(), Some(b.clone())).unwrap();
+            let wide = Linear::dense(wh.to_dtype(DType::F32).unwrap(), Some(b.clone())).unwrap();
+            assert_eq!(half.storage_name(), format!("{dt:?}").to_lowercase());
+            assert_eq!(half.storage_bytes(), 40 * 70 * 2 + 40 * 4);
+            for rows in [1, 3, 9, 40] {
+                let x = (Tensor::arange(0f32, (rows * 70) as f32, &dev).unwrap().reshape((rows, 70)).unwrap() * 0.11)
+                    .unwrap()
+                    .cos()
+                    .unwrap();
+                let (a, c) = (wide.forward(&x).unwrap(), half.forward(&x).unwrap());
+                assert_eq!(c.dims(), &[rows, 40]);
+                let err = (&a - &c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let bf16_acts = dt == DType::BF16
+                    && rows > whittle_kernels::half::GEMV_MAX_ROWS
+                    && whittle_kernels::half::bf16_dot_available();
+                let tol = if bf16_acts { MAX_BF16_ACTS_REL_ERR * scale } else { MAX_HALF_LINEAR_ABS_ERR };
+                assert!(err <= tol, "{dt:?} rows {rows}: {err} (scale {scale})");
+            }
+        }
+    }
+
     #[test]
     fn wrong_input_width_is_an_error() {
         let dev = Device::Cpu;

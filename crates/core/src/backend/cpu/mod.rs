@@ -44,10 +44,7 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// The contiguous data of an f16 or bf16 CPU tensor as bit patterns, without copying; `None` for other
 /// dtypes and devices.
-pub fn with_half_slice<R>(
-    t: &Tensor,
-    f: impl FnOnce(whittle_kernels::half::Half, &[u16]) -> R,
-) -> Result<Option<R>> {
+pub fn with_half_slice<R>(t: &Tensor, f: impl FnOnce(whittle_kernels::half::Half, &[u16]) -> R) -> Result<Option<R>> {
     use half::slice::HalfFloatSliceExt;
     use whittle_kernels::half::Half;
     let t = t.contiguous()?;
@@ -55,9 +52,7 @@ pub fn with_half_slice<R>(
     let range = layout.start_offset()..layout.start_offset() + t.elem_count();
     Ok(match &*st {
         candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => Some(f(Half::F16, v[range].reinterpret_cast())),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
-            Some(f(Half::Bf16, v[range].reinterpret_cast()))
-        }
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => Some(f(Half::Bf16, v[range].reinterpret_cast())),
         _ => None,
     })
 }
