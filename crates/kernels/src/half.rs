@@ -103,7 +103,7 @@ pub fn path(kind: Half) -> String {
         Half::Bf16 => "shift",
     };
     if kind == Half::Bf16 && bf16_dot_available() {
-        format!("whittle bf16 kept 16-bit (decode: shift → f32 avx512; prefill: vdpbf16ps, bf16 activations)")
+        "whittle bf16 kept 16-bit (decode: shift → f32 avx512; prefill: vdpbf16ps, bf16 activations)".to_string()
     } else if available() {
         format!("whittle {} kept 16-bit ({widen} → f32 avx512)", kind.name())
     } else {
