@@ -101,6 +101,17 @@ fn common(l: &Loaded, m: &mut Metrics) {
         let isa = if whittle_kernels::sparse::PackedSparse::available() { "avx512" } else { "dense fallback" };
         k = format!("sparse f32 {isa} + {k}");
     }
+    // Dense weights kept 16-bit run the half kernel: say which (and drop the f32 kernel when nothing is f32).
+    let names: Vec<String> = l.model.linears().iter().map(|(_, lin)| lin.storage_name()).collect();
+    let half: Vec<String> = [whittle_kernels::half::Half::F16, whittle_kernels::half::Half::Bf16]
+        .into_iter()
+        .filter(|h| names.iter().any(|n| n == h.name()))
+        .map(whittle_kernels::half::path)
+        .collect();
+    if !half.is_empty() {
+        let f32_too = int8 || sparse || names.iter().any(|n| n == "f32");
+        k = if f32_too { format!("{} + {k}", half.join(" + ")) } else { half.join(" + ") };
+    }
     m.kernel = Some(k);
 }
 

@@ -457,6 +457,17 @@ impl TensorSource for Gguf {
             self.tensor(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         self.dequantize(t)
     }
+    /// f16 and bf16 tensors as stored (one copy out of the mapping, 2 bytes per value); others as f32.
+    fn load_native(&self, name: &str) -> Result<Tensor> {
+        let t =
+            self.tensor(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+        let dtype = match t.type_id {
+            ty::F16 => DType::F16,
+            ty::BF16 => DType::BF16,
+            _ => return self.dequantize(t),
+        };
+        Ok(Tensor::from_raw_buffer(self.raw(t), dtype, &t.shape(), &self.device)?)
+    }
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
@@ -605,6 +616,29 @@ mod tests {
         let p = dir.path().join("m.gguf");
         std::fs::write(&p, bytes).unwrap();
         Gguf::open(&p)
+    }
+
+    /// f16 and bf16 tensors load 16-bit as stored (`load_native`) and widened exactly (`load_f32`).
+    #[test]
+    fn half_tensors_load_native_and_f32() {
+        let vals = [0.5f32, -1.25, 3.0, 65504.0, 1e-3, 0.0];
+        let f16: Vec<u8> = vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let bytes = write::to_bytes(
+            &[("general.architecture", Value::String("llama".into()))],
+            &[("h", vec![3, 2], ty::F16, f16), ("b", vec![3, 2], ty::BF16, bf16)],
+        );
+        let g = open_bytes(&bytes).unwrap();
+        for (name, dt) in [("h", DType::F16), ("b", DType::BF16)] {
+            let n = g.load_native(name).unwrap();
+            assert_eq!((n.dtype(), n.dims()), (dt, &[2usize, 3][..]), "{name}");
+            let wide: Vec<f32> = g.load_f32(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let back: Vec<f32> = n.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(wide, back, "{name}");
+        }
+        // Other types come back as f32.
+        let g = open_bytes(&sample()).unwrap();
+        assert_eq!(g.load_native("a").unwrap().dtype(), DType::F32);
     }
 
     #[test]

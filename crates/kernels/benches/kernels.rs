@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use whittle_kernels::block::{self, BlockWeights, PackedBlock};
 use whittle_kernels::f32::{self as kf32, PackedF32};
+use whittle_kernels::half::{self as khalf, Half, HalfWeights};
 use whittle_kernels::int8::{self, PackedI8};
 use whittle_kernels::peak;
 use whittle_kernels::pool::Pool;
@@ -35,6 +36,10 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // `cargo bench -p whittle-kernels -- half`: only the half-precision comparison.
+    if std::env::args().any(|a| a == "half") {
+        return half_vs_f32();
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = Pool::new(threads);
     let bw1 = peak::read_gbps(&int8::Serial, 1, 256 << 20, 5);
@@ -197,5 +202,60 @@ fn main() {
                 ts / td
             );
         }
+    }
+
+    half_vs_f32();
+}
+
+/// The half kernel against the packed f32 kernel on the same weights, on whittle's pool: decoding (1 row,
+/// 48 distinct matrices so weights stream from memory, GB/s of weights read) and prefill (512 rows, GFLOP/s).
+fn half_vs_f32() {
+    struct P;
+    impl int8::Parallel for P {
+        fn for_each(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+            whittle_kernels::pool::global(|| std::thread::available_parallelism().map_or(1, |c| c.get())).run(n, f)
+        }
+    }
+    println!();
+    println!(
+        "{:>5} {:>5} {:>5} | {:>10} {:>10} {:>10} | {:>10} {:>10}",
+        "n", "m", "k", "f32", "f16", "bf16", "f32 GB/s", "f16 GB/s"
+    );
+    for (n, m, k) in
+        [(1, 1536, 576), (1, 576, 1536), (1, 49152, 576), (512, 1536, 576), (512, 576, 1536), (512, 192, 576)]
+    {
+        let copies = if n == 1 && std::env::var_os("HOT").is_none() { (48 * 1536 * 576 / (m * k)).max(2) } else { 1 };
+        let ws: Vec<Vec<f32>> = (0..copies)
+            .map(|c| (0..m * k).map(|i| ((i + c * 31) * 7919 % 1000) as f32 / 1000.0 - 0.5).collect())
+            .collect();
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let mut y = vec![0f32; n * m];
+        let dense: Vec<PackedF32> = ws.iter().map(|w| PackedF32::new(w, m, k)).collect();
+        let h: Vec<Vec<u16>> = ws.iter().map(|w| w.iter().map(|&v| Half::F16.from_f32(v)).collect()).collect();
+        let b: Vec<Vec<u16>> = ws.iter().map(|w| w.iter().map(|&v| Half::Bf16.from_f32(v)).collect()).collect();
+        let reps = if n == 1 { 31 } else { 9 };
+        let tf = time(reps, || {
+            dense.iter().for_each(|p| kf32::gemm(p, &x, n, None, whittle_kernels::as_uninit(&mut y), &P))
+        });
+        let run = |hs: &Vec<Vec<u16>>, kind, y: &mut Vec<f32>| {
+            time(reps, || {
+                hs.iter().for_each(|d| {
+                    khalf::gemm(&HalfWeights { kind, m, k, data: d }, &x, n, None, whittle_kernels::as_uninit(y), &P)
+                })
+            })
+        };
+        let th = run(&h, Half::F16, &mut y);
+        let tb = run(&b, Half::Bf16, &mut y);
+        let per = |t: f64| t / copies as f64;
+        let unit = |t: f64| if n == 1 { per(t) * 1e6 } else { 2.0 * (n * m * k) as f64 / per(t) / 1e9 };
+        println!(
+            "{n:>5} {m:>5} {k:>5} | {:>10.1} {:>10.1} {:>10.1} | {:>10.1} {:>10.1}   ({})",
+            unit(tf),
+            unit(th),
+            unit(tb),
+            (4 * m * k) as f64 / per(tf) / 1e9,
+            (2 * m * k) as f64 / per(th) / 1e9,
+            if n == 1 { "µs per matrix" } else { "GFLOP/s" }
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod attn;
 pub mod block;
 pub mod f32;
 pub mod ggml;
+pub mod half;
 pub mod int8;
 pub mod peak;
 pub mod pool;

@@ -619,7 +619,8 @@ impl Llama {
     pub fn load(config: LlamaConfig, w: &Weights, from_gguf: bool) -> Result<Self> {
         let c = &config;
         let (hs, hd) = (c.hidden_size, c.head_dim);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, hs])?;
+        // In the dtype dense weights are kept in: a tied f16 / bf16 table stays 16-bit and serves the head too.
+        let embed_tokens = w.get_weight("model.embed_tokens.weight", &[c.vocab_size, hs])?;
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}.");
@@ -813,7 +814,11 @@ fn unpermute_linear(l: Linear, n_head: usize) -> Result<Linear> {
         let bw = bl.packed.unpack().select_rows(&perm);
         return Ok(Linear::block(&bw, &bl.format, bl.bpw, b)?);
     }
-    let w = unpermute_rows(&l.dequantize()?, n_head)?;
+    // A dense weight keeps its dtype (an f16 q_proj stays f16).
+    let w = match &l.weight {
+        LinearWeight::Dense(t) => unpermute_rows(t, n_head)?,
+        _ => unpermute_rows(&l.dequantize()?, n_head)?,
+    };
     Ok(Linear::dense(w, b)?)
 }
 
@@ -864,6 +869,39 @@ mod tests {
 
     /// Rows of a batched GEMM may sum in another order than a single row; logits stay this close.
     const MAX_STEP_ABS_ERR: f32 = 1e-4;
+
+    /// f16 weights stay f16 (Linears, the embedding table and the tied head), `dtype: F32` widens them, and
+    /// both give the same logits; `dtype: BF16` rounds an f32 model's weights to bf16 at load.
+    #[test]
+    fn half_weights_stay_half_unless_asked() {
+        let (src, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        crate::testing::tiny_llama(src.path());
+        let l = crate::load(src.path().to_str().unwrap(), &Default::default()).unwrap();
+        let out = dir.path().join("f16");
+        crate::save::save_hf_dir(&l, &out, DType::F16).unwrap();
+        let load = |p: &std::path::Path, dtype| {
+            let o = crate::LoadOptions { dtype, ..Default::default() };
+            let crate::Model::Llama(m) = crate::load(p.to_str().unwrap(), &o).unwrap().model else { unreachable!() };
+            m
+        };
+        let (half, wide) = (load(&out, None), load(&out, Some(DType::F32)));
+        assert_eq!(half.embed_tokens.dtype(), DType::F16);
+        assert_eq!(half.blocks[0].q.storage_name(), "f16");
+        assert_eq!(half.blocks[1].down.storage_name(), "f16");
+        if half.config.tie_word_embeddings {
+            assert_eq!(half.lm_head.storage_name(), "f16");
+        }
+        assert_eq!(wide.embed_tokens.dtype(), DType::F32);
+        assert_eq!(wide.blocks[0].q.storage_name(), "f32");
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
+        let a = half.forward(&ids, &mut KvCache::new(half.blocks.len())).unwrap();
+        let b = wide.forward(&ids, &mut KvCache::new(wide.blocks.len())).unwrap();
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err <= MAX_STEP_ABS_ERR, "f16 kept vs widened: max |Δlogit| {err}");
+        let bf = load(src.path(), Some(DType::BF16));
+        assert_eq!(bf.blocks[0].gate.storage_name(), "bf16");
+        assert_eq!(bf.embed_tokens.dtype(), DType::BF16);
+    }
 
     #[test]
     fn permute_roundtrip() {

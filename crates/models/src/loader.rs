@@ -61,6 +61,10 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// How the model runs (kernels, activation blocks, device); every Linear it loads takes it.
     pub run: RunConfig,
+    /// The dtype dense weights and the token embedding table are kept in (`--dtype`): `None` keeps f16 and
+    /// bf16 weights 16-bit as stored (run by the half kernel) and the rest f32; `F32` widens everything;
+    /// `F16` / `BF16` round f32 weights to 16 bits at load.
+    pub dtype: Option<candle_core::DType>,
 }
 
 /// Resolves a MODEL argument to a path: an existing file or directory, else a hub id in the cache.
@@ -110,7 +114,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
         let leader = shared.get(&i.parse::<usize>().ok()?)?;
         Some(format!("{prefix}{leader}.{tail}"))
     };
-    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: &rename, dequantize: true };
+    let weights = Weights { src: &src, path: dir.to_path_buf(), rename: &rename, dequantize: true, dtype: opts.dtype };
     let infos = src.infos();
     let model = match model_type.as_str() {
         "bert" => {
@@ -203,8 +207,13 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
     check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count", 0)?;
-    let weights =
-        Weights { src: &g, path: path.to_path_buf(), rename: &crate::names::hf_to_gguf, dequantize: opts.dequantize };
+    let weights = Weights {
+        src: &g,
+        path: path.to_path_buf(),
+        rename: &crate::names::hf_to_gguf,
+        dequantize: opts.dequantize,
+        dtype: opts.dtype,
+    };
     let mut model = Model::Llama(Llama::load(cfg, &weights, true)?);
     model.set_run_config(&opts.run);
     let (tokenizer_json, tok_path) = match &opts.tokenizer {

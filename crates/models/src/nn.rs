@@ -44,7 +44,9 @@ impl RmsNorm {
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let c = table.dim(1)?;
-    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?)
+    let rows = table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+    // A table kept 16-bit: only the looked-up rows are widened.
+    Ok(if rows.dtype() == DType::F32 { rows } else { rows.to_dtype(DType::F32)? })
 }
 
 /// Scaled dot-product attention with an additive mask.

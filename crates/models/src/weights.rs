@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use whittle_core::codec::{self, LinearReader};
 use whittle_core::Linear;
 use whittle_formats::TensorSource;
@@ -19,6 +19,9 @@ pub struct Weights<'a> {
     pub rename: &'a dyn Fn(&str) -> Option<String>,
     /// Load block-quantized Linears as dense f32.
     pub dequantize: bool,
+    /// The dtype dense weights (and LLaMA's embedding table) are kept in: `None` keeps f16 and bf16 as
+    /// stored and widens everything else to f32 (`--dtype`).
+    pub dtype: Option<DType>,
 }
 
 impl Weights<'_> {
@@ -58,6 +61,32 @@ impl Weights<'_> {
         Ok(t)
     }
 
+    /// A dense weight `name` in the dtype the load keeps dense weights in ([`Weights::dtype`]), shape
+    /// checked as [`Weights::get`] does.
+    pub fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let src = self.source_name(name);
+        let native = |want: Option<DType>| -> Result<Tensor> {
+            let t = self.src.load_native(&src)?;
+            Ok(match (t.dtype(), want) {
+                // Not a float (an error load_f32 words), or nothing to keep: as f32.
+                (d, _) if !d.is_float() => self.src.load_f32(&src)?,
+                (DType::F16 | DType::BF16, None) => t,
+                (_, None) => t.to_dtype(DType::F32)?,
+                (d, Some(w)) if d == w => t,
+                (_, Some(w)) => t.to_dtype(w)?,
+            })
+        };
+        let t = match self.dtype {
+            None | Some(DType::F16) | Some(DType::BF16) => native(self.dtype)?,
+            Some(_) => self.src.load_f32(&src)?,
+        };
+        let ok = t.dims().len() == shape.len() && t.dims().iter().zip(shape).all(|(a, b)| *b == 0 || a == b);
+        if !ok {
+            return Err(self.shape_err(name, shape, t.dims()));
+        }
+        Ok(t)
+    }
+
     /// A Linear `name.weight` (out, in) with `name.bias` when `bias` is true (or present).
     pub fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         self.linear_any(name, Some(out), Some(inp), bias)
@@ -81,6 +110,9 @@ impl LinearReader for Weights<'_> {
     }
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         Weights::get(self, name, shape)
+    }
+    fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Weights::get_weight(self, name, shape)
     }
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         Ok(self.src.load_f32(&self.source_name(name))?)

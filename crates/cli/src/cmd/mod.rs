@@ -72,6 +72,28 @@ pub struct RunArgs {
     /// scale per 256 (finer: slightly lower perplexity than llama.cpp on the same file)
     #[arg(long, global = true)]
     pub fine_activations: bool,
+    /// Keep dense weights and the token embeddings in this dtype (default: f16 and bf16 weights stay 16-bit
+    /// as stored, others f32); with `convert`, also the output's weight dtype (default there: f32)
+    #[arg(long, global = true, value_enum)]
+    pub dtype: Option<DtypeArg>,
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::F16 => candle_core::DType::F16,
+            DtypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,6 +109,8 @@ pub struct Env {
     pub run: whittle_core::RunConfig,
     /// `--json`: notes and schedule lines go to stderr, stdout holds the JSON alone.
     pub json: bool,
+    /// `--dtype`: the dtype dense weights are kept in (`None`: as stored, f16/bf16 16-bit, others f32).
+    pub dtype: Option<candle_core::DType>,
 }
 
 impl RunArgs {
@@ -122,7 +146,7 @@ impl RunArgs {
         }
         let run =
             whittle_core::RunConfig { isa: kernel, fine_activations: self.fine_activations, ..Default::default() };
-        Ok(Env { run, json: false })
+        Ok(Env { run, json: false, dtype: self.dtype.map(DtypeArg::dtype) })
     }
 }
 
@@ -147,7 +171,7 @@ pub fn cap_threads(n: usize) -> usize {
 impl Env {
     /// How this run loads models (with `tokenizer` instead of the model's own, block formats dequantized or not).
     pub fn load_options(&self, tokenizer: Option<PathBuf>, dequantize: bool) -> LoadOptions {
-        LoadOptions { tokenizer, dequantize, run: self.run.clone() }
+        LoadOptions { tokenizer, dequantize, run: self.run.clone(), dtype: self.dtype }
     }
 
     /// Loads `m` with these run options.

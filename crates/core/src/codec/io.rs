@@ -22,6 +22,11 @@ pub trait LinearReader {
     fn dtype_of(&self, name: &str) -> Option<String>;
     /// `name` as f32; with `shape` checked (`0` accepts any size).
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, Self::Error>;
+    /// A dense weight `name` with `shape` checked: in the dtype the model keeps dense weights in (f16 and
+    /// bf16 stay 16-bit unless the load asks otherwise); f32 by default.
+    fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor, Self::Error> {
+        self.get(name, shape)
+    }
     /// `name` as f32, any shape.
     fn load_f32(&self, name: &str) -> Result<Tensor, Self::Error>;
     /// `name` in its stored dtype.

@@ -113,7 +113,10 @@ impl DistillConfig {
 
 /// Loads a model for training (block formats dequantized) with the run options `run`.
 pub fn open_for_training(spec: &str, run: &whittle_core::RunConfig) -> Result<Loaded> {
-    Ok(whittle_models::load(spec, &LoadOptions { tokenizer: None, dequantize: true, run: run.clone() })?)
+    Ok(whittle_models::load(
+        spec,
+        &LoadOptions { tokenizer: None, dequantize: true, run: run.clone(), dtype: Some(candle_core::DType::F32) },
+    )?)
 }
 
 impl Stage for DistillConfig {

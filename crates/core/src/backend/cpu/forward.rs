@@ -7,9 +7,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use whittle_kernels::block::{BlockActs, PackedBlock};
 use whittle_kernels::f32::PackedF32;
+use whittle_kernels::half::HalfWeights;
 use whittle_kernels::int8::{quantize_activations, PackedI8};
 
-use super::{with_f32_slice, KernelPool};
+use super::{with_f32_slice, with_half_slice, KernelPool};
 use crate::linear::{Linear, LinearWeight};
 use crate::run::Dispatch;
 use crate::Result;
@@ -105,6 +106,23 @@ impl Linear {
                         whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &KernelPool)
                     })
                 })?;
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+            }
+            LinearWeight::Dense(w) if matches!(w.dtype(), DType::F16 | DType::BF16) && x.device().is_cpu() => {
+                // Kept 16-bit: widened on the fly by the half kernel (never copied to f32).
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_vec1()?),
+                    None => None,
+                };
+                let y = with_half_slice(w, |kind, data| {
+                    let hw = HalfWeights { kind, m: self.out_features, k: self.in_features, data };
+                    with_f32_slice(&x2, |xs| {
+                        whittle_kernels::filled(rows * self.out_features, |y| {
+                            whittle_kernels::half::gemm(&hw, xs, rows, bias.as_deref(), y, &KernelPool)
+                        })
+                    })
+                })?
+                .expect("a CPU f16/bf16 tensor")?;
                 Tensor::from_vec(y, (rows, self.out_features), x.device())?
             }
             LinearWeight::Sparse(s) if whittle_kernels::sparse::PackedSparse::available() && x.device().is_cpu() => {
@@ -267,6 +285,42 @@ mod tests {
         let d = q.dequantize().unwrap();
         let werr = (d - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(werr <= 1.0 / 127.0 / 2.0 + 1e-6);
+    }
+
+    /// A dense f16 / bf16 Linear stays 16-bit and equals the f32 Linear on its widened weights (decoding rows
+    /// and prefill rows; bf16 prefill on AVX512-BF16 rounds activations to bf16, hence its own budget).
+    #[test]
+    fn half_dense_matches_f32_on_widened_weights() {
+        /// Same exact products, another summation order.
+        const MAX_HALF_LINEAR_ABS_ERR: f32 = 1e-4;
+        /// bf16 activations (8-bit mantissa): error relative to the output scale.
+        const MAX_BF16_ACTS_REL_ERR: f32 = 1e-2;
+        let dev = Device::Cpu;
+        let w =
+            (Tensor::arange(0f32, 40. * 70., &dev).unwrap().reshape((40, 70)).unwrap() * 0.37).unwrap().sin().unwrap();
+        let b = Tensor::arange(0f32, 40., &dev).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let wh = w.to_dtype(dt).unwrap();
+            let half = Linear::dense(wh.clone(), Some(b.clone())).unwrap();
+            let wide = Linear::dense(wh.to_dtype(DType::F32).unwrap(), Some(b.clone())).unwrap();
+            assert_eq!(half.storage_name(), format!("{dt:?}").to_lowercase());
+            assert_eq!(half.storage_bytes(), 40 * 70 * 2 + 40 * 4);
+            for rows in [1, 3, 9, 40] {
+                let x = (Tensor::arange(0f32, (rows * 70) as f32, &dev).unwrap().reshape((rows, 70)).unwrap() * 0.11)
+                    .unwrap()
+                    .cos()
+                    .unwrap();
+                let (a, c) = (wide.forward(&x).unwrap(), half.forward(&x).unwrap());
+                assert_eq!(c.dims(), &[rows, 40]);
+                let err = (&a - &c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let bf16_acts = dt == DType::BF16
+                    && rows > whittle_kernels::half::GEMV_MAX_ROWS
+                    && whittle_kernels::half::bf16_dot_available();
+                let tol = if bf16_acts { MAX_BF16_ACTS_REL_ERR * scale } else { MAX_HALF_LINEAR_ABS_ERR };
+                assert!(err <= tol, "{dt:?} rows {rows}: {err} (scale {scale})");
+            }
+        }
     }
 
     #[test]

@@ -42,6 +42,21 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// The contiguous data of an f16 or bf16 CPU tensor as bit patterns, without copying; `None` for other
+/// dtypes and devices.
+pub fn with_half_slice<R>(t: &Tensor, f: impl FnOnce(whittle_kernels::half::Half, &[u16]) -> R) -> Result<Option<R>> {
+    use half::slice::HalfFloatSliceExt;
+    use whittle_kernels::half::Half;
+    let t = t.contiguous()?;
+    let (st, layout) = t.storage_and_layout();
+    let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+    Ok(match &*st {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => Some(f(Half::F16, v[range].reinterpret_cast())),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => Some(f(Half::Bf16, v[range].reinterpret_cast())),
+        _ => None,
+    })
+}
+
 /// [`with_f32_slice`] for several CPU tensors at once.
 pub fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     let cs: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<std::result::Result<_, _>>()?;
