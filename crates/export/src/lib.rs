@@ -8,6 +8,7 @@
 //! - [`verify`]: runs an export in ONNX Runtime and compares it with whittle's own run of the source model on
 //!   real data, with `whittle_eval`'s instruments.
 
+pub mod gguf;
 pub mod onnx;
 pub mod runtime;
 pub mod verify;
