@@ -4,8 +4,9 @@
 //! - **Names and layout** as `convert_hf_to_gguf.py` writes them: `token_embd`, `blk.N.attn_q` …, Q and K rows
 //!   permuted into llama.cpp's interleaved RoPE order ([`whittle_models::llama::permute_rows`]), norms in f32,
 //!   no `output.weight` when the head is tied.
-//! - **Per-block widths** (structured pruning): `llama.attention.head_count`, `head_count_kv` and
-//!   `feed_forward_length` become per-layer arrays when the blocks differ, as llama.cpp reads them.
+//! - **Per-block widths** (structured pruning): written as llama.cpp's `deci` architecture (the LLaMA block
+//!   with per-layer `head_count`, `head_count_kv` and `feed_forward_length` arrays, [`architecture`]): its
+//!   `llama` architecture reads the arrays but sizes every layer by layer 0's values.
 //! - **Exact forms**: a weight-only grid a ggml block type holds is written code for code, never re-rounded.
 //!   ggml's 32-blocks with `d·(q − 8)` are Q4_0 (whittle's symmetric 4-bit, any group that is a multiple of
 //!   32: each 32-block repeats its group's scale), `d·q + m` with 4-bit codes Q4_1 (asymmetric 4-bit), 5-bit
@@ -288,7 +289,7 @@ pub fn export(l: &Loaded, out: &Path, o: &GgufOptions) -> Result<GgufReport> {
         format: "gguf".into(),
         file: out.to_path_buf(),
         bytes,
-        architecture: "llama".into(),
+        architecture: architecture(m).into(),
         scheme: o.scheme.map_or("f16", GgufScheme::name).into(),
         per_layer_widths: !uniform(m),
         tokenizer_model: tok_model,
@@ -335,6 +336,19 @@ fn check_exportable(l: &Loaded, m: &Llama) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// llama.cpp's architecture for `m`: `llama`, or `deci` when the blocks' widths differ. llama.cpp's `llama`
+/// reads per-layer arrays of `head_count` / `feed_forward_length` but sizes every layer's tensors by layer
+/// 0's values (llama-cpp-python 0.3.36: "check_tensor_dims: tensor 'blk.1.ffn_gate.weight' has wrong shape;
+/// expected 576, 1355, got 576, 1304"); `deci` (DeciLM, Nemotron-NAS) is the same LLaMA block — RMSNorm,
+/// SwiGLU, the same RoPE and tensor names — with every layer sized and run by its own widths.
+pub fn architecture(m: &Llama) -> &'static str {
+    if uniform(m) {
+        "llama"
+    } else {
+        "deci"
+    }
 }
 
 /// Whether every block has the widths of block 0.
@@ -569,7 +583,7 @@ fn metadata(
     rows: &[GgufTensorRow],
 ) -> Result<(Vec<(String, Value)>, String, String)> {
     let c = &m.config;
-    let a = "llama";
+    let a = architecture(m);
     let mut v: Vec<(String, Value)> = Vec::new();
     let mut put = |k: &str, val: Value| v.push((k.to_string(), val));
     let name = l.source.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
@@ -579,10 +593,10 @@ fn metadata(
     put("general.file_type", Value::U32(file_type(o, rows)));
     put("general.quantization_version", Value::U32(2));
     let u = |x: usize| Value::U32(x as u32);
-    // One value when every block agrees, else one per layer (llama.cpp's `get_key_or_arr`).
+    // One value for `llama`, one per layer for `deci` (llama.cpp's `get_key_or_arr`).
     let per_layer = |f: &dyn Fn(&whittle_models::llama::LlamaBlock) -> usize| -> Value {
         let vals: Vec<usize> = m.blocks.iter().map(f).collect();
-        if vals.windows(2).all(|w| w[0] == w[1]) {
+        if a == "llama" {
             Value::U32(vals.first().copied().unwrap_or(0) as u32)
         } else {
             Value::Array(vals.into_iter().map(|x| Value::I32(x as i32)).collect())
