@@ -41,7 +41,7 @@ pub fn gguf_tokenizer_json(g: &Gguf) -> Result<Json> {
     }
     let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
     let pre_tokenizer = match pre {
-        "default" | "gpt2" => byte_level(true),
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         "llama-bpe" | "llama3" => {
@@ -131,7 +131,8 @@ fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
             .then(|| v.get("pattern")?.get("Regex")?.as_str().map(String::from))?
     };
     if is_byte_level(pre, true) {
-        return Some("gpt2");
+        // llama.cpp's name for GPT-2's split regex (its `default` is another regex set).
+        return Some("gpt-2");
     }
     let seq = pre.get("pretokenizers").and_then(Json::as_array)?;
     match seq.as_slice() {
@@ -174,7 +175,7 @@ pub fn gguf_tokenizer_metadata(
     let pre_json = json.get("pre_tokenizer").unwrap_or(&Json::Null);
     let pre = pre_tokenizer_name(pre_json).ok_or_else(|| {
         err(format!(
-            "pre_tokenizer {pre_json} has no llama.cpp name here (known: ByteLevel = gpt2, Digits + ByteLevel = smollm, the Llama 3 and Qwen2 regex splits)"
+            "pre_tokenizer {pre_json} has no llama.cpp name here (known: ByteLevel = gpt-2, Digits + ByteLevel = smollm, the Llama 3 and Qwen2 regex splits)"
         ))
     })?;
     let vocab = model.get("vocab").and_then(Json::as_object).ok_or_else(|| err("no `model.vocab` object".into()))?;
