@@ -231,3 +231,46 @@ pub fn gguf_tokenizer_metadata(
         ("tokenizer.ggml.merges".into(), Value::Array(merges)),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{write, Value};
+
+    /// A GGUF tokenizer (smollm pre-tokenizer, two control tokens, one merge) → tokenizer.json → the same
+    /// metadata back, padded to the model's vocabulary.
+    #[test]
+    fn tokenizer_json_to_gguf_metadata_inverts_the_reader() {
+        let tokens = ["<|endoftext|>", "<|im_start|>", "a", "b", "ab", "Ġ"];
+        let types = [3, 3, 1, 1, 1, 1];
+        let meta = [
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::String("smollm".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            ("tokenizer.ggml.merges", Value::Array(vec![Value::String("a b".into())])),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        std::fs::write(&p, write::to_bytes(&meta, &[])).unwrap();
+        let json = gguf_tokenizer_json(&Gguf::open(&p).unwrap()).unwrap();
+        let back = gguf_tokenizer_metadata(&json, Path::new("tokenizer.json"), 8).unwrap();
+        let get = |k: &str| back.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(get("tokenizer.ggml.pre"), Value::String("smollm".into()));
+        let toks = get("tokenizer.ggml.tokens");
+        let toks: Vec<&str> = toks.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(toks, [&tokens[..], &["[PAD6]", "[PAD7]"]].concat());
+        let tys: Vec<i64> =
+            get("tokenizer.ggml.token_type").as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(tys, [3, 3, 1, 1, 1, 1, 5, 5]);
+        assert_eq!(get("tokenizer.ggml.merges"), Value::Array(vec![Value::String("a b".into())]));
+        // A vocabulary larger than the model's is an error naming the token and the file.
+        let e = gguf_tokenizer_metadata(&json, Path::new("tokenizer.json"), 4).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("outside the model's vocabulary of 4"), "{e}");
+        // A WordPiece / Unigram model is refused by name.
+        let mut wp = json.clone();
+        wp["model"]["type"] = "WordPiece".into();
+        let e = gguf_tokenizer_metadata(&wp, Path::new("tokenizer.json"), 8).unwrap_err().to_string();
+        assert!(e.contains("WordPiece"), "{e}");
+    }
+}

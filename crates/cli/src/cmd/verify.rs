@@ -19,7 +19,7 @@ pub struct Args {
     /// ~/.cache/whittle-test-venv or ~/.cache/whittle-peers)
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default: its own choice)
+    /// Runtime threads: ONNX Runtime's intra-op threads, llama.cpp's n_threads (default: the runtime's choice)
     #[arg(long)]
     pub ort_threads: Option<usize>,
     /// Run the graph as written, with ONNX Runtime's graph optimizations (fusions) disabled
