@@ -77,8 +77,17 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     }
     let gguf = whittle_export::verify::is_gguf(&a.exported);
     let file = if gguf { a.exported.clone() } else { whittle_export::onnx::model_file(&a.exported)? };
-    if a.python.is_some() && !gguf {
-        bail!("--python: only for a GGUF export (run in llama.cpp)");
+    match (&a.python, gguf) {
+        (Some(_), false) => bail!("--python: only for a GGUF export (run in llama.cpp)"),
+        // Checked before the model is loaded: a missing runtime costs nothing.
+        (Some(p), true) if !p.exists() => bail!("--python {}: no such file", p.display()),
+        (None, true) if whittle_export::llamacpp::default_python().is_none() => bail!(
+            "{}: a GGUF export is verified in llama.cpp through llama-cpp-python, and the peers' venv \
+             (~/.cache/whittle-peers/bin/python, scripts/test-deps.sh) does not exist: make it, or pass --python \
+             with a Python that has `llama_cpp`",
+            file.display()
+        ),
+        _ => {}
     }
     let m = ModelArg {
         model: a.against.model.clone(),
