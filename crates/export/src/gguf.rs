@@ -148,6 +148,9 @@ struct Job<'a> {
     f32_only: bool,
 }
 
+/// GGUF metadata key/values, in file order.
+type Metadata = Vec<(String, Value)>;
+
 /// An encoded tensor: (ggml type, bytes, row of the report).
 type Encoded = (u32, Vec<u8>, GgufTensorRow);
 
@@ -576,12 +579,7 @@ fn decode(t: u32, bytes: &[u8], rows: usize, cols: usize) -> std::result::Result
 
 /// The file's metadata: the `llama.*` hyperparameters (per-layer arrays when the blocks differ), the
 /// tokenizer, and `general.*`. Also returns the tokenizer's model and pre-tokenizer names.
-fn metadata(
-    l: &Loaded,
-    m: &Llama,
-    o: &GgufOptions,
-    rows: &[GgufTensorRow],
-) -> Result<(Vec<(String, Value)>, String, String)> {
+fn metadata(l: &Loaded, m: &Llama, o: &GgufOptions, rows: &[GgufTensorRow]) -> Result<(Metadata, String, String)> {
     let c = &m.config;
     let a = architecture(m);
     let mut v: Vec<(String, Value)> = Vec::new();
