@@ -5,9 +5,14 @@
 //!   Optimum's exports are; each Linear in the ONNX form of its representation ([`onnx::linear`]).
 //! - [`runtime`]: ONNX Runtime through the `ort` crate, loaded at run time from a `libonnxruntime` the user
 //!   has (the `onnxruntime` Python wheel ships one); nothing is downloaded.
-//! - [`verify`]: runs an export in ONNX Runtime and compares it with whittle's own run of the source model on
-//!   real data, with `whittle_eval`'s instruments.
+//! - [`gguf`]: LLaMA-family models as llama.cpp's GGUF (tokenizer from `tokenizer.json`, per-layer widths,
+//!   weight-only grids copied code for code into the ggml block type that holds them).
+//! - [`llamacpp`]: llama.cpp through llama-cpp-python (a committed script run by the peers' Python).
+//! - [`verify`]: runs an export in its runtime (ONNX Runtime, llama.cpp) and compares it with whittle's own run
+//!   of the source model on real data, with `whittle_eval`'s instruments.
 
+pub mod gguf;
+pub mod llamacpp;
 pub mod onnx;
 pub mod runtime;
 pub mod verify;
@@ -27,6 +32,9 @@ pub enum Error {
     /// ONNX Runtime could not be loaded or refused the model.
     #[error("ONNX Runtime: {0}")]
     Runtime(String),
+    /// llama.cpp (llama-cpp-python) could not be run or refused the model.
+    #[error("llama.cpp: {0}")]
+    LlamaCpp(String),
     #[error(transparent)]
     Model(#[from] whittle_models::Error),
     #[error(transparent)]

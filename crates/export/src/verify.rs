@@ -1,4 +1,5 @@
 //! `whittle verify`: an export run in its own runtime against whittle's run of the source model, on real data.
+//! ONNX exports run in ONNX Runtime, GGUF files in llama.cpp ([`crate::llamacpp`]).
 //!
 //! - Encoders: every STS-B test sentence (truncated at `max_len` tokens, batches of 32) embedded by ONNX Runtime
 //!   (`sentence_embedding`) and by whittle; the cosine between the two embeddings of each sentence (mean and
@@ -40,6 +41,8 @@ pub struct VerifyOptions {
     pub ctx: usize,
     /// Decoders: a text instead of the bundled WikiText-2 test split.
     pub text_file: Option<PathBuf>,
+    /// GGUF: a Python with llama-cpp-python (else the peers' venv, [`crate::llamacpp::default_python`]).
+    pub python: Option<PathBuf>,
 }
 
 /// The prompts `verify` decodes when none are given.
@@ -62,6 +65,7 @@ impl Default for VerifyOptions {
             chunks: 2,
             ctx: 512,
             text_file: None,
+            python: None,
         }
     }
 }
@@ -84,11 +88,12 @@ pub struct EncoderCheck {
 pub struct PromptCheck {
     pub prompt: String,
     pub whittle_ids: Vec<u32>,
-    pub onnx_ids: Vec<u32>,
+    /// The export's continuation in its runtime.
+    pub export_ids: Vec<u32>,
     /// Position of the first differing token (None: identical).
     pub first_diff: Option<usize>,
     pub whittle_text: String,
-    pub onnx_text: String,
+    pub export_text: String,
 }
 
 /// Decoder figures.
@@ -100,13 +105,24 @@ pub struct DecoderCheck {
     pub chunks: usize,
     pub ctx: usize,
     pub tokens: usize,
-    /// KL(whittle ‖ ONNX Runtime) per scored token, nats.
+    /// KL(whittle ‖ the export's runtime) per scored token, nats.
     pub kld_mean: Option<f64>,
     pub kld_p99: Option<f64>,
     /// % of scored positions with the same top token.
     pub top1_agree: Option<f64>,
-    pub ppl_onnx: Option<f64>,
+    pub ppl_export: Option<f64>,
     pub ppl_whittle: Option<f64>,
+}
+
+/// The export's own tokenizer (a GGUF's, built by llama.cpp from its metadata) against whittle's.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizerCheck {
+    pub texts: usize,
+    /// Texts tokenized identically.
+    pub identical: usize,
+    pub whittle_tokens: usize,
+    /// For the first text that differs: its index and the first differing token position.
+    pub first_diff: Option<(usize, usize)>,
 }
 
 /// The result of `verify`.
@@ -114,8 +130,13 @@ pub struct DecoderCheck {
 pub struct VerifyReport {
     pub exported: PathBuf,
     pub against: PathBuf,
+    /// `onnxruntime`, or `llama.cpp (llama-cpp-python 0.3.36)`.
     pub runtime: String,
+    /// The libonnxruntime loaded, or the Python that ran llama.cpp.
     pub runtime_library: PathBuf,
+    /// GGUF: the runtime's tokenization of the prompts and the text against whittle's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,6 +147,9 @@ pub struct VerifyReport {
 /// Runs the ONNX export at `exported` (its directory or `.onnx` file) in ONNX Runtime and compares it with
 /// whittle's run of `l`.
 pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyReport> {
+    if is_gguf(exported) {
+        return verify_gguf(exported, l, o);
+    }
     let t0 = std::time::Instant::now();
     let file = crate::onnx::model_file(exported)?;
     let lib = crate::runtime::init(o.ort_lib.as_deref())?;
@@ -139,6 +163,7 @@ pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyRe
         against: l.source.path.clone(),
         runtime: "onnxruntime".into(),
         runtime_library: lib,
+        tokenizer: None,
         encoder,
         decoder,
         seconds: t0.elapsed().as_secs_f64(),
@@ -265,9 +290,9 @@ fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Resu
         prompts.push(PromptCheck {
             prompt: p.clone(),
             whittle_text: text::decode(l, &ours)?,
-            onnx_text: text::decode(l, &theirs)?,
+            export_text: text::decode(l, &theirs)?,
             whittle_ids: ours,
-            onnx_ids: theirs,
+            export_ids: theirs,
             first_diff,
         });
     }
@@ -281,7 +306,7 @@ fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Resu
         kld_mean: None,
         kld_p99: None,
         top1_agree: None,
-        ppl_onnx: None,
+        ppl_export: None,
         ppl_whittle: None,
     };
     if o.chunks == 0 {
@@ -305,14 +330,155 @@ fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Resu
             scores.push(whittle_eval::ppl::score_row(row, t_row, chunk[pos + 1] as usize));
         }
     }
+    check.chunks = chunks.len();
+    summarize(&mut check, &scores);
+    Ok(check)
+}
+
+/// KLD, top-1 agreement and both perplexities of the scored positions.
+fn summarize(check: &mut DecoderCheck, scores: &[whittle_eval::ppl::RowScore]) {
     let n = scores.len() as f64;
     let klds: Vec<f64> = scores.iter().map(|s| s.kl).collect();
-    check.chunks = chunks.len();
     check.tokens = scores.len();
     check.kld_mean = Some(klds.iter().sum::<f64>() / n);
     check.kld_p99 = Some(whittle_eval::stats::percentile(&klds, 99.0));
     check.top1_agree = Some(100.0 * scores.iter().filter(|s| s.agree).count() as f64 / n);
-    check.ppl_onnx = Some((scores.iter().map(|s| s.nll).sum::<f64>() / n).exp());
+    check.ppl_export = Some((scores.iter().map(|s| s.nll).sum::<f64>() / n).exp());
     check.ppl_whittle = Some((scores.iter().map(|s| s.nll_base).sum::<f64>() / n).exp());
-    Ok(check)
+}
+
+/// Whether `p` is a GGUF file (by its magic, whatever its name).
+pub fn is_gguf(p: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    p.is_file()
+        && std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Characters of the WikiText-2 text whose tokenizations are compared (a few thousand tokens).
+const TOKENIZER_CHECK_CHARS: usize = 20_000;
+
+/// Runs the GGUF file `exported` in llama.cpp and compares it with whittle's run of `l`: the same prompt ids
+/// decoded greedily, the same WikiText-2 chunks scored (KLD, top-1, both PPLs), and llama.cpp's tokenizer
+/// (built from the file's metadata) against whittle's on the prompts and the first part of the text.
+fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyReport> {
+    let t0 = std::time::Instant::now();
+    let Model::Llama(m) = &l.model else {
+        return Err(Error::Usage(format!(
+            "{}: a GGUF export is a decoder, and --against {} is an encoder",
+            exported.display(),
+            l.source.path.display()
+        )));
+    };
+    if o.prompts.is_empty() && o.chunks == 0 {
+        return Err(Error::Usage("nothing to verify: no prompts and option `chunks` 0".into()));
+    }
+    if o.chunks > 0 && o.ctx > m.config.max_position_embeddings {
+        return Err(whittle_core::InvalidOption::new("ctx", o.ctx, "larger than the model's context").into());
+    }
+    let mut prompt_ids = Vec::new();
+    for p in &o.prompts {
+        let ids = text::encode_prompt(l, p, false)?;
+        if ids.is_empty() {
+            return Err(Error::Usage(format!("prompt {p:?} is empty after tokenization")));
+        }
+        prompt_ids.push(ids);
+    }
+    let (chunks, wiki) = if o.chunks > 0 {
+        let named = data::read_text(o.text_file.as_deref(), data::WIKI_TEST)?;
+        (whittle_eval::ppl::chunks(l, &named.1, o.ctx, o.chunks)?, named.1)
+    } else {
+        (Vec::new(), String::new())
+    };
+    let mut texts: Vec<String> = o.prompts.clone();
+    if !wiki.is_empty() {
+        texts.push(wiki[..wiki.floor_char_boundary(TOKENIZER_CHECK_CHARS)].to_string());
+    }
+    let first = o.ctx / 2;
+    let req = crate::llamacpp::Request {
+        prompts: prompt_ids.clone(),
+        n_tokens: o.n_tokens,
+        chunks: chunks.clone(),
+        first,
+        texts: texts.clone(),
+        threads: o.threads,
+    };
+    let mut session = crate::llamacpp::Session::start(o.python.as_deref(), exported, &req)?;
+    let v = m.config.vocab_size;
+    if session.reply.n_vocab != v {
+        return Err(Error::Usage(format!(
+            "{}: llama.cpp reads a vocabulary of {} tokens, the model has {v}: is it the export of this model?",
+            exported.display(),
+            session.reply.n_vocab
+        )));
+    }
+    // The tokenizer llama.cpp built from the file's metadata, on the same texts.
+    let mut tok = TokenizerCheck { texts: texts.len(), identical: 0, whittle_tokens: 0, first_diff: None };
+    for (i, (t, theirs)) in texts.iter().zip(&session.reply.tokens).enumerate() {
+        let ours = l.tokenizer.encode(t.as_str(), false).map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
+        let ours = ours.get_ids();
+        tok.whittle_tokens += ours.len();
+        let diff = ours
+            .iter()
+            .zip(theirs)
+            .position(|(a, b)| a != b)
+            .or((ours.len() != theirs.len()).then(|| ours.len().min(theirs.len())));
+        match diff {
+            None => tok.identical += 1,
+            Some(d) if tok.first_diff.is_none() => tok.first_diff = Some((i, d)),
+            Some(_) => {}
+        }
+    }
+    let mut prompts = Vec::new();
+    for ((p, ids), theirs) in o.prompts.iter().zip(&prompt_ids).zip(session.reply.greedy.clone()) {
+        let sampling = whittle_models::generate::Sampling::default();
+        let ours = whittle_models::generate::generate(m, ids, o.n_tokens, &[], &sampling, |_| {})?;
+        let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+        prompts.push(PromptCheck {
+            prompt: p.clone(),
+            whittle_text: text::decode(l, &ours)?,
+            export_text: text::decode(l, &theirs)?,
+            whittle_ids: ours,
+            export_ids: theirs,
+            first_diff,
+        });
+    }
+    let identical = prompts.iter().filter(|p| p.first_diff.is_none()).count();
+    let mut check = DecoderCheck {
+        prompts,
+        identical,
+        chunks: chunks.len(),
+        ctx: o.ctx,
+        tokens: 0,
+        kld_mean: None,
+        kld_p99: None,
+        top1_agree: None,
+        ppl_export: None,
+        ppl_whittle: None,
+    };
+    let mut scores = Vec::new();
+    for chunk in &chunks {
+        let ours = whittle_eval::ppl::chunk_logits(m, chunk, first - 1)?; // (ctx - first, V) rows
+        let theirs = session.next_chunk(ours.len(), v)?;
+        for (i, row) in ours.iter().enumerate() {
+            let pos = first - 1 + i;
+            scores.push(whittle_eval::ppl::score_row(row, &theirs[i * v..(i + 1) * v], chunk[pos + 1] as usize));
+        }
+    }
+    let runtime = format!("llama.cpp (llama-cpp-python {})", session.reply.llama_cpp);
+    let python = session.python.clone();
+    session.finish()?;
+    if !scores.is_empty() {
+        summarize(&mut check, &scores);
+    }
+    Ok(VerifyReport {
+        exported: exported.to_path_buf(),
+        against: l.source.path.clone(),
+        runtime,
+        runtime_library: python,
+        tokenizer: Some(tok),
+        encoder: None,
+        decoder: Some(check),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }

@@ -195,7 +195,7 @@ fn llama_with_kv_cache_decodes_as_whittle() {
     };
     let v = verify(&out, &l, &o).unwrap().decoder.unwrap();
     for p in &v.prompts {
-        assert_eq!(p.onnx_ids, p.whittle_ids, "prompt {:?}", p.prompt);
+        assert_eq!(p.export_ids, p.whittle_ids, "prompt {:?}", p.prompt);
     }
     assert_eq!(v.identical, 3);
     assert_eq!(v.tokens, 2 * 16);
@@ -238,7 +238,7 @@ fn llama_w4a16_as_matmul_nbits() {
         };
         let v = verify(&out, &l, &o).unwrap().decoder.unwrap();
         for p in &v.prompts {
-            assert_eq!(p.onnx_ids, p.whittle_ids, "zero_point {zero_point}: prompt {:?}", p.prompt);
+            assert_eq!(p.export_ids, p.whittle_ids, "zero_point {zero_point}: prompt {:?}", p.prompt);
         }
     }
 }

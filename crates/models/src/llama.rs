@@ -192,9 +192,13 @@ impl LlamaConfig {
         })
     }
 
-    /// Reads `llama.*` metadata of a GGUF file.
+    /// Reads `llama.*` (or `deci.*`: per-layer widths) metadata of a GGUF file; per-layer arrays give block
+    /// 0's value here, and each block takes its own widths from its tensors.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
-        let a = "llama";
+        let a = match g.get("general.architecture").and_then(|v| v.as_str()) {
+            Some("deci") => "deci",
+            _ => "llama",
+        };
         let u = |k: &str| -> Result<usize> { Ok(g.require_u64(&format!("{a}.{k}"))? as usize) };
         let hidden = u("embedding_length")?;
         let heads_key = format!("{a}.attention.head_count");
@@ -252,7 +256,10 @@ impl LlamaConfig {
             num_layers: u("block_count")?,
             num_heads: heads,
             num_kv_heads: kv,
-            intermediate_size: u("feed_forward_length")?,
+            intermediate_size: match g.require(&format!("{a}.feed_forward_length"))? {
+                whittle_formats::gguf::Value::Array(v) => v.first().and_then(|x| x.as_u64()).unwrap_or(0) as usize,
+                _ => u("feed_forward_length")?,
+            },
             head_dim,
             rms_norm_eps: g.get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             rope_theta: g.get_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),

@@ -198,15 +198,17 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut g = Gguf::open(path)?;
     g.device = opts.run.device.clone();
     let arch = g.require("general.architecture")?.as_str().unwrap_or("").to_string();
-    if arch != "llama" {
+    // `deci` is llama.cpp's LLaMA with per-layer head counts and FFN widths (what whittle writes for a
+    // structurally pruned model); whittle reads every block's widths from its tensors either way.
+    if arch != "llama" && arch != "deci" {
         return Err(Error::UnsupportedModelType {
             path: path.to_path_buf(),
             model_type: format!("{arch} (general.architecture)"),
-            supported: "llama",
+            supported: "llama, deci",
         });
     }
     let cfg = LlamaConfig::from_gguf(&g)?;
-    check_block_count(cfg.num_layers, &g.infos(), path, "llama.block_count", 0)?;
+    check_block_count(cfg.num_layers, &g.infos(), path, &format!("{arch}.block_count"), 0)?;
     let weights = Weights {
         src: &g,
         path: path.to_path_buf(),

@@ -77,7 +77,8 @@ impl Ftype {
         FTYPES.iter().find(|f| f.1 == self).map(|f| f.0).unwrap_or("?")
     }
 
-    fn file_type(self) -> u32 {
+    /// `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
+    pub fn file_type(self) -> u32 {
         FTYPES.iter().find(|f| f.1 == self).map(|f| f.2).unwrap_or(0)
     }
 
@@ -193,7 +194,7 @@ fn fallback(t: u32, ne0: usize) -> u32 {
 /// Encodes one 2-D f32 tensor (rows × cols, named `name` in errors) as ggml type `t`; returns the bytes and
 /// the RMSE of the stored values against the input. With an importance vector (mean x² per column, from an
 /// imatrix) block types use ggml's importance-weighted quantizers, as llama-quantize does.
-fn encode(w: &Tensor, t: u32, name: &str, importance: Option<&[f32]>) -> Result<(Vec<u8>, f64)> {
+pub fn encode(w: &Tensor, t: u32, name: &str, importance: Option<&[f32]>) -> Result<(Vec<u8>, f64)> {
     let (rows, cols) = w.dims2()?;
     let vals: Vec<f32> = w.flatten_all()?.to_vec1()?;
     if let Some(i) = vals.iter().position(|v| !v.is_finite()) {

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 
-use super::{Env, ModelArg, OutputArgs};
+use super::{flags, Env, ModelArg, OutputArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -13,9 +13,15 @@ pub struct Args {
     #[command(flatten)]
     pub out: OutputArgs,
     /// Target format: `onnx` writes OUT/model.onnx (opset 17), OUT/config.json and OUT/tokenizer.json, the
-    /// layout Optimum's ORTModel classes load
+    /// layout Optimum's ORTModel classes load; `gguf` writes the file OUT that llama.cpp loads (LLaMA family)
     #[arg(long)]
     pub format: String,
+    /// GGUF: the type of weights with no exact GGUF form: f32, f16 (default for float weights), bf16, q8_0,
+    /// q4_0, q4_1, q5_0, q5_1, q2_k … q6_k, q4_k_m, … (llama-quantize's per-tensor mixtures). Weight-only grids
+    /// a ggml type holds (symmetric 4/8-bit, asymmetric 4-bit, groups of 32k) are copied exactly whatever it is;
+    /// other quantized grids need it (they are requantized, and the report says by how much)
+    #[arg(long)]
+    pub scheme: Option<String>,
     /// w8a8-dynamic layers with ONNX Runtime's per-tensor DynamicQuantizeLinear (the form its
     /// quantize_dynamic writes) instead of whittle's per-token activation scales (default: per token, as
     /// whittle runs them)
@@ -30,15 +36,19 @@ pub struct Args {
 #[derive(Clone, Copy)]
 pub enum Format {
     Onnx,
+    Gguf,
 }
 
 impl Format {
     fn parse(s: &str) -> Result<Self> {
         match s {
             "onnx" => Ok(Format::Onnx),
+            "gguf" => Ok(Format::Gguf),
             // Named in issue 18 and not written yet: say so rather than "unknown".
-            "gguf" | "hf" => bail!("--format {s}: not supported yet (formats: onnx)"),
-            other => bail!("--format {other}: unknown format (formats: onnx)"),
+            "hf" => {
+                bail!("--format {s}: not supported yet (formats: onnx, gguf; `whittle convert` writes HF directories)")
+            }
+            other => bail!("--format {other}: unknown format (formats: onnx, gguf)"),
         }
     }
 }
@@ -46,6 +56,16 @@ impl Format {
 pub fn run(a: &Args, env: &Env) -> Result<()> {
     // Checked before the claim and the load: a bad format leaves nothing behind and costs nothing.
     let format = Format::parse(&a.format)?;
+    let scheme = match (&a.scheme, format) {
+        (Some(s), Format::Gguf) => {
+            Some(whittle_export::gguf::GgufScheme::parse(s).map_err(|e| anyhow::anyhow!(flags(&e.to_string())))?)
+        }
+        (Some(_), Format::Onnx) => bail!("--scheme: only for --format gguf (ONNX keeps each Linear's own form)"),
+        (None, _) => None,
+    };
+    if a.per_tensor_dynamic && matches!(format, Format::Gguf) {
+        bail!("--per-tensor-dynamic: only for --format onnx");
+    }
     let _claim = a.out.claim()?;
     let l = env.open(&a.m)?;
     let out = &a.out.output;
@@ -55,6 +75,13 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
                 linear: whittle_export::onnx::linear::LinearOptions { per_tensor_dynamic: a.per_tensor_dynamic },
             };
             whittle_export::onnx::export(&l, out, &o).with_context(|| format!("exporting to {}", out.display()))?
+        }
+        Format::Gguf => {
+            let o = whittle_export::gguf::GgufOptions { scheme };
+            let r = whittle_export::gguf::export(&l, out, &o)
+                .map_err(|e| anyhow::anyhow!(flags(&e.to_string())))
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            return print_gguf(&r, a.json);
         }
     };
     let mut so = std::io::stdout().lock();
@@ -82,4 +109,49 @@ fn names(v: &[String]) -> String {
         out.push(format!("{stem}.{{0..{}}}.key/value", cache.len() / 2 - 1));
     }
     out.join(", ")
+}
+
+fn print_gguf(r: &whittle_export::gguf::GgufReport, json: bool) -> Result<()> {
+    use whittle_export::gguf::Conversion;
+    let mut so = std::io::stdout().lock();
+    if json {
+        writeln!(so, "{}", serde_json::to_string_pretty(r)?)?;
+        return Ok(());
+    }
+    writeln!(
+        so,
+        "format     gguf ({} architecture, tokenizer {} / {}, {} widths)",
+        r.architecture,
+        r.tokenizer_model,
+        r.tokenizer_pre,
+        if r.per_layer_widths { "per-layer" } else { "uniform" }
+    )?;
+    let mut by_type = std::collections::BTreeMap::<(String, String, String), usize>::new();
+    for t in &r.tensors {
+        *by_type
+            .entry((t.source.clone(), t.ggml_type.clone(), format!("{:?}", t.conversion).to_lowercase()))
+            .or_default() += 1;
+    }
+    for ((src, ty, how), n) in by_type {
+        writeln!(so, "tensors    {n:>3} × {src} → {ty} ({how})")?;
+    }
+    if r.count(Conversion::Codes) > 0 {
+        writeln!(
+            so,
+            "codes      {} tensors copied code for code; scales rounded to f16: max relative weight error {:.2e}",
+            r.count(Conversion::Codes),
+            r.max_codes_rel_err
+        )?;
+    }
+    if r.count(Conversion::Requantized) > 0 {
+        writeln!(
+            so,
+            "requant    {} quantized tensors requantized to {}: max relative weight error {:.2e} (added to the source's)",
+            r.count(Conversion::Requantized),
+            r.scheme,
+            r.max_requantized_rel_err
+        )?;
+    }
+    writeln!(so, "wrote {} ({:.1} MB) in {:.1}s", r.file.display(), r.bytes as f64 / 1e6, r.seconds)?;
+    Ok(())
 }

@@ -10,7 +10,7 @@ use super::{Env, ModelArg};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The export: the directory `whittle export` wrote, or an .onnx file
+    /// The export: the directory `whittle export` wrote, an .onnx file, or a .gguf file (run in llama.cpp)
     pub exported: PathBuf,
     /// The model it was exported from (as every command loads it: add --dequantize for a GGUF exported in f32)
     #[command(flatten)]
@@ -19,7 +19,7 @@ pub struct Args {
     /// ~/.cache/whittle-test-venv or ~/.cache/whittle-peers)
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default: its own choice)
+    /// Runtime threads: ONNX Runtime's intra-op threads, llama.cpp's n_threads (default: the runtime's choice)
     #[arg(long)]
     pub ort_threads: Option<usize>,
     /// Run the graph as written, with ONNX Runtime's graph optimizations (fusions) disabled
@@ -46,6 +46,9 @@ pub struct Args {
     /// Decoders: a text file instead of the bundled WikiText-2 test split
     #[arg(long)]
     pub text_file: Option<PathBuf>,
+    /// GGUF: a Python with llama-cpp-python to run llama.cpp (default: ~/.cache/whittle-peers/bin/python)
+    #[arg(long)]
+    pub python: Option<PathBuf>,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -72,7 +75,20 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     if a.ort_threads == Some(0) {
         bail!("--ort-threads 0: must be at least 1");
     }
-    let file = whittle_export::onnx::model_file(&a.exported)?;
+    let gguf = whittle_export::verify::is_gguf(&a.exported);
+    let file = if gguf { a.exported.clone() } else { whittle_export::onnx::model_file(&a.exported)? };
+    match (&a.python, gguf) {
+        (Some(_), false) => bail!("--python: only for a GGUF export (run in llama.cpp)"),
+        // Checked before the model is loaded: a missing runtime costs nothing.
+        (Some(p), true) if !p.exists() => bail!("--python {}: no such file", p.display()),
+        (None, true) if whittle_export::llamacpp::default_python().is_none() => bail!(
+            "{}: a GGUF export is verified in llama.cpp through llama-cpp-python, and the peers' venv \
+             (~/.cache/whittle-peers/bin/python, scripts/test-deps.sh) does not exist: make it, or pass --python \
+             with a Python that has `llama_cpp`",
+            file.display()
+        ),
+        _ => {}
+    }
     let m = ModelArg {
         model: a.against.model.clone(),
         tokenizer: a.against.tokenizer.clone(),
@@ -94,14 +110,26 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         chunks: a.chunks,
         ctx: a.ctx,
         text_file: a.text_file.clone(),
+        python: a.python.clone(),
     };
-    let r = whittle_export::verify::verify(&file, &l, &o).with_context(|| format!("verifying {}", file.display()))?;
+    let r = whittle_export::verify::verify(&file, &l, &o)
+        .map_err(|e| anyhow::anyhow!(super::flags(&e.to_string())))
+        .with_context(|| format!("verifying {}", file.display()))?;
     let mut so = std::io::stdout().lock();
     if a.json {
         writeln!(so, "{}", serde_json::to_string_pretty(&r)?)?;
         return Ok(());
     }
-    writeln!(so, "runtime    onnxruntime ({})", r.runtime_library.display())?;
+    writeln!(so, "runtime    {} ({})", r.runtime, r.runtime_library.display())?;
+    let rt = if gguf { "llama.cpp" } else { "onnx" };
+    if let Some(t) = &r.tokenizer {
+        let diff = t.first_diff.map_or(String::new(), |(i, p)| format!("; text {i} differs at token {p}"));
+        writeln!(
+            so,
+            "tokenizer  {}/{} texts tokenized identically ({} tokens){diff}",
+            t.identical, t.texts, t.whittle_tokens
+        )?;
+    }
     if let Some(e) = &r.encoder {
         writeln!(so, "sentences  {} (STS-B, {} pairs, max {} tokens)", e.sentences, e.pairs, a.max_len)?;
         writeln!(
@@ -114,11 +142,11 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     if let Some(d) = &r.decoder {
         for p in &d.prompts {
             let verdict = match p.first_diff {
-                None => format!("identical {} tokens", p.onnx_ids.len()),
+                None => format!("identical {} tokens", p.export_ids.len()),
                 Some(i) => format!("DIFFER at token {i}"),
             };
             writeln!(so, "prompt     {:?}: {verdict}", p.prompt)?;
-            writeln!(so, "  onnx     {:?}", p.onnx_text)?;
+            writeln!(so, "  {rt:<8} {:?}", p.export_text)?;
             if p.first_diff.is_some() {
                 writeln!(so, "  whittle  {:?}", p.whittle_text)?;
             }
@@ -127,14 +155,14 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         if let (Some(k), Some(t)) = (d.kld_mean, d.top1_agree) {
             writeln!(
                 so,
-                "chunks     {} × {} tokens ({} scored): KLD {:.3e} (p99 {:.3e}), top-1 {:.2}%, PPL onnx {:.4} whittle {:.4}",
+                "chunks     {} × {} tokens ({} scored): KLD {:.3e} (p99 {:.3e}), top-1 {:.2}%, PPL {rt} {:.4} whittle {:.4}",
                 d.chunks,
                 d.ctx,
                 d.tokens,
                 k,
                 d.kld_p99.unwrap_or(0.0),
                 t,
-                d.ppl_onnx.unwrap_or(0.0),
+                d.ppl_export.unwrap_or(0.0),
                 d.ppl_whittle.unwrap_or(0.0)
             )?;
         }
