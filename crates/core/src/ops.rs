@@ -53,6 +53,39 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
     Ok(Tensor::from_vec(out, (b, t, w), q.device())?)
 }
 
+/// Attention over packed sequences (see `whittle_kernels::attn::varlen_attention`): sequence s is rows
+/// `cu_seqlens[s]..cu_seqlens[s + 1]` and attends to itself only.
+///
+/// # Shapes
+/// - `q`, `k`: (..., N, H·Dq); `v`: (..., N, H·D) f32 whose leading dimensions are 1; `cu_seqlens`: S + 1
+///   offsets from 0 to N; returns `v`'s shape
+pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, cu_seqlens: &[usize]) -> Result<Tensor> {
+    let wq = *q.dims().last().unwrap_or(&0);
+    let w = *v.dims().last().unwrap_or(&0);
+    let n = v.elem_count() / w.max(1);
+    let bad = |msg: String| crate::Error::Linear { name: "varlen attention".into(), msg };
+    if n_head == 0 || !wq.is_multiple_of(n_head) || !w.is_multiple_of(n_head) {
+        return Err(bad(format!("{n_head} heads do not divide widths {wq} and {w}")));
+    }
+    if q.dims() != k.dims() || q.elem_count() != n * wq {
+        return Err(bad(format!("q {:?}, k {:?} and v {:?} disagree", q.dims(), k.dims(), v.dims())));
+    }
+    if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) || cu_seqlens.windows(2).any(|p| p[0] > p[1]) {
+        return Err(bad(format!("offsets {cu_seqlens:?} do not run from 0 to {n} rows without decreasing")));
+    }
+    let (dq, d) = (wq / n_head, w / n_head);
+    let out = with_f32_slice(q, |qs| {
+        with_f32_slice(k, |ks| {
+            with_f32_slice(v, |vs| {
+                whittle_kernels::filled(n * w, |out| {
+                    whittle_kernels::attn::varlen_attention(qs, ks, vs, cu_seqlens, n_head, dq, d, out, &KernelPool)
+                })
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, v.shape(), v.device())?)
+}
+
 /// SwiGLU's `silu(g) · u` (LLaMA's MLP), fused, split over the thread pool.
 ///
 /// # Shapes
