@@ -94,14 +94,16 @@ fn run(
     let longest = (0..n_seq).map(|s| seg(s).len).max().unwrap_or(0);
     let op = SendPtr(out.as_mut_ptr() as *mut f32);
     #[cfg(target_arch = "x86_64")]
-    let simd = dq.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
+    let simd = d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     par.for_each(n_seq * h, &|range| {
         #[allow(clippy::redundant_locals)]
         let op = op;
-        let mut p = vec![0f32; longest];
-        let mut acc = vec![0f32; d];
+        // Scores of one query (and, for AVX-512, the keys transposed), padded to whole vectors.
+        let lp = longest.div_ceil(16) * 16;
+        let mut p = vec![0f32; lp];
+        let mut acc = vec![0f32; if simd { dq * lp } else { d }];
         for task in range {
             let (si, hi) = (task / h, task % h);
             let Segment { row0, rows, len } = seg(si);
@@ -139,7 +141,7 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// One (sequence, head): every query row of it.
+/// One (sequence, head): every query row of it. The scalar reference; [`head_avx512`] is its fast twin.
 ///
 /// # Safety
 /// `out` must be valid for the (B, T, H·D) layout and this head's part written by no one else.
@@ -197,19 +199,91 @@ unsafe fn head(
     }
 }
 
-/// [`head`] compiled for AVX-512 with an explicit vector dot product (the query/key size a multiple of 16).
+/// [`head`] for AVX-512 (the value size a multiple of 16): the head's keys are transposed once, scaled,
+/// into `kt` (Dq, L16), so a query's scores against 16 keys are Dq broadcast FMAs with no horizontal sums;
+/// the softmax runs 16 scores at a time ([`crate::act::exp512`]), and the weighted sum of values stays in
+/// registers, 16 value columns at a time.
+///
+/// # Safety
+/// As [`head`]; AVX-512F available; `p` holds `len` rounded up to 16 and `kt` Dq times that.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn head_avx512(q: &[f32], k: &[f32], v: &[f32], g: &Geometry, p: &mut [f32], acc: &mut [f32], out: *mut f32) {
-    head(q, k, v, g, p, acc, out, |a: &[f32], b: &[f32]| {
-        use std::arch::x86_64::*;
-        let mut s = _mm512_setzero_ps();
-        for c in (0..a.len()).step_by(16) {
-            s = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(c)), _mm512_loadu_ps(b.as_ptr().add(c)), s);
+unsafe fn head_avx512(q: &[f32], k: &[f32], v: &[f32], g: &Geometry, p: &mut [f32], kt: &mut [f32], out: *mut f32) {
+    use std::arch::x86_64::*;
+    let (len, dq, d) = (g.len, g.dq, g.d);
+    let lp = len.div_ceil(16) * 16;
+    debug_assert!(p.len() >= lp && kt.len() >= dq * lp && d.is_multiple_of(16));
+    // Kᵀ · scale, columns past `len` zero (their scores are masked below).
+    for j in 0..lp {
+        if j < len {
+            let kr = &k[(g.row0 + j) * g.wq + g.hi * g.dq..][..dq];
+            for (c, &x) in kr.iter().enumerate() {
+                *kt.get_unchecked_mut(c * lp + j) = x * g.scale;
+            }
+        } else {
+            for c in 0..dq {
+                *kt.get_unchecked_mut(c * lp + j) = 0.0;
+            }
         }
-        _mm512_reduce_add_ps(s)
-    })
+    }
+    let (kp, pp) = (kt.as_ptr(), p.as_mut_ptr());
+    let tail: __mmask16 = if len % 16 == 0 { 0xffff } else { ((1u32 << (len % 16)) - 1) as __mmask16 };
+    for i in 0..g.rows {
+        let o = out.add((g.row0 + i) * g.w + g.hi * g.d);
+        if i >= len {
+            for c in (0..d).step_by(16) {
+                _mm512_storeu_ps(o.add(c), _mm512_setzero_ps());
+            }
+            continue;
+        }
+        let qi = q.as_ptr().add((g.row0 + i) * g.wq + g.hi * g.dq);
+        // Scores, 16 keys at a time, over four partial sums (the FMA latency).
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for jb in (0..lp).step_by(16) {
+            let mut s = [_mm512_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 4 <= dq {
+                for (u, su) in s.iter_mut().enumerate() {
+                    let kv = _mm512_loadu_ps(kp.add((c + u) * lp + jb));
+                    *su = _mm512_fmadd_ps(_mm512_set1_ps(*qi.add(c + u)), kv, *su);
+                }
+                c += 4;
+            }
+            while c < dq {
+                s[0] = _mm512_fmadd_ps(_mm512_set1_ps(*qi.add(c)), _mm512_loadu_ps(kp.add(c * lp + jb)), s[0]);
+                c += 1;
+            }
+            let sv = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+            _mm512_storeu_ps(pp.add(jb), sv);
+            let m = if jb + 16 >= lp { tail } else { 0xffff };
+            mx = _mm512_mask_max_ps(mx, m, mx, sv);
+        }
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut zv = _mm512_setzero_ps();
+        for jb in (0..lp).step_by(16) {
+            let m = if jb + 16 >= lp { tail } else { 0xffff };
+            let e = _mm512_maskz_mov_ps(m, crate::act::exp512(_mm512_sub_ps(_mm512_loadu_ps(pp.add(jb)), mx)));
+            _mm512_storeu_ps(pp.add(jb), e);
+            zv = _mm512_add_ps(zv, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(zv));
+        // Σ_j p_j v_j, 16 columns at a time, two partial sums.
+        for c in (0..d).step_by(16) {
+            let vb = v.as_ptr().add(g.row0 * g.w + g.hi * g.d + c);
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut j = 0;
+            while j + 2 <= len {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(j)), _mm512_loadu_ps(vb.add(j * g.w)), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(j + 1)), _mm512_loadu_ps(vb.add((j + 1) * g.w)), a1);
+                j += 2;
+            }
+            if j < len {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(j)), _mm512_loadu_ps(vb.add(j * g.w)), a0);
+            }
+            _mm512_storeu_ps(o.add(c), _mm512_mul_ps(_mm512_add_ps(a0, a1), inv));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -257,7 +331,7 @@ mod tests {
     fn varlen_matches_spec_and_padded_kernel() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(20);
-        for &(h, dq, d) in &[(3, 4, 4), (2, 32, 32), (2, 16, 32), (3, 5, 8)] {
+        for &(h, dq, d) in &[(3, 4, 4), (2, 32, 32), (2, 16, 32), (3, 5, 8), (2, 5, 16), (1, 12, 48)] {
             for case in 0..6 {
                 let n_seq = 1 + case % 5;
                 let lens: Vec<usize> = (0..n_seq)

@@ -48,14 +48,7 @@ pub fn evaluate(l: &Loaded, name: &str, c: &EvalConfig, base: Option<&Loaded>, c
 /// Speed, size and memory of `l` (sentences/s and latency, or llama-bench pp/tg).
 pub fn bench(l: &Loaded, name: &str, c: &BenchConfig, ctx: &Ctx) -> Result<Metrics> {
     let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions {
-        batch: c.batch,
-        max_len: c.max_len,
-        pp: c.pp,
-        tg: c.tg,
-        reps: c.reps,
-        ..Default::default()
-    };
+    let o = c.options();
     let mut pb = ctx.progress(&format!("bench {name}"));
     let mut m = bench::bench(l, &pairs, &o, &mut pb)?;
     m.model = Some(name.to_string());
@@ -196,14 +189,7 @@ pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx)
         return Ok(vec![]);
     }
     let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions {
-        batch: c.batch,
-        max_len: c.max_len,
-        pp: c.pp,
-        tg: c.tg,
-        reps: c.reps,
-        ..Default::default()
-    };
+    let o = c.options();
     let epoch = Instant::now();
     let mut runners = models
         .iter()
