@@ -208,9 +208,9 @@ impl BertBlock {
     /// - `x`: (B, T, C); returns (B, T, C)
     pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
         let a = self.mix(x, mask, head_dim)?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
+        let x = self.attn_norm.forward_residual(&self.attn_out.forward(&a)?, x)?; // (B, T, C)
         let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
-        self.out_norm.forward(&(self.output.forward(&m)? + x)?)
+        self.out_norm.forward_residual(&self.output.forward(&m)?, &x) // (B, T, C)
     }
 
     /// The forward in the stages of the layer-wise engine, each ending at the input of the next Linears:
@@ -230,12 +230,12 @@ impl BertBlock {
             0 => Some(x.clone()),
             1 => Some(self.mix(input()?, mask, head_dim)?),
             2 => {
-                *x = self.attn_norm.forward(&(self.attn_out.forward(input()?)? + &*x)?)?;
+                *x = self.attn_norm.forward_residual(&self.attn_out.forward(input()?)?, x)?;
                 Some(x.clone())
             }
             3 => Some(whittle_core::ops::gelu_erf(&self.intermediate.forward(input()?)?)?),
             _ => {
-                *x = self.out_norm.forward(&(self.output.forward(input()?)? + &*x)?)?;
+                *x = self.out_norm.forward_residual(&self.output.forward(input()?)?, x)?;
                 None
             }
         })

@@ -16,6 +16,17 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
     }
+    /// `LayerNorm(x + r)`, the post-LN residual step, fused into one kernel.
+    ///
+    /// # Shapes
+    /// - `x`, `r`: (..., C); returns (..., C)
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && r.dtype() == DType::F32 {
+            return Ok(whittle_core::ops::add_layer_norm(x, r, &self.weight, &self.bias, self.eps)?);
+        }
+        self.forward(&(x + r)?)
+    }
+
     pub fn num_params(&self) -> usize {
         self.weight.elem_count() + self.bias.elem_count()
     }
