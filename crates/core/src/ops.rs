@@ -32,6 +32,49 @@ fn par_chunks(v: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     });
 }
 
+/// Post-LN residual step, fused: `LayerNorm(x + r) · w + b` over the last dimension, rows split over the
+/// thread pool (one pass to add, two over the row in cache to normalise; see
+/// `whittle_kernels::act::add_layer_norm`).
+///
+/// # Shapes
+/// - `x`, `r`: the same shape (..., C) f32; `w`, `b`: (C,); returns `x`'s shape
+pub fn add_layer_norm(x: &Tensor, r: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = w.dims1()?;
+    if x.dims() != r.dims() || x.dims().last() != Some(&c) || b.dims1()? != c {
+        let msg = format!(
+            "input {:?}, residual {:?}, weight {:?} and bias {:?} disagree",
+            x.dims(),
+            r.dims(),
+            w.dims(),
+            b.dims()
+        );
+        return Err(crate::Error::Linear { name: "layer norm".into(), msg });
+    }
+    let n = x.elem_count();
+    let rows = n / c.max(1);
+    // Rows per task: about 16k values, so each task amortises its start.
+    let per = (16384 / c.max(1)).max(1);
+    let out = crate::backend::cpu::with_f32_slices(&[x.clone(), r.clone(), w.clone(), b.clone()], |s| {
+        let (xs, rs, ws, bs) = (s[0], s[1], s[2], s[3]);
+        whittle_kernels::filled(n, |out| {
+            let op = SendPtr(out.as_mut_ptr() as *mut f32);
+            KernelPool.for_each(rows.div_ceil(per), &|range| {
+                #[allow(clippy::redundant_locals)]
+                let op = op;
+                for t in range {
+                    let (a, e) = (t * per * c, ((t + 1) * per).min(rows) * c);
+                    // SAFETY: rows [a, e) of `out` are this task's only; the kernel writes every element.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(op.0.add(a) as *mut std::mem::MaybeUninit<f32>, e - a)
+                    };
+                    whittle_kernels::act::add_layer_norm(&xs[a..e], &rs[a..e], ws, bs, eps as f32, o);
+                }
+            });
+        })
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
 /// Fused encoder attention over right-padded batches (see `whittle_kernels::attn`).
 ///
 /// # Shapes
@@ -51,6 +94,39 @@ pub fn encoder_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, lens
         })
     })???;
     Ok(Tensor::from_vec(out, (b, t, w), q.device())?)
+}
+
+/// Attention over packed sequences (see `whittle_kernels::attn::varlen_attention`): sequence s is rows
+/// `cu_seqlens[s]..cu_seqlens[s + 1]` and attends to itself only.
+///
+/// # Shapes
+/// - `q`, `k`: (..., N, H·Dq); `v`: (..., N, H·D) f32 whose leading dimensions are 1; `cu_seqlens`: S + 1
+///   offsets from 0 to N; returns `v`'s shape
+pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, cu_seqlens: &[usize]) -> Result<Tensor> {
+    let wq = *q.dims().last().unwrap_or(&0);
+    let w = *v.dims().last().unwrap_or(&0);
+    let n = v.elem_count() / w.max(1);
+    let bad = |msg: String| crate::Error::Linear { name: "varlen attention".into(), msg };
+    if n_head == 0 || !wq.is_multiple_of(n_head) || !w.is_multiple_of(n_head) {
+        return Err(bad(format!("{n_head} heads do not divide widths {wq} and {w}")));
+    }
+    if q.dims() != k.dims() || q.elem_count() != n * wq {
+        return Err(bad(format!("q {:?}, k {:?} and v {:?} disagree", q.dims(), k.dims(), v.dims())));
+    }
+    if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) || cu_seqlens.windows(2).any(|p| p[0] > p[1]) {
+        return Err(bad(format!("offsets {cu_seqlens:?} do not run from 0 to {n} rows without decreasing")));
+    }
+    let (dq, d) = (wq / n_head, w / n_head);
+    let out = with_f32_slice(q, |qs| {
+        with_f32_slice(k, |ks| {
+            with_f32_slice(v, |vs| {
+                whittle_kernels::filled(n * w, |out| {
+                    whittle_kernels::attn::varlen_attention(qs, ks, vs, cu_seqlens, n_head, dq, d, out, &KernelPool)
+                })
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, v.shape(), v.device())?)
 }
 
 /// SwiGLU's `silu(g) · u` (LLaMA's MLP), fused, split over the thread pool.
@@ -168,6 +244,27 @@ mod tests {
         let want = p.matmul(&rep(&v)).unwrap().transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn add_layer_norm_matches_candle() {
+        let dev = &candle_core::Device::Cpu;
+        for (rows, c) in [(37, 384), (3, 20)] {
+            let x = (Tensor::arange(0f32, (rows * c) as f32, dev).unwrap().reshape((rows, c)).unwrap() * 0.37)
+                .unwrap()
+                .sin()
+                .unwrap();
+            let r = (x.clone() * 1.7).unwrap().cos().unwrap();
+            let w = (Tensor::arange(0f32, c as f32, dev).unwrap() * 0.01).unwrap();
+            let b = (Tensor::arange(0f32, c as f32, dev).unwrap() * -0.02).unwrap();
+            let got = add_layer_norm(&x, &r, &w, &b, 1e-12).unwrap();
+            let want = candle_nn::ops::layer_norm(&(&x + &r).unwrap(), &w, &b, 1e-12).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{rows}x{c}: {diff}");
+        }
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, dev).unwrap();
+        let w = Tensor::ones(3, candle_core::DType::F32, dev).unwrap();
+        assert!(add_layer_norm(&x, &x, &w, &w, 1e-12).is_err());
     }
 
     #[test]

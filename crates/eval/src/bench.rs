@@ -1,9 +1,13 @@
 //! Speed, size and memory.
 //!
 //! - Encoders (the STS-B throughput protocol): the first `n_sent` sentences of `sts-test.tsv` (sentence1,
-//!   sentence2, sentence1, ...), batches of `batch` padded to the longest, `max_len` cap, tokenization
-//!   included as in the peers' scripts; sentences/s (median of `reps`), and batch-1 latency over the first
-//!   `n_latency` sentences (a share of them after each repetition), p50/p95/p99.
+//!   sentence2, sentence1, ...), batches of `batch` consecutive sentences in that order (as the peers' scripts
+//!   form them), `max_len` cap, tokenization included as in the peers' scripts; sentences/s (median of
+//!   `reps`), and batch-1 latency over the first `n_latency` sentences (a share of them after each
+//!   repetition), p50/p95/p99. Each batch runs packed by default (its real tokens only, attention per
+//!   sentence: [`text::Layout::Packed`]); `layout` Padded pads it to its longest sentence as the peers do;
+//!   `sort_by_length` forms the batches from the whole corpus sorted by length instead (not the peers'
+//!   protocol: reported as `sorted_by_length`).
 //! - Decoders (llama-bench): `pp` = one prompt of `pp` tokens from an empty cache (logits of the last
 //!   position only); `tg` = `tg` single-token steps after a 16-token prompt; tokens/s, median and range of
 //!   `reps` runs.
@@ -33,11 +37,32 @@ pub struct BenchOptions {
     pub pp: usize,
     pub tg: usize,
     pub reps: usize,
+    /// How each encoder batch runs (packed by default).
+    pub layout: text::Layout,
+    /// Encoder batches from the corpus sorted by length rather than in order of arrival.
+    pub sort_by_length: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { batch: 32, max_len: 128, n_sent: 1000, n_latency: 200, pp: 512, tg: 128, reps: 5 }
+        Self {
+            batch: 32,
+            max_len: 128,
+            n_sent: 1000,
+            n_latency: 200,
+            pp: 512,
+            tg: 128,
+            reps: 5,
+            layout: text::Layout::Packed,
+            sort_by_length: false,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// How the encoder benchmark embeds `batch` texts at a time.
+    fn embed(&self, batch: usize) -> text::EmbedOptions {
+        text::EmbedOptions { max_len: self.max_len, batch, layout: self.layout, sort_by_length: self.sort_by_length }
     }
 }
 
@@ -165,7 +190,7 @@ impl<'a> Runner<'a> {
                 if corpus.is_empty() {
                     return Err(Error::Usage("no sentences to benchmark".into()));
                 }
-                text::embed_texts(l, &corpus[..o.batch.min(corpus.len())], o.max_len, o.batch)?; // warm-up
+                text::embed_texts_with(l, &corpus[..o.batch.min(corpus.len())], &o.embed(o.batch))?; // warm-up
                 Work::Encoder { corpus, rates: vec![], lat: vec![] }
             }
             Model::Llama(m) => {
@@ -200,7 +225,7 @@ impl<'a> Runner<'a> {
         // repetition and took the caches; alone it costs a batch and changes nothing.
         match &self.work {
             Work::Encoder { corpus, .. } => {
-                text::embed_texts(self.l, &corpus[..self.o.batch.min(corpus.len())], self.o.max_len, self.o.batch)?;
+                text::embed_texts_with(self.l, &corpus[..self.o.batch.min(corpus.len())], &self.o.embed(self.o.batch))?;
             }
             Work::Decoder { m, toks, .. } => decode(m, &toks[..8], &mut KvCache::default())?,
         }
@@ -210,14 +235,14 @@ impl<'a> Runner<'a> {
         let (res, cpu) = watched(|| -> Result<()> {
             match &mut self.work {
                 Work::Encoder { corpus, rates, lat } => {
-                    let (res, wall, util) = timed(|| text::embed_texts(l, corpus, o.max_len, o.batch));
+                    let (res, wall, util) = timed(|| text::embed_texts_with(l, corpus, &o.embed(o.batch)));
                     res?;
                     rates.push(corpus.len() as f64 / wall);
                     utils.extend(util);
                     // This repetition's share of the latency sentences.
                     let n = o.n_latency.min(corpus.len());
                     for s in &corpus[r * n / reps..(r + 1) * n / reps] {
-                        let (res, wall, _) = timed(|| text::embed_texts(l, &[s], o.max_len, 1));
+                        let (res, wall, _) = timed(|| text::embed_texts_with(l, &[s], &o.embed(1)));
                         res?;
                         lat.push(wall * 1e3);
                     }
@@ -265,6 +290,8 @@ impl<'a> Runner<'a> {
                 m.p95_ms = Some(percentile(&lat, 95.0));
                 m.p99_ms = Some(percentile(&lat, 99.0));
                 m.items = Some(corpus.len());
+                m.packed = Some(self.o.layout == text::Layout::Packed);
+                m.sorted_by_length = Some(self.o.sort_by_length);
             }
             Work::Decoder { pp, tg, .. } => {
                 m.pp_tok_s = Some(median(&pp));

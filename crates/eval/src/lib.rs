@@ -70,6 +70,14 @@ pub struct Metrics {
     // --- speed ---
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_per_s: Option<f64>,
+    /// Encoder bench: whether each batch ran packed (real tokens only, attention per sentence) rather than
+    /// padded to its longest sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<bool>,
+    /// Encoder bench: whether the batches were formed from the corpus sorted by length (not the peers'
+    /// protocol, which takes the sentences in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sorted_by_length: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p50_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

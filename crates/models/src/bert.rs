@@ -188,6 +188,9 @@ pub enum AttnMask<'a> {
     Lengths(&'a [usize]),
     /// Any pattern: (B, 1, 1, T), 0 where attended and the most negative f32 elsewhere.
     Additive(Tensor),
+    /// Packed sequences in one row (B = 1, T = N real tokens, no padding): sequence s is tokens
+    /// `cu_seqlens[s]..cu_seqlens[s + 1]` and attends to itself only (variable-length attention).
+    Packed(&'a [usize]),
 }
 
 impl BertBlock {
@@ -205,9 +208,9 @@ impl BertBlock {
     /// - `x`: (B, T, C); returns (B, T, C)
     pub fn forward(&self, x: &Tensor, mask: &AttnMask, head_dim: usize) -> Result<Tensor> {
         let a = self.mix(x, mask, head_dim)?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&a)? + x)?)?;
+        let x = self.attn_norm.forward_residual(&self.attn_out.forward(&a)?, x)?; // (B, T, C)
         let m = whittle_core::ops::gelu_erf(&self.intermediate.forward(&x)?)?; // (B, T, I)
-        self.out_norm.forward(&(self.output.forward(&m)? + x)?)
+        self.out_norm.forward_residual(&self.output.forward(&m)?, &x) // (B, T, C)
     }
 
     /// The forward in the stages of the layer-wise engine, each ending at the input of the next Linears:
@@ -227,12 +230,12 @@ impl BertBlock {
             0 => Some(x.clone()),
             1 => Some(self.mix(input()?, mask, head_dim)?),
             2 => {
-                *x = self.attn_norm.forward(&(self.attn_out.forward(input()?)? + &*x)?)?;
+                *x = self.attn_norm.forward_residual(&self.attn_out.forward(input()?)?, x)?;
                 Some(x.clone())
             }
             3 => Some(whittle_core::ops::gelu_erf(&self.intermediate.forward(input()?)?)?),
             _ => {
-                *x = self.out_norm.forward(&(self.output.forward(input()?)? + &*x)?)?;
+                *x = self.out_norm.forward_residual(&self.output.forward(input()?)?, x)?;
                 None
             }
         })
@@ -251,6 +254,12 @@ impl BertBlock {
             Linear::forward_shared(&[&self.query, &self.key, &self.value], x)?.try_into().expect("three outputs");
         Ok(match mask {
             AttnMask::Lengths(lens) => whittle_core::ops::encoder_attention(&q, &k, &v, h, lens)?, // (B, T, H*D)
+            AttnMask::Packed(cu) => {
+                if b != 1 {
+                    return Err(Error::Usage(format!("packed sequences run as one row of tokens, not {b} rows")));
+                }
+                whittle_core::ops::varlen_attention(&q, &k, &v, h, cu)? // (1, N, H*D)
+            }
             AttnMask::Additive(mask) => {
                 let (q, k, v) = (split(q, dq)?, split(k, dq)?, split(v, head_dim)?);
                 let a = attention(&q, &k, &v, Some(mask))?; // (B, H, T, D)
@@ -431,6 +440,49 @@ impl Bert {
             x = blk.forward(&x, &mask, self.config.head_dim)?;
         }
         Ok(x)
+    }
+
+    /// Last hidden states of packed sequences: the real tokens of every sequence one after another, no
+    /// padding. The Linears, LayerNorms and GELU run on the N real tokens only; attention runs per sequence on
+    /// its own length, and positions restart at 0 for each sequence. Per sequence this is [`Self::forward`]
+    /// on a batch padded to the longest, up to the Linears' summation order.
+    ///
+    /// # Shapes
+    /// - `ids`, `type_ids`: (N,) u32; `cu_seqlens`: S + 1 offsets from 0 to N; returns (N, C)
+    pub fn forward_packed(&self, ids: &Tensor, type_ids: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
+        let n = ids.dims1()?;
+        if type_ids.dims1()? != n {
+            return Err(Error::Usage(format!("{n} token ids but {} token type ids", type_ids.dims1()?)));
+        }
+        if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) || cu_seqlens.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(Error::Usage(format!(
+                "sequence offsets {cu_seqlens:?} do not run from 0 to the {n} packed tokens without decreasing"
+            )));
+        }
+        let max_pos = self.config.max_position_embeddings;
+        if let Some(t) = cu_seqlens.windows(2).map(|w| w[1] - w[0]).find(|&t| t > max_pos) {
+            return Err(Error::Usage(format!(
+                "sequence of {t} tokens is longer than max_position_embeddings {max_pos}"
+            )));
+        }
+        let c = self.config.hidden_size;
+        if n == 0 {
+            return Ok(Tensor::zeros((0, c), DType::F32, self.embeddings.position.device())?);
+        }
+        // Each token's position within its own sequence.
+        let pos: Vec<u32> = cu_seqlens.windows(2).flat_map(|w| 0..(w[1] - w[0]) as u32).collect();
+        let pos = Tensor::from_vec(pos, n, ids.device())?;
+        let e = &self.embeddings;
+        let ids2 = ids.unsqueeze(0)?; // (1, N)
+        let x = ((e.word_rows(&ids2)? + embed(&e.token_type, &type_ids.unsqueeze(0)?)?)?
+            + e.position.index_select(&pos, 0)?.unsqueeze(0)?)?; // (1, N, C)
+        let mut x = e.norm.forward(&x)?;
+        let mask = AttnMask::Packed(cu_seqlens);
+        for blk in &self.blocks {
+            x = blk.forward(&x, &mask, self.config.head_dim)?; // (1, N, C)
+        }
+        Ok(x.squeeze(0)?) // (N, C)
     }
 
     /// Every parameter with its HF name, in HF order (for saving).

@@ -16,6 +16,17 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
     }
+    /// `LayerNorm(x + r)`, the post-LN residual step, fused into one kernel.
+    ///
+    /// # Shapes
+    /// - `x`, `r`: (..., C); returns (..., C)
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && r.dtype() == DType::F32 {
+            return Ok(whittle_core::ops::add_layer_norm(x, r, &self.weight, &self.bias, self.eps)?);
+        }
+        self.forward(&(x + r)?)
+    }
+
     pub fn num_params(&self) -> usize {
         self.weight.elem_count() + self.bias.elem_count()
     }
@@ -127,4 +138,33 @@ pub fn mean_pool_normalize(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let mean = sum.broadcast_div(&count)?;
     let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
     Ok(mean.broadcast_div(&norm)?)
+}
+
+/// [`mean_pool_normalize`] on packed sequences: the mean of each sequence's rows `cu_seqlens[s]..
+/// cu_seqlens[s + 1]`, L2-normalised (with the same floors: an empty sequence gives a zero vector).
+///
+/// # Shapes
+/// - `x`: (N, C); `cu_seqlens`: S + 1 offsets from 0 to N; returns S rows of C
+pub fn mean_pool_normalize_packed(x: &Tensor, cu_seqlens: &[usize]) -> Result<Vec<Vec<f32>>> {
+    let (n, c) = x.dims2()?;
+    if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&n) || cu_seqlens.windows(2).any(|w| w[0] > w[1]) {
+        return Err(crate::Error::Usage(format!("sequence offsets {cu_seqlens:?} do not cover {n} rows")));
+    }
+    let rows = whittle_core::backend::cpu::with_f32_slice(x, |xs| {
+        cu_seqlens
+            .windows(2)
+            .map(|w| {
+                let mut sum = vec![0f32; c];
+                for row in xs[w[0] * c..w[1] * c].chunks_exact(c) {
+                    sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                }
+                let count = ((w[1] - w[0]) as f32).max(1e-9);
+                sum.iter_mut().for_each(|s| *s /= count);
+                let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                sum.iter_mut().for_each(|s| *s /= norm);
+                sum
+            })
+            .collect()
+    })?;
+    Ok(rows)
 }

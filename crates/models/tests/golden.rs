@@ -55,6 +55,31 @@ fn minilm_embeddings_match_sentence_transformers() {
     assert!(d <= MAX_EMBED_ABS_ERR, "padding changed the embedding by {d:e}");
 }
 
+/// Packed batches against padded ones on real sentences: the cosine of each sentence's two embeddings.
+const MIN_PACKED_COS: f64 = 0.999_999;
+
+/// Issue 20: the padding-free path gives the padded path's embeddings, on the first 320 STS-B test sentences
+/// in the bench's batches of 32 (and sorted by length).
+#[test]
+fn minilm_packed_batches_equal_padded_on_sts_b() {
+    use text::{EmbedOptions, Layout};
+    let l = minilm_model();
+    let tsv = std::fs::read_to_string(repo_root().join("data/stsbenchmark/sts-test.tsv")).unwrap();
+    let sents: Vec<&str> =
+        tsv.lines().skip(1).flat_map(|r| r.split('\t').skip(5).take(2).collect::<Vec<_>>()).take(320).collect();
+    assert_eq!(sents.len(), 320);
+    let run = |layout, sort_by_length| {
+        text::embed_texts_with(l, &sents, &EmbedOptions { max_len: 128, batch: 32, layout, sort_by_length }).unwrap()
+    };
+    let padded = run(Layout::Padded, false);
+    for (what, got) in [("packed", run(Layout::Packed, false)), ("packed, sorted", run(Layout::Packed, true))] {
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+        let worst =
+            got.iter().zip(&padded).map(|(a, b)| dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()).fold(1.0, f64::min);
+        assert!(worst >= MIN_PACKED_COS, "{what}: min cos {worst}");
+    }
+}
+
 #[test]
 fn minilm_tokenizer_matches_hf() {
     let fx = fixture("minilm.json");

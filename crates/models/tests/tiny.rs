@@ -13,6 +13,8 @@ use whittle_models::{load, text, BlockLayout, Error, LoadOptions, Model};
 
 const MAX_CACHE_ABS_ERR: f32 = 1e-4;
 const MAX_PAD_ABS_ERR: f32 = 1e-5;
+/// Packed (padding-free) against padded batches: the cosine of every sentence's two embeddings (issue 20).
+const MIN_PACKED_COS: f64 = 0.999_999;
 
 fn load_dir(dir: &Path) -> whittle_models::Result<whittle_models::Loaded> {
     load(dir.to_str().unwrap(), &LoadOptions::default())
@@ -55,6 +57,99 @@ fn bert_padding_does_not_change_embeddings() {
     assert!(diff < MAX_PAD_ABS_ERR, "{diff:e}");
     let norm: f32 = alone[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// Texts of 1 to 28 words (3 to 30 tokens with [CLS] and [SEP]) in a ragged order.
+fn ragged_texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            (0..1 + (i * 7919 + 3) % 28)
+                .map(|j| format!("w{}", 3 + (i * 13 + j * 5) % 37))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// Packed batches give the padded batches' embeddings (fp32 and w8a8 dynamic Linears, the scalar and the
+/// AVX-512 attention kernels), and sorting by length gives them too, in the texts' order.
+#[test]
+fn bert_packed_batches_equal_padded_ones() {
+    use text::{EmbedOptions, Layout};
+    use whittle_core::Linear;
+    use whittle_kernels::int8::PackedI8;
+    let texts = ragged_texts(37);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for (c, f, layers) in [(16, 24, 1), (64, 96, 2)] {
+        for int8 in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            whittle_models::testing::tiny_bert_layers(d.path(), c, f, layers);
+            let mut l = load_dir(d.path()).unwrap();
+            if int8 {
+                for (_, lin) in l.model.linears_mut() {
+                    let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let p = PackedI8::from_f32(&w, lin.out_features(), lin.in_features());
+                    *lin = Linear::int8_dynamic(p, lin.bias.clone()).unwrap();
+                }
+            }
+            let run = |layout, sort_by_length| {
+                let o = EmbedOptions { max_len: 32, batch: 8, layout, sort_by_length };
+                text::embed_texts_with(&l, &refs, &o).unwrap()
+            };
+            let padded = run(Layout::Padded, false);
+            for (what, got) in [("packed", run(Layout::Packed, false)), ("packed, sorted", run(Layout::Packed, true))] {
+                assert_eq!(got.len(), texts.len());
+                for (i, (a, b)) in got.iter().zip(&padded).enumerate() {
+                    let cs = cos(a, b);
+                    assert!(cs >= MIN_PACKED_COS, "C={c} int8={int8} {what}: text {i} cos {cs}");
+                }
+            }
+            assert_eq!(text::embed_texts(&l, &refs, 32, 8).unwrap(), run(Layout::Packed, false), "the default packs");
+        }
+    }
+}
+
+/// The packed forward's hidden states are the padded forward's real rows; bad offsets are errors.
+#[test]
+fn bert_forward_packed_matches_padded_rows_and_rejects_bad_offsets() {
+    let d = tempfile::tempdir().unwrap();
+    whittle_models::testing::tiny_bert_layers(d.path(), 64, 96, 2);
+    let l = load_dir(d.path()).unwrap();
+    let Model::Bert(m) = &l.model else { panic!() };
+    let dev = Device::Cpu;
+    let rows: [&[u32]; 3] = [&[1, 5, 9, 2], &[1, 7, 2], &[1, 3, 4, 5, 6, 8, 2]];
+    let b = text::batch_from_ids(&rows).unwrap();
+    let padded: Vec<Vec<Vec<f32>>> = m.forward(&b.ids, &b.type_ids, &b.mask).unwrap().to_vec3().unwrap();
+    let flat: Vec<u32> = rows.concat();
+    let ids = Tensor::new(flat.as_slice(), &dev).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let cu = [0, 4, 7, 14];
+    let packed: Vec<Vec<f32>> = m.forward_packed(&ids, &types, &cu).unwrap().to_vec2().unwrap();
+    for (s, w) in cu.windows(2).enumerate() {
+        for i in 0..w[1] - w[0] {
+            let diff = packed[w[0] + i].iter().zip(&padded[s][i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < MAX_PAD_ABS_ERR, "sequence {s} token {i}: {diff:e}");
+        }
+    }
+    for bad in [&[0, 4, 3, 14][..], &[0, 4, 7, 13], &[1, 14], &[]] {
+        let e = m.forward_packed(&ids, &types, bad).unwrap_err().to_string();
+        assert!(e.contains("offsets"), "{bad:?}: {e}");
+    }
+    let long: Vec<u32> = vec![3; 33];
+    let e = m.forward_packed(
+        &Tensor::new(long.as_slice(), &dev).unwrap(),
+        &Tensor::zeros(33, DType::U32, &dev).unwrap(),
+        &[0, 33],
+    );
+    assert!(e.unwrap_err().to_string().contains("max_position_embeddings"));
+    // No sequences, and empty ones, embed to zero vectors as in the padded path.
+    let e = text::embed_ids(&l, &[&[], &[1, 5, 2]]).unwrap();
+    assert!(e[0].iter().all(|&x| x == 0.0) && (e[1].iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
 }
 
 #[test]

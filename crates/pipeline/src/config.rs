@@ -89,12 +89,48 @@ pub struct BenchConfig {
     /// Timed repetitions (median reported)
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 5))]
     pub reps: usize,
+    /// Encoders: pad each batch to its longest sentence (as the peers run it) instead of packing its real
+    /// tokens
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub padded: bool,
+    /// Encoders: form the batches from the sentences sorted by length instead of in order (not the peers'
+    /// protocol; reported as `sorted_by_length`)
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub sort_by_length: bool,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
         let o = bench::BenchOptions::default();
-        Self { batch: o.batch, max_len: o.max_len, pp: o.pp, tg: o.tg, reps: o.reps }
+        Self {
+            batch: o.batch,
+            max_len: o.max_len,
+            pp: o.pp,
+            tg: o.tg,
+            reps: o.reps,
+            padded: o.layout == whittle_models::text::Layout::Padded,
+            sort_by_length: o.sort_by_length,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// The benchmark options these flags choose.
+    pub fn options(&self) -> bench::BenchOptions {
+        bench::BenchOptions {
+            batch: self.batch,
+            max_len: self.max_len,
+            pp: self.pp,
+            tg: self.tg,
+            reps: self.reps,
+            layout: if self.padded {
+                whittle_models::text::Layout::Padded
+            } else {
+                whittle_models::text::Layout::Packed
+            },
+            sort_by_length: self.sort_by_length,
+            ..Default::default()
+        }
     }
 }
 

@@ -203,14 +203,7 @@ pub fn bench_interleaved(models: &[(&Loaded, &str)], c: &BenchConfig, ctx: &Ctx)
         return Ok(vec![]);
     }
     let pairs = data::parse_sts(&data::read_text(None, data::STS_TEST)?)?;
-    let o = bench::BenchOptions {
-        batch: c.batch,
-        max_len: c.max_len,
-        pp: c.pp,
-        tg: c.tg,
-        reps: c.reps,
-        ..Default::default()
-    };
+    let o = c.options();
     let epoch = Instant::now();
     let mut runners = models
         .iter()

@@ -22,6 +22,13 @@ pub struct Args {
     pub max_len: Option<usize>,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Pad each batch to its longest text instead of packing its real tokens (the reference path)
+    #[arg(long)]
+    pub padded: bool,
+    /// Batch consecutive texts instead of texts of similar lengths (the output keeps the input order either
+    /// way)
+    #[arg(long)]
+    pub in_order: bool,
     /// Print JSON: {"model", "dim", "embeddings": [[...], ...]}
     #[arg(long)]
     pub json: bool,
@@ -45,7 +52,13 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
     let l = env.open(&a.m)?;
     let max_len = a.max_len.or(l.max_seq_length).unwrap_or(512);
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let e = text::embed_texts(&l, &refs, max_len, a.batch)?;
+    let o = text::EmbedOptions {
+        max_len,
+        batch: a.batch,
+        layout: if a.padded { text::Layout::Padded } else { text::Layout::Packed },
+        sort_by_length: !a.in_order,
+    };
+    let e = text::embed_texts_with(&l, &refs, &o)?;
     let mut out = std::io::stdout().lock();
     if a.json {
         let v = serde_json::json!({"model": a.m.model, "dim": e.first().map_or(0, |x| x.len()), "embeddings": e});
