@@ -2,8 +2,9 @@
 //!
 //! Inputs arrive one per job (a request with several inputs sends several). The engine takes everything
 //! waiting as one round, sorts it by length and cuts it into the batches that cost least by an estimate of
-//! padded tokens plus a fixed cost per forward ([`plan`]), each within `max_batch_tokens` padded tokens
-//! (longest × rows), so little padding enters a forward; a round finishes before the next
+//! real tokens plus a fixed cost per forward ([`plan`]), each within `max_batch_tokens` tokens: batches run
+//! packed (`text::embed_ids`: only the real tokens enter the Linears, attention per input on its own
+//! length), so a long input costs its own tokens, not the others' padding; a round finishes before the next
 //! starts, so no input waits behind newer shorter ones for ever. A round waits a moment for more inputs
 //! after its first (they keep arriving within `GATHER_GAP` of each other, up to `GATHER_MAX`): clients
 //! answered by the last round send their next requests together, and a batch of one followed by a batch of
@@ -103,32 +104,33 @@ fn run_round(l: &Loaded, mut jobs: Vec<EmbedJob>, budget: usize, m: &Metrics) {
 }
 
 /// What one forward costs beyond its tokens, in tokens' worth of work: MiniLM w8a8 on the project's 2-core
-/// machine embeds a lone ~11-token sentence in 1.26 ms and batches at about 0.063 ms per padded token,
-/// so a forward's fixed cost (dispatch, per-op thread-pool barriers, pooling) is about 9 tokens. It only
-/// sets where [`plan`] stops splitting: higher means fewer, more padded batches.
+/// machine embeds a lone ~11-token sentence in 1.26 ms and batches at about 0.063 ms per token, so a
+/// forward's fixed cost (dispatch, per-op thread-pool barriers, pooling) is about 9 tokens.
 pub const FORWARD_OVERHEAD_TOKENS: usize = 8;
 
 /// Cuts a round of inputs sorted by length (`lengths`, ascending) into consecutive batches, returning
-/// their sizes, so that the estimated work Σ (FORWARD_OVERHEAD_TOKENS + rows × longest) is least and no
-/// batch holds more than `budget` padded tokens (a single input always forms a batch).
+/// their sizes, so that the estimated work Σ (FORWARD_OVERHEAD_TOKENS + Σ lengths) is least and no batch
+/// holds more than `budget` tokens (a single input always forms a batch).
 ///
-/// Single requests arrive with unrelated lengths: 16 random STS-B sentences padded to their longest cost
-/// 32 tokens each against 14 real ones, so one batch per round would spend more than half its work on
-/// padding, and one batch per input would pay the fixed cost 16 times. An exact dynamic programme over
-/// the cut points: `best[j]` is the least cost of the first `j` inputs, the last batch being `i..j`.
+/// Batches run packed, so an input costs its own tokens whichever batch it joins and the least work is the
+/// fewest forwards under the budget. (With padded batches, 16 random STS-B sentences padded to their
+/// longest cost 32 tokens each against 14 real ones, and this plan split rounds by length.) An exact
+/// dynamic programme over the cut points: `best[j]` is the least cost of the first `j` inputs, the last
+/// batch being `i..j`.
 pub fn plan(lengths: &[usize], budget: usize) -> Vec<usize> {
     let n = lengths.len();
     let mut best = vec![usize::MAX; n + 1];
     let mut cut = vec![0usize; n + 1];
     best[0] = 0;
     for j in 1..=n {
-        let longest = lengths[j - 1];
+        let mut tokens = 0usize;
         for i in (0..j).rev() {
+            tokens += lengths[i];
             let rows = j - i;
-            if rows > 1 && rows * longest > budget {
-                break; // more rows only pad more
+            if rows > 1 && tokens > budget {
+                break; // more rows only add tokens
             }
-            let cost = best[i].saturating_add(FORWARD_OVERHEAD_TOKENS + rows * longest);
+            let cost = best[i].saturating_add(FORWARD_OVERHEAD_TOKENS + tokens);
             if cost < best[j] {
                 best[j] = cost;
                 cut[j] = i;
@@ -150,9 +152,8 @@ fn run_batch(l: &Loaded, jobs: Vec<EmbedJob>, m: &Metrics) {
     for j in &jobs {
         m.queue_time.observe(t0.duration_since(j.enqueued).as_secs_f64());
     }
-    let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
     m.batch_size.observe(jobs.len() as f64);
-    m.batch_tokens.observe((longest * jobs.len()) as f64);
+    m.batch_tokens.observe(jobs.iter().map(|j| j.ids.len()).sum::<usize>() as f64);
     let rows: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
     let out = text::embed_ids(l, &rows);
     let secs = t0.elapsed().as_secs_f64();
@@ -188,21 +189,23 @@ mod tests {
             .iter()
             .map(|&n| {
                 at += n;
-                FORWARD_OVERHEAD_TOKENS + n * lengths[at - 1]
+                FORWARD_OVERHEAD_TOKENS + lengths[at - n..at].iter().sum::<usize>()
             })
             .sum()
     }
 
     #[test]
-    fn plan_splits_where_padding_costs_more_than_a_forward() {
+    fn plan_runs_a_round_in_the_fewest_packed_batches() {
         // Equal lengths: one batch.
         assert_eq!(plan(&[10; 16], 4096), vec![16]);
-        // One long input among short ones runs alone rather than pad the other 15 to its length.
+        // One long input among short ones joins them: packed, it costs only its own tokens.
         let mut l = vec![10; 15];
         l.push(60);
-        assert_eq!(plan(&l, 4096), vec![15, 1]);
-        // Two near lengths stay together (splitting would cost a forward to save 2 tokens).
-        assert_eq!(plan(&[10, 11], 4096), vec![2]);
+        assert_eq!(plan(&l, 4096), vec![16]);
+        // The budget counts real tokens: 15 × 10 + 60 = 210 > 200 splits off the long one.
+        assert_eq!(plan(&l, 200), vec![15, 1]);
+        // An input over the budget still runs, alone.
+        assert_eq!(plan(&[5, 500], 100), vec![1, 1]);
         assert!(plan(&[], 4096).is_empty());
     }
 
@@ -225,18 +228,21 @@ mod tests {
             let mut at = 0;
             for &k in &p {
                 at += k;
-                assert!(k == 1 || k * l[at - 1] <= budget, "a batch of {k} × {} over the budget {budget}", l[at - 1]);
+                let tokens: usize = l[at - k..at].iter().sum();
+                assert!(k == 1 || tokens <= budget, "a batch of {k} inputs, {tokens} tokens, over the budget {budget}");
             }
             // No worse than one input per batch, or the greedy fill up to the budget.
             assert!(cost(&l, &p) <= cost(&l, &vec![1; n]));
             let mut greedy = vec![];
-            let mut rows = 0;
+            let (mut rows, mut tokens) = (0, 0);
             for &x in &l {
-                if rows > 0 && (rows + 1) * x > budget {
+                if rows > 0 && tokens + x > budget {
                     greedy.push(rows);
                     rows = 0;
+                    tokens = 0;
                 }
                 rows += 1;
+                tokens += x;
             }
             greedy.push(rows);
             assert!(cost(&l, &p) <= cost(&l, &greedy), "plan {p:?} costs more than greedy {greedy:?}");

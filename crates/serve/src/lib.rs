@@ -36,7 +36,7 @@ pub struct ServeConfig {
     pub host: String,
     /// 0 = any free port (see [`Server::addr`]).
     pub port: u16,
-    /// Encoders: padded tokens in one batch. Decoders: prompt tokens prefilled in one step (chunked prefill).
+    /// Encoders: tokens in one batch (batches run packed, so real tokens). Decoders: prompt tokens prefilled in one step (chunked prefill).
     pub max_batch_tokens: usize,
     /// Decoders: sequences in the running batch. Encoders: unused (the token budget sizes batches).
     pub max_concurrent: usize,

@@ -16,7 +16,7 @@ pub struct Args {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Encoders: padded tokens per batch; decoders: prompt tokens prefilled per step (chunked prefill)
+    /// Encoders: tokens per batch (batches run packed: real tokens); decoders: prompt tokens prefilled per step (chunked prefill)
     #[arg(long, default_value_t = 4096)]
     pub max_batch_tokens: usize,
     /// Decoders: sequences decoded together (the running batch)
