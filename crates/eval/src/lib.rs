@@ -106,8 +106,10 @@ pub struct Metrics {
     /// machine --bandwidth`, in a child process); the best pass counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_gbps: Option<f64>,
-    /// Decoding as a fraction of the bandwidth limit: `model_bytes` × `tg_tok_s` ÷ `mem_gbps` (every weight
-    /// is read once per token; the tied LM head reads the whole embedding table).
+    /// Decoding as a fraction of the bandwidth limit: `model_bytes` × `tg_tok_s` ÷ `mem_gbps`, with the weights
+    /// as the file stores them (for a GGUF with a tied LM head, every byte is read once per token; it
+    /// understates the fraction when the weights run wider than stored, `--dtype f32` / `--dequantize`, and
+    /// overstates it for an untied embedding table, of which decoding reads one row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tg_bw_frac: Option<f64>,
     /// When each timed repetition started, in seconds from the start of the benchmark (`compare`: of all

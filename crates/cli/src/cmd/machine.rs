@@ -15,7 +15,7 @@ pub struct Args {
     #[arg(long)]
     pub bandwidth: bool,
     /// Bytes the bandwidth probe streams per pass, in MiB (several times the last-level cache)
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=65536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=4096))]
     pub mib: u64,
     /// Passes of each probe; the best counts (as STREAM reports)
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1000))]
