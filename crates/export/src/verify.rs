@@ -283,32 +283,10 @@ fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Resu
         if ids.is_empty() {
             return Err(Error::Usage(format!("prompt {p:?} is empty after tokenization")));
         }
-        let sampling = whittle_models::generate::Sampling::default();
-        let ours = whittle_models::generate::generate(m, &ids, o.n_tokens, &[], &sampling, |_| {})?;
         let theirs = ort_greedy(ort, m, &ids, o.n_tokens)?;
-        let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
-        prompts.push(PromptCheck {
-            prompt: p.clone(),
-            whittle_text: text::decode(l, &ours)?,
-            export_text: text::decode(l, &theirs)?,
-            whittle_ids: ours,
-            export_ids: theirs,
-            first_diff,
-        });
+        prompts.push(prompt_check(l, m, p, &ids, theirs, o.n_tokens)?);
     }
-    let identical = prompts.iter().filter(|p| p.first_diff.is_none()).count();
-    let mut check = DecoderCheck {
-        prompts,
-        identical,
-        chunks: 0,
-        ctx: o.ctx,
-        tokens: 0,
-        kld_mean: None,
-        kld_p99: None,
-        top1_agree: None,
-        ppl_export: None,
-        ppl_whittle: None,
-    };
+    let mut check = DecoderCheck::new(prompts, 0, o.ctx);
     if o.chunks == 0 {
         return Ok(check);
     }
@@ -333,6 +311,47 @@ fn decoder(ort: &mut OrtModel, l: &Loaded, m: &Llama, o: &VerifyOptions) -> Resu
     check.chunks = chunks.len();
     summarize(&mut check, &scores);
     Ok(check)
+}
+
+/// whittle's greedy continuation of `ids` beside the export's (`theirs`), both decoded.
+fn prompt_check(
+    l: &Loaded,
+    m: &Llama,
+    prompt: &str,
+    ids: &[u32],
+    theirs: Vec<u32>,
+    n_tokens: usize,
+) -> Result<PromptCheck> {
+    let sampling = whittle_models::generate::Sampling::default();
+    let ours = whittle_models::generate::generate(m, ids, n_tokens, &[], &sampling, |_| {})?;
+    let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+    Ok(PromptCheck {
+        prompt: prompt.to_string(),
+        whittle_text: text::decode(l, &ours)?,
+        export_text: text::decode(l, &theirs)?,
+        whittle_ids: ours,
+        export_ids: theirs,
+        first_diff,
+    })
+}
+
+impl DecoderCheck {
+    /// The prompts' results, with the scores of `chunks` chunks still to come ([`summarize`]).
+    fn new(prompts: Vec<PromptCheck>, chunks: usize, ctx: usize) -> Self {
+        let identical = prompts.iter().filter(|p| p.first_diff.is_none()).count();
+        DecoderCheck {
+            prompts,
+            identical,
+            chunks,
+            ctx,
+            tokens: 0,
+            kld_mean: None,
+            kld_p99: None,
+            top1_agree: None,
+            ppl_export: None,
+            ppl_whittle: None,
+        }
+    }
 }
 
 /// KLD, top-1 agreement and both perplexities of the scored positions.
@@ -431,31 +450,9 @@ fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyR
     }
     let mut prompts = Vec::new();
     for ((p, ids), theirs) in o.prompts.iter().zip(&prompt_ids).zip(session.reply.greedy.clone()) {
-        let sampling = whittle_models::generate::Sampling::default();
-        let ours = whittle_models::generate::generate(m, ids, o.n_tokens, &[], &sampling, |_| {})?;
-        let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
-        prompts.push(PromptCheck {
-            prompt: p.clone(),
-            whittle_text: text::decode(l, &ours)?,
-            export_text: text::decode(l, &theirs)?,
-            whittle_ids: ours,
-            export_ids: theirs,
-            first_diff,
-        });
+        prompts.push(prompt_check(l, m, p, ids, theirs, o.n_tokens)?);
     }
-    let identical = prompts.iter().filter(|p| p.first_diff.is_none()).count();
-    let mut check = DecoderCheck {
-        prompts,
-        identical,
-        chunks: chunks.len(),
-        ctx: o.ctx,
-        tokens: 0,
-        kld_mean: None,
-        kld_p99: None,
-        top1_agree: None,
-        ppl_export: None,
-        ppl_whittle: None,
-    };
+    let mut check = DecoderCheck::new(prompts, chunks.len(), o.ctx);
     let mut scores = Vec::new();
     for chunk in &chunks {
         let ours = whittle_eval::ppl::chunk_logits(m, chunk, first - 1)?; // (ctx - first, V) rows
