@@ -116,8 +116,8 @@ fn run_text(l: &Loaded, text: &str, o: &CalibOptions, progress: &mut impl FnMut(
 /// in the statistics).
 pub fn decoder_windows(l: &Loaded, text: &str, o: &CalibOptions) -> Result<Vec<Vec<u32>>> {
     // Enough text for the windows (about 4 characters a token), tokenized once.
-    let want = o.samples * o.seq_len;
-    let mut end = text.len().min(want * 8);
+    let want = o.samples.saturating_mul(o.seq_len);
+    let mut end = text.len().min(want.saturating_mul(8));
     while !text.is_char_boundary(end) {
         end -= 1;
     }

@@ -650,6 +650,14 @@ mod ranges {
         v.map_or(Ok(()), |v| at_least(name, v, min))
     }
 
+    /// `min <= v <= max` when given.
+    pub fn opt_between(name: &'static str, v: Option<usize>, min: usize, max: usize) -> Result<()> {
+        match v {
+            Some(v) if v > max => Err(InvalidOption::new(name, v, format!("must be at most {max}")).into()),
+            _ => opt_at_least(name, v, min),
+        }
+    }
+
     /// `lo <= v <= hi` (with `open_lo`: `lo < v`), and finite.
     pub fn real(name: &'static str, v: f64, lo: f64, hi: f64, open_lo: bool) -> Result<()> {
         let ok = v.is_finite() && v <= hi && if open_lo { v > lo } else { v >= lo };
@@ -677,11 +685,15 @@ mod ranges {
 }
 
 pub(crate) use ranges::input_file;
-use ranges::{at_least, opt_at_least, opt_real, real};
+use ranges::{at_least, opt_at_least, opt_between, opt_real, real};
+
+/// The most calibration windows (decoders) or sentences (encoders) a stage takes: far above what any method
+/// needs (llm-compressor's default is 512) and far below what would overflow the text budget's arithmetic.
+pub const MAX_CALIB_SAMPLES: usize = 65_536;
 
 impl CalibConfig {
     pub fn check_ranges(&self) -> Result<()> {
-        opt_at_least("calib_samples", self.calib_samples, 1)?;
+        opt_between("calib_samples", self.calib_samples, 1, MAX_CALIB_SAMPLES)?;
         opt_at_least("calib_seq_len", self.calib_seq_len, 2)?;
         input_file("calib", self.calib.as_deref())
     }

@@ -447,6 +447,19 @@ mod tests {
         Recipe::parse(t, "r.toml").map_err(|e| e.to_string())
     }
 
+    /// Found by scripts/fuzz.sh (recipe target, input recipe-3690ff8e26834311): `calib_samples` of 2^40 was
+    /// accepted, and the stage then calibrated on the whole text (its window arithmetic, `samples × seq_len`,
+    /// one step from overflowing).
+    #[test]
+    fn fuzz_recipe_calib_samples_huge_is_refused_with_its_line() {
+        let e = parse(
+            "[[stage]]\nallow_requantize = true\ngroup_size = 32\nmethod = \"gptq\"\nscheme = \"w4a16\"\nstage = \"quantize\"\n\n[stage.calibration]\ncalib_samples = 1099511627776\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("r.toml:"), "{e}");
+        assert!(e.contains("`calib_samples` 1099511627776: must be at most 65536"), "{e}");
+    }
+
     #[test]
     fn a_recipe_parses_into_checked_steps() {
         let r = parse(
