@@ -431,7 +431,10 @@ fn encode_linear(name: &str, l: &Linear, s: Scheme, dt: DType) -> Result<(Vec<(S
             let ng = k / group;
             // whittle's codes are compressed-tensors' packed (unsigned) values; see the module docs.
             let packed = pack_rows(&bw.q, m, k, bits);
-            out.push((format!("{name}.weight_packed"), Stored::Tensor(Tensor::from_vec(packed, (m, k * bits as usize / 32), dev)?)));
+            out.push((
+                format!("{name}.weight_packed"),
+                Stored::Tensor(Tensor::from_vec(packed, (m, k * bits as usize / 32), dev)?),
+            ));
             let (st, scale_back) = scale_tensor(scale, (m, ng))?;
             out.push((format!("{name}.weight_scale"), Stored::Tensor(st)));
             out.push((format!("{name}.weight_shape"), Stored::Tensor(Tensor::new(&[m as i64, k as i64], dev)?)));

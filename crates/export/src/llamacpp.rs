@@ -36,7 +36,9 @@ impl PyRuntime {
     fn needs(self) -> &'static str {
         match self {
             PyRuntime::LlamaCpp => "`llama_cpp` (pip install llama-cpp-python)",
-            PyRuntime::Transformers => "`torch`, `transformers` and `compressed_tensors` (pip install compressed-tensors)",
+            PyRuntime::Transformers => {
+                "`torch`, `transformers` and `compressed_tensors` (pip install compressed-tensors)"
+            }
         }
     }
 

@@ -92,9 +92,8 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
             return print_gguf(&r, a.json);
         }
         Format::CompressedTensors => {
-            let o = whittle_export::compressed_tensors::CtOptions {
-                dtype: env.dtype.unwrap_or(candle_core::DType::F16),
-            };
+            let o =
+                whittle_export::compressed_tensors::CtOptions { dtype: env.dtype.unwrap_or(candle_core::DType::F16) };
             let r = whittle_export::compressed_tensors::export(&l, out, &o)
                 .map_err(|e| anyhow::anyhow!(flags(&e.to_string())))
                 .with_context(|| format!("exporting to {}", out.display()))?;
@@ -186,8 +185,7 @@ fn print_ct(r: &whittle_export::compressed_tensors::CtReport, json: bool) -> Res
     writeln!(so, "ignore     {}", r.ignore.join(", "))?;
     let mut by = std::collections::BTreeMap::<(String, String, String), usize>::new();
     for t in &r.tensors {
-        *by.entry((t.source.clone(), t.stored.clone(), format!("{:?}", t.conversion).to_lowercase())).or_default() +=
-            1;
+        *by.entry((t.source.clone(), t.stored.clone(), format!("{:?}", t.conversion).to_lowercase())).or_default() += 1;
     }
     for ((src, stored, how), n) in by {
         writeln!(so, "tensors    {n:>3} × {src} → {stored} ({how})")?;
