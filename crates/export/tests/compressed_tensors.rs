@@ -16,6 +16,8 @@ use whittle_models::{load, testing, Loaded};
 
 /// The f16 rounding of a group scale moves a weight by at most 2⁻¹¹ of it.
 const MAX_F16_SCALE_REL_ERR: f64 = 1e-3;
+/// An asymmetric grid in f32: `s·(q − z)` (compressed-tensors) against `s·q + min` (whittle), one rounding.
+const MAX_F32_ASYM_REL_ERR: f64 = 1e-6;
 /// transformers (f32, the decompressed weights) against whittle run dequantized (exact activations) on the
 /// tiny model: the same weights, summed in another order.
 const MAX_TRANSFORMERS_KLD: f64 = 1e-5;
@@ -139,10 +141,17 @@ fn grouped_grids_are_packed_code_for_code_as_compressed_tensors_reads_them() {
             assert!(matches!(row.conversion, Conversion::Exact | Conversion::Codes), "{name}");
             assert!(row.rel_err <= MAX_F16_SCALE_REL_ERR, "{name}: {}", row.rel_err);
         }
-        // f32 model dtype: the scales as whittle holds them, the export exact.
+        // f32 model dtype: the scales as whittle holds them; symmetric grids exact, asymmetric ones up to the
+        // order of `s·(q − z)` against whittle's `s·q + min`.
         let out32 = d.path().join(format!("{}-f32", rtn.name()));
         let r = export(&l, &out32, &CtOptions { dtype: candle_core::DType::F32 }).unwrap();
-        assert!(r.tensors.iter().all(|t| t.conversion == Conversion::Exact), "f32 export is exact");
+        for t in &r.tensors {
+            if zero_point {
+                assert!(t.rel_err <= MAX_F32_ASYM_REL_ERR, "{}: {}", t.name, t.rel_err);
+            } else {
+                assert_eq!(t.conversion, Conversion::Exact, "{}: f32 export of a symmetric grid is exact", t.name);
+            }
+        }
     }
 }
 
@@ -252,7 +261,10 @@ fn transformers_loads_the_export_and_runs_it_as_whittle_runs_the_source() {
     let d = tempfile::tempdir().unwrap();
     let text = d.path().join("t.txt");
     std::fs::write(&text, " the cat".repeat(40) + " abc the Back cat").unwrap();
-    for rtn in [Rtn { bits: 4, group: 32, zero_point: false }, Rtn { bits: 4, group: 64, zero_point: true }] {
+    // Symmetric grids only: transformers 5.24 with compressed-tensors 0.20.1 cannot load an asymmetric
+    // pack-quantized checkpoint as llm-compressor writes it (its loader lays the module out on the meta device
+    // with an unpacked (out, in/G) zero point, then refuses the packed (⌈out·N/32⌉, in/G) one: "size mismatch").
+    for rtn in [Rtn { bits: 4, group: 32, zero_point: false }, Rtn { bits: 8, group: 64, zero_point: false }] {
         let mut l = uniform(&d.path().join("m"));
         quantize_blocks(&mut l, rtn);
         let out = d.path().join(rtn.name());
