@@ -8,13 +8,19 @@
 //! - [`gguf`]: LLaMA-family models as llama.cpp's GGUF (tokenizer from `tokenizer.json`, per-layer widths,
 //!   weight-only grids copied code for code into the ggml block type that holds them).
 //! - [`llamacpp`]: llama.cpp through llama-cpp-python (a committed script run by the peers' Python).
-//! - [`verify`]: runs an export in its runtime (ONNX Runtime, llama.cpp) and compares it with whittle's own run
-//!   of the source model on real data, with `whittle_eval`'s instruments.
+//! - [`compressed_tensors`]: LLaMA-family models as the HF directory llm-compressor writes
+//!   (`quant_method: compressed-tensors`, `pack-quantized` / `int-quantized`), which transformers and vLLM load.
+//! - [`transformers`]: transformers (with `compressed-tensors`) through a committed script run by the peers'
+//!   Python.
+//! - [`verify`]: runs an export in its runtime (ONNX Runtime, llama.cpp, transformers) and compares it with
+//!   whittle's own run of the source model on real data, with `whittle_eval`'s instruments.
 
+pub mod compressed_tensors;
 pub mod gguf;
 pub mod llamacpp;
 pub mod onnx;
 pub mod runtime;
+pub mod transformers;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -35,6 +41,9 @@ pub enum Error {
     /// llama.cpp (llama-cpp-python) could not be run or refused the model.
     #[error("llama.cpp: {0}")]
     LlamaCpp(String),
+    /// transformers (with compressed-tensors) could not be run or refused the model.
+    #[error("transformers: {0}")]
+    Transformers(String),
     #[error(transparent)]
     Model(#[from] whittle_models::Error),
     #[error(transparent)]

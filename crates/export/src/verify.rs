@@ -1,5 +1,6 @@
 //! `whittle verify`: an export run in its own runtime against whittle's run of the source model, on real data.
-//! ONNX exports run in ONNX Runtime, GGUF files in llama.cpp ([`crate::llamacpp`]).
+//! ONNX exports run in ONNX Runtime, GGUF files in llama.cpp ([`crate::llamacpp`]), compressed-tensors
+//! directories in transformers ([`crate::transformers`]).
 //!
 //! - Encoders: every STS-B test sentence (truncated at `max_len` tokens, batches of 32) embedded by ONNX Runtime
 //!   (`sentence_embedding`) and by whittle; the cosine between the two embeddings of each sentence (mean and
@@ -16,6 +17,7 @@ use whittle_eval::data;
 use whittle_models::llama::Llama;
 use whittle_models::{text, Loaded, Model};
 
+use crate::llamacpp::PyRuntime;
 use crate::runtime::{Input, OrtModel};
 use crate::{Error, Result};
 
@@ -41,8 +43,14 @@ pub struct VerifyOptions {
     pub ctx: usize,
     /// Decoders: a text instead of the bundled WikiText-2 test split.
     pub text_file: Option<PathBuf>,
-    /// GGUF: a Python with llama-cpp-python (else the peers' venv, [`crate::llamacpp::default_python`]).
+    /// GGUF / compressed-tensors: a Python with llama-cpp-python, or with torch, transformers and
+    /// compressed-tensors (else the peers' venv, [`crate::llamacpp::default_python`]).
     pub python: Option<PathBuf>,
+    /// compressed-tensors: the torch dtype transformers loads the model in (`float32` when `None`).
+    pub torch_dtype: Option<String>,
+    /// Decoders run in Python: whittle's side runs every quantized Linear dequantized to f32 (exact
+    /// activations, as transformers runs the decompressed weights) instead of its integer kernels.
+    pub whittle_dequantized: bool,
 }
 
 /// The prompts `verify` decodes when none are given.
@@ -66,6 +74,8 @@ impl Default for VerifyOptions {
             ctx: 512,
             text_file: None,
             python: None,
+            torch_dtype: None,
+            whittle_dequantized: false,
         }
     }
 }
@@ -130,17 +140,24 @@ pub struct TokenizerCheck {
 pub struct VerifyReport {
     pub exported: PathBuf,
     pub against: PathBuf,
-    /// `onnxruntime`, or `llama.cpp (llama-cpp-python 0.3.36)`.
+    /// `onnxruntime`, `llama.cpp (llama-cpp-python 0.3.36)`, or `transformers (5.24.0, compressed-tensors …)`.
     pub runtime: String,
     /// The libonnxruntime loaded, or the Python that ran llama.cpp.
     pub runtime_library: PathBuf,
-    /// GGUF: the runtime's tokenization of the prompts and the text against whittle's.
+    /// GGUF / compressed-tensors: the runtime's tokenization of the prompts and the text against whittle's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<TokenizerCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decoder: Option<DecoderCheck>,
+    /// compressed-tensors: the Linears transformers quantized through compressed-tensors, and its dtype.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantized_linears: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    /// Whether whittle's side ran its quantized Linears dequantized (exact activations).
+    pub whittle_dequantized: bool,
     pub seconds: f64,
 }
 
@@ -148,7 +165,15 @@ pub struct VerifyReport {
 /// whittle's run of `l`.
 pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyReport> {
     if is_gguf(exported) {
-        return verify_gguf(exported, l, o);
+        return verify_py(exported, l, o, PyRuntime::LlamaCpp);
+    }
+    if crate::transformers::is_compressed_tensors(exported) {
+        return verify_py(exported, l, o, PyRuntime::Transformers);
+    }
+    if o.whittle_dequantized {
+        return Err(Error::Usage(
+            "option `whittle-dequantized` is for exports run in Python (GGUF, compressed-tensors)".into(),
+        ));
     }
     let t0 = std::time::Instant::now();
     let file = crate::onnx::model_file(exported)?;
@@ -166,6 +191,9 @@ pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyRe
         tokenizer: None,
         encoder,
         decoder,
+        quantized_linears: None,
+        torch_dtype: None,
+        whittle_dequantized: false,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -377,18 +405,36 @@ pub fn is_gguf(p: &Path) -> bool {
 /// Characters of the WikiText-2 text whose tokenizations are compared (a few thousand tokens).
 const TOKENIZER_CHECK_CHARS: usize = 20_000;
 
-/// Runs the GGUF file `exported` in llama.cpp and compares it with whittle's run of `l`: the same prompt ids
-/// decoded greedily, the same WikiText-2 chunks scored (KLD, top-1, both PPLs), and llama.cpp's tokenizer
-/// (built from the file's metadata) against whittle's on the prompts and the first part of the text.
-fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyReport> {
+/// Runs the export `exported` in `rt` — a GGUF file in llama.cpp, a compressed-tensors directory in
+/// transformers — and compares it with whittle's run of `l`: the same prompt ids decoded greedily, the same
+/// WikiText-2 chunks scored (KLD, top-1, both PPLs), and the runtime's tokenizer (llama.cpp's built from the
+/// file's metadata, transformers' from the directory) against whittle's on the prompts and the first part
+/// of the text.
+fn verify_py(exported: &Path, l: &Loaded, o: &VerifyOptions, rt: PyRuntime) -> Result<VerifyReport> {
     let t0 = std::time::Instant::now();
     let Model::Llama(m) = &l.model else {
         return Err(Error::Usage(format!(
-            "{}: a GGUF export is a decoder, and --against {} is an encoder",
+            "{}: the export is a decoder, and --against {} is an encoder",
             exported.display(),
             l.source.path.display()
         )));
     };
+    let torch_dtype = match (rt, &o.torch_dtype) {
+        (PyRuntime::Transformers, d) => {
+            let d = d.clone().unwrap_or_else(|| "float32".into());
+            if !crate::transformers::DTYPES.contains(&d.as_str()) {
+                return Err(whittle_core::InvalidOption::new("torch-dtype", &d, "float32, float16 or bfloat16").into());
+            }
+            Some(d)
+        }
+        (PyRuntime::LlamaCpp, Some(_)) => {
+            return Err(Error::Usage("option `torch-dtype` is for compressed-tensors exports".into()))
+        }
+        (PyRuntime::LlamaCpp, None) => None,
+    };
+    // whittle's side: as it runs, or with every quantized Linear dequantized (exact activations).
+    let dequantized = if o.whittle_dequantized { Some(dequantized(m)?) } else { None };
+    let m = dequantized.as_ref().unwrap_or(m);
     if o.prompts.is_empty() && o.chunks == 0 {
         return Err(Error::Usage("nothing to verify: no prompts and option `chunks` 0".into()));
     }
@@ -422,13 +468,32 @@ fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyR
         texts: texts.clone(),
         threads: o.threads,
     };
-    let mut session = crate::llamacpp::Session::start(o.python.as_deref(), exported, &req)?;
+    let mut session = match &torch_dtype {
+        Some(d) => crate::llamacpp::Session::start_runtime(
+            rt,
+            o.python.as_deref(),
+            exported,
+            &crate::transformers::Request { base: req, dtype: d.clone() },
+        )?,
+        None => crate::llamacpp::Session::start(o.python.as_deref(), exported, &req)?,
+    };
+    let rt_name = match rt {
+        PyRuntime::LlamaCpp => "llama.cpp",
+        PyRuntime::Transformers => "transformers",
+    };
     let v = m.config.vocab_size;
     if session.reply.n_vocab != v {
         return Err(Error::Usage(format!(
-            "{}: llama.cpp reads a vocabulary of {} tokens, the model has {v}: is it the export of this model?",
+            "{}: {rt_name} reads a vocabulary of {} tokens, the model has {v}: is it the export of this model?",
             exported.display(),
             session.reply.n_vocab
+        )));
+    }
+    if session.reply.quantized_linears == Some(0) {
+        return Err(rt.err(format!(
+            "{}: transformers quantized no Linear through compressed-tensors (its quantization_config was not \
+             applied): the comparison would be of a float model",
+            exported.display()
         )));
     }
     // The tokenizer llama.cpp built from the file's metadata, on the same texts.
@@ -462,7 +527,11 @@ fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyR
             scores.push(whittle_eval::ppl::score_row(row, &theirs[i * v..(i + 1) * v], chunk[pos + 1] as usize));
         }
     }
-    let runtime = format!("llama.cpp (llama-cpp-python {})", session.reply.llama_cpp);
+    let runtime = match rt {
+        PyRuntime::LlamaCpp => format!("llama.cpp (llama-cpp-python {})", session.reply.version),
+        PyRuntime::Transformers => format!("transformers ({})", session.reply.version),
+    };
+    let quantized_linears = session.reply.quantized_linears;
     let python = session.python.clone();
     session.finish()?;
     if !scores.is_empty() {
@@ -476,6 +545,33 @@ fn verify_gguf(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyR
         tokenizer: Some(tok),
         encoder: None,
         decoder: Some(check),
+        quantized_linears,
+        torch_dtype,
+        whittle_dequantized: o.whittle_dequantized,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// A copy of `m` whose quantized Linears are dense f32 (their dequantized weights): whittle's run with exact
+/// activations, the reference for a runtime that runs decompressed weights in float.
+fn dequantized(m: &Llama) -> Result<Llama> {
+    let mut d = m.clone();
+    let dense = |l: &mut whittle_core::Linear| -> Result<()> {
+        if l.is_quantized() {
+            let w = l.dequantize()?.to_dtype(candle_core::DType::F32)?;
+            *l = whittle_core::Linear::dense(w, l.bias.clone())?;
+        }
+        Ok(())
+    };
+    for b in &mut d.blocks {
+        for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down] {
+            dense(l)?;
+        }
+    }
+    dense(&mut d.lm_head)?;
+    let run = d.run.clone();
+    let mut model = Model::Llama(d);
+    model.set_run_config(&run);
+    let Model::Llama(d) = model else { unreachable!("built as a decoder") };
+    Ok(d)
 }

@@ -69,6 +69,22 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         _ => "float32",
     }
     .into();
+    write_dir_atomic(out, |dir| {
+        write_json(&dir.join("config.json"), &config)?;
+        write_stored(
+            &dir.join("model.safetensors"),
+            &tensors,
+            Some([("format".to_string(), "pt".to_string())].into()),
+        )?;
+        write_tokenizer_files(l, dir)
+    })?;
+    Ok(())
+}
+
+/// Writes `l`'s tokenizer into the directory `dir`: `tokenizer.json`, and an HF source's own
+/// `tokenizer_config.json`, `special_tokens_map.json`, `vocab.txt` and `sentence_bert_config.json` (a GGUF
+/// source gets a minimal `tokenizer_config.json`).
+pub fn write_tokenizer_files(l: &Loaded, dir: &Path) -> whittle_formats::Result<()> {
     let token = |id: Option<u32>| id.and_then(|i| l.tokenizer.id_to_token(i));
     let mut tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -83,30 +99,21 @@ pub fn save_hf_dir(l: &Loaded, out: &Path, dtype: DType) -> Result<()> {
         tok_cfg["pad_token"] = e.into();
     }
     let src_dir = if l.source.path.is_dir() { Some(l.source.path.clone()) } else { None };
-    write_dir_atomic(out, |dir| {
-        write_json(&dir.join("config.json"), &config)?;
-        write_stored(
-            &dir.join("model.safetensors"),
-            &tensors,
-            Some([("format".to_string(), "pt".to_string())].into()),
-        )?;
-        write_json(&dir.join("tokenizer.json"), &l.tokenizer_json)?;
-        // An HF source keeps its own tokenizer and sentence-transformers files; a GGUF gets a minimal config.
-        let mut copied_tok_cfg = false;
-        if let Some(src) = &src_dir {
-            for f in ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json"] {
-                if src.join(f).exists() {
-                    std::fs::copy(src.join(f), dir.join(f))
-                        .map_err(|e| whittle_formats::Error::Io { path: src.join(f), err: e })?;
-                    copied_tok_cfg |= f == "tokenizer_config.json";
-                }
+    write_json(&dir.join("tokenizer.json"), &l.tokenizer_json)?;
+    // An HF source keeps its own tokenizer and sentence-transformers files; a GGUF gets a minimal config.
+    let mut copied_tok_cfg = false;
+    if let Some(src) = &src_dir {
+        for f in ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json"] {
+            if src.join(f).exists() {
+                std::fs::copy(src.join(f), dir.join(f))
+                    .map_err(|e| whittle_formats::Error::Io { path: src.join(f), err: e })?;
+                copied_tok_cfg |= f == "tokenizer_config.json";
             }
         }
-        if !copied_tok_cfg {
-            write_json(&dir.join("tokenizer_config.json"), &tok_cfg)?;
-        }
-        Ok(())
-    })?;
+    }
+    if !copied_tok_cfg {
+        write_json(&dir.join("tokenizer_config.json"), &tok_cfg)?;
+    }
     Ok(())
 }
 

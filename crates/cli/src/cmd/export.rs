@@ -13,7 +13,10 @@ pub struct Args {
     #[command(flatten)]
     pub out: OutputArgs,
     /// Target format: `onnx` writes OUT/model.onnx (opset 17), OUT/config.json and OUT/tokenizer.json, the
-    /// layout Optimum's ORTModel classes load; `gguf` writes the file OUT that llama.cpp loads (LLaMA family)
+    /// layout Optimum's ORTModel classes load; `gguf` writes the file OUT that llama.cpp loads (LLaMA family);
+    /// `compressed-tensors` writes the HF directory OUT llm-compressor writes (weight-only wNa16 as
+    /// pack-quantized, w8a8 as int-quantized), which transformers and vLLM load (LLaMA family; the model
+    /// dtype is the global --dtype, default f16)
     #[arg(long)]
     pub format: String,
     /// GGUF: the type of weights with no exact GGUF form: f32, f16 (default for float weights), bf16, q8_0,
@@ -37,6 +40,7 @@ pub struct Args {
 pub enum Format {
     Onnx,
     Gguf,
+    CompressedTensors,
 }
 
 impl Format {
@@ -44,11 +48,13 @@ impl Format {
         match s {
             "onnx" => Ok(Format::Onnx),
             "gguf" => Ok(Format::Gguf),
+            "compressed-tensors" => Ok(Format::CompressedTensors),
             // Named in issue 18 and not written yet: say so rather than "unknown".
-            "hf" => {
-                bail!("--format {s}: not supported yet (formats: onnx, gguf; `whittle convert` writes HF directories)")
-            }
-            other => bail!("--format {other}: unknown format (formats: onnx, gguf)"),
+            "hf" => bail!(
+                "--format {s}: not supported yet (formats: onnx, gguf, compressed-tensors; `whittle convert` writes \
+                 HF directories)"
+            ),
+            other => bail!("--format {other}: unknown format (formats: onnx, gguf, compressed-tensors)"),
         }
     }
 }
@@ -60,10 +66,12 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         (Some(s), Format::Gguf) => {
             Some(whittle_export::gguf::GgufScheme::parse(s).map_err(|e| anyhow::anyhow!(flags(&e.to_string())))?)
         }
-        (Some(_), Format::Onnx) => bail!("--scheme: only for --format gguf (ONNX keeps each Linear's own form)"),
+        (Some(_), Format::Onnx | Format::CompressedTensors) => {
+            bail!("--scheme: only for --format gguf (ONNX and compressed-tensors keep each Linear's own form)")
+        }
         (None, _) => None,
     };
-    if a.per_tensor_dynamic && matches!(format, Format::Gguf) {
+    if a.per_tensor_dynamic && !matches!(format, Format::Onnx) {
         bail!("--per-tensor-dynamic: only for --format onnx");
     }
     let _claim = a.out.claim()?;
@@ -82,6 +90,14 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!(flags(&e.to_string())))
                 .with_context(|| format!("exporting to {}", out.display()))?;
             return print_gguf(&r, a.json);
+        }
+        Format::CompressedTensors => {
+            let o =
+                whittle_export::compressed_tensors::CtOptions { dtype: env.dtype.unwrap_or(candle_core::DType::F16) };
+            let r = whittle_export::compressed_tensors::export(&l, out, &o)
+                .map_err(|e| anyhow::anyhow!(flags(&e.to_string())))
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            return print_ct(&r, a.json);
         }
     };
     let mut so = std::io::stdout().lock();
@@ -153,5 +169,32 @@ fn print_gguf(r: &whittle_export::gguf::GgufReport, json: bool) -> Result<()> {
         )?;
     }
     writeln!(so, "wrote {} ({:.1} MB) in {:.1}s", r.file.display(), r.bytes as f64 / 1e6, r.seconds)?;
+    Ok(())
+}
+
+fn print_ct(r: &whittle_export::compressed_tensors::CtReport, json: bool) -> Result<()> {
+    let mut so = std::io::stdout().lock();
+    if json {
+        writeln!(so, "{}", serde_json::to_string_pretty(r)?)?;
+        return Ok(());
+    }
+    writeln!(so, "format     compressed-tensors ({}, model dtype {})", r.quant_format, r.dtype)?;
+    for g in &r.groups {
+        writeln!(so, "group      {}: {:>3} × {} ({})", g.name, g.linears, g.scheme, g.format)?;
+    }
+    writeln!(so, "ignore     {}", r.ignore.join(", "))?;
+    let mut by = std::collections::BTreeMap::<(String, String, String), usize>::new();
+    for t in &r.tensors {
+        *by.entry((t.source.clone(), t.stored.clone(), format!("{:?}", t.conversion).to_lowercase())).or_default() += 1;
+    }
+    for ((src, stored, how), n) in by {
+        writeln!(so, "tensors    {n:>3} × {src} → {stored} ({how})")?;
+    }
+    writeln!(
+        so,
+        "error      max relative weight error: quantized {:.2e} (scales in {}), float {:.2e}",
+        r.max_codes_rel_err, r.dtype, r.max_float_rel_err
+    )?;
+    writeln!(so, "wrote {} ({:.1} MB) in {:.1}s", r.dir.display(), r.bytes as f64 / 1e6, r.seconds)?;
     Ok(())
 }

@@ -10,7 +10,8 @@ use super::{Env, ModelArg};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The export: the directory `whittle export` wrote, an .onnx file, or a .gguf file (run in llama.cpp)
+    /// The export: the directory `whittle export` wrote (ONNX, or compressed-tensors: run in transformers), an
+    /// .onnx file, or a .gguf file (run in llama.cpp)
     pub exported: PathBuf,
     /// The model it was exported from (as every command loads it: add --dequantize for a GGUF exported in f32)
     #[command(flatten)]
@@ -46,9 +47,19 @@ pub struct Args {
     /// Decoders: a text file instead of the bundled WikiText-2 test split
     #[arg(long)]
     pub text_file: Option<PathBuf>,
-    /// GGUF: a Python with llama-cpp-python to run llama.cpp (default: ~/.cache/whittle-peers/bin/python)
+    /// GGUF / compressed-tensors: a Python with llama-cpp-python, or with torch, transformers and
+    /// compressed-tensors (default: ~/.cache/whittle-peers/bin/python)
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// compressed-tensors: the torch dtype transformers runs the model in: float32 (default: the decompressed
+    /// weights exactly, f32 activations), float16, bfloat16
+    #[arg(long)]
+    pub torch_dtype: Option<String>,
+    /// GGUF / compressed-tensors: run whittle's side with every quantized Linear dequantized to f32 (exact
+    /// activations, as transformers runs decompressed weights) instead of its integer kernels, which round
+    /// activations to int8 per 32 values
+    #[arg(long)]
+    pub whittle_dequantized: bool,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -76,12 +87,27 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         bail!("--ort-threads 0: must be at least 1");
     }
     let gguf = whittle_export::verify::is_gguf(&a.exported);
-    let file = if gguf { a.exported.clone() } else { whittle_export::onnx::model_file(&a.exported)? };
-    match (&a.python, gguf) {
-        (Some(_), false) => bail!("--python: only for a GGUF export (run in llama.cpp)"),
+    let ct = whittle_export::transformers::is_compressed_tensors(&a.exported);
+    let file = if gguf || ct { a.exported.clone() } else { whittle_export::onnx::model_file(&a.exported)? };
+    if a.torch_dtype.is_some() && !ct {
+        bail!("--torch-dtype: only for a compressed-tensors export (run in transformers)");
+    }
+    if a.whittle_dequantized && !(gguf || ct) {
+        bail!("--whittle-dequantized: only for a GGUF or compressed-tensors export");
+    }
+    if ct && a.python.is_none() && whittle_export::llamacpp::default_python().is_none() {
+        bail!(
+            "{}: a compressed-tensors export is verified in transformers, and the peers' venv \
+             (~/.cache/whittle-peers/bin/python, scripts/test-deps.sh) does not exist: make it, or pass --python \
+             with a Python that has torch, transformers and compressed-tensors",
+            file.display()
+        );
+    }
+    match (&a.python, gguf || ct) {
+        (Some(_), false) => bail!("--python: only for a GGUF or compressed-tensors export (run in Python)"),
         // Checked before the model is loaded: a missing runtime costs nothing.
         (Some(p), true) if !p.exists() => bail!("--python {}: no such file", p.display()),
-        (None, true) if whittle_export::llamacpp::default_python().is_none() => bail!(
+        (None, true) if gguf && whittle_export::llamacpp::default_python().is_none() => bail!(
             "{}: a GGUF export is verified in llama.cpp through llama-cpp-python, and the peers' venv \
              (~/.cache/whittle-peers/bin/python, scripts/test-deps.sh) does not exist: make it, or pass --python \
              with a Python that has `llama_cpp`",
@@ -111,6 +137,8 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         ctx: a.ctx,
         text_file: a.text_file.clone(),
         python: a.python.clone(),
+        torch_dtype: a.torch_dtype.clone(),
+        whittle_dequantized: a.whittle_dequantized,
     };
     let r = whittle_export::verify::verify(&file, &l, &o)
         .map_err(|e| anyhow::anyhow!(super::flags(&e.to_string())))
@@ -121,7 +149,23 @@ pub fn run(a: &Args, env: &Env) -> Result<()> {
         return Ok(());
     }
     writeln!(so, "runtime    {} ({})", r.runtime, r.runtime_library.display())?;
-    let rt = if gguf { "llama.cpp" } else { "onnx" };
+    let rt = if gguf {
+        "llama.cpp"
+    } else if ct {
+        "hf"
+    } else {
+        "onnx"
+    };
+    if let Some(n) = r.quantized_linears {
+        writeln!(
+            so,
+            "model      {n} Linears quantized by compressed-tensors, run in {}",
+            r.torch_dtype.as_deref().unwrap_or("float32")
+        )?;
+    }
+    if r.whittle_dequantized {
+        writeln!(so, "whittle    quantized Linears run dequantized to f32 (exact activations)")?;
+    }
     if let Some(t) = &r.tokenizer {
         let diff = t.first_diff.map_or(String::new(), |(i, p)| format!("; text {i} differs at token {p}"));
         writeln!(
