@@ -254,16 +254,18 @@ fn llama_w4a16_on_float_activations_agrees_to_float_rounding() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("llama");
     testing::tiny_llama(&m);
-    let mut l = open(&m);
-    let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point: false };
-    for (_, lin) in l.model.block_linears_mut() {
-        if lin.in_features() % 32 == 0 {
-            let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let bw = rtn.quantize(&w, lin.out_features(), lin.in_features());
-            *lin = Linear::rtn(&bw, rtn, None).unwrap().inheriting(lin);
+    let w4 = |mut l: Loaded| {
+        let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point: false };
+        for (_, lin) in l.model.block_linears_mut() {
+            if lin.in_features() % 32 == 0 {
+                let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let bw = rtn.quantize(&w, lin.out_features(), lin.in_features());
+                *lin = Linear::rtn(&bw, rtn, None).unwrap().inheriting(lin);
+            }
         }
-    }
-    let int8 = Loaded { model: l.model.clone(), ..open(&m) };
+        l
+    };
+    let (mut l, int8) = (w4(open(&m)), w4(open(&m))); // RTN is deterministic: the same codes twice
     for (_, lin) in l.model.block_linears_mut() {
         let mut dp = lin.dispatch();
         dp.float_activations = true;
