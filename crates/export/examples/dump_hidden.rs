@@ -45,17 +45,15 @@ fn main() -> anyhow::Result<()> {
     let d = m.config.head_dim;
     let mut x = m.embed(&ids)?; // (1, T, C)
     for (i, b) in m.blocks.iter().enumerate() {
-        let names = ["qkv_in", "o_in", "gate_up_in", "down_in"];
+        // Stage s's output is the input of the Linears named here (stage 4 finishes the block).
+        let names = ["qkv_in", "o_in", "gate_up_in", "down_in", "out"];
         let mut input: Option<Tensor> = None;
-        for s in 0..5 {
+        for (s, name) in names.iter().enumerate() {
             input = b.stage(s, &mut x, input.as_ref(), &cos, &sin, mask.as_ref(), d)?;
             if s == 2 {
                 save(&out, &format!("b{i}.attn_res"), &x)?;
             }
-            match &input {
-                Some(t) => save(&out, &format!("b{i}.{}", names[s]), t)?,
-                None => save(&out, &format!("b{i}.out"), &x)?,
-            }
+            save(&out, &format!("b{i}.{name}"), input.as_ref().unwrap_or(&x))?;
         }
     }
     let h = m.norm.forward(&x)?;
