@@ -6,7 +6,8 @@
 use candle_core::Device;
 use whittle_kernels::Isa;
 
-/// The run options of a model, as `--kernel`, `--fine-activations` and the device choose them.
+/// The run options of a model, as `--kernel`, `--fine-activations`, `--float-activations` and the device
+/// choose them.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     /// Forces the integer kernels to one implementation; `None` = the best this CPU has ([`Isa::detect`]).
@@ -14,20 +15,29 @@ pub struct RunConfig {
     /// Quantize the activations of every block layer per 32 values, also those whose format llama.cpp runs
     /// against 256-value activation blocks (K-quants): finer, so slightly more accurate than llama.cpp.
     pub fine_activations: bool,
+    /// Run block layers (GGUF types, `wNa16` groups) against f32 activations instead of int8 ones: each
+    /// layer's weights dequantized to f32 once (on first use) and an f32 GEMM. What `a16` means and what ONNX
+    /// Runtime's `MatMulNBits` computes at `accuracy_level` 0, so a run that must agree with such a runtime
+    /// to float rounding uses it; it costs 8× the 4-bit weights' memory and decodes slower.
+    pub float_activations: bool,
     /// Where the model's tensors live.
     pub device: Device,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { isa: None, fine_activations: false, device: crate::backend::cpu::device() }
+        Self { isa: None, fine_activations: false, float_activations: false, device: crate::backend::cpu::device() }
     }
 }
 
 impl RunConfig {
     /// The per-layer choices this configuration resolves to on this CPU.
     pub fn dispatch(&self) -> Dispatch {
-        Dispatch { isa: self.isa.unwrap_or_else(Isa::detect), fine_activations: self.fine_activations }
+        Dispatch {
+            isa: self.isa.unwrap_or_else(Isa::detect),
+            fine_activations: self.fine_activations,
+            float_activations: self.float_activations,
+        }
     }
 }
 
@@ -39,12 +49,14 @@ pub struct Dispatch {
     pub isa: Isa,
     /// See [`RunConfig::fine_activations`].
     pub fine_activations: bool,
+    /// See [`RunConfig::float_activations`].
+    pub float_activations: bool,
 }
 
 impl Default for Dispatch {
     /// The best kernels this CPU has, activation blocks as llama.cpp chooses them.
     fn default() -> Self {
-        Dispatch { isa: Isa::detect(), fine_activations: false }
+        Dispatch { isa: Isa::detect(), fine_activations: false, float_activations: false }
     }
 }
 

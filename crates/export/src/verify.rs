@@ -177,6 +177,7 @@ pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyRe
     }
     let t0 = std::time::Instant::now();
     let file = crate::onnx::model_file(exported)?;
+    check_block_activations(&file, l)?;
     let lib = crate::runtime::init(o.ort_lib.as_deref())?;
     let mut ort = OrtModel::open_with(&file, o.ort_lib.as_deref(), o.threads, o.no_optimize)?;
     let (encoder, decoder) = match &l.model {
@@ -196,6 +197,33 @@ pub fn verify(exported: &Path, l: &Loaded, o: &VerifyOptions) -> Result<VerifyRe
         whittle_dequantized: false,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuses to compare an export whose 4-bit layers take other activations than whittle's run of the source
+/// (f32 vs int8-rounded): the two would differ by the activation rounding, not by the runtime.
+fn check_block_activations(file: &Path, l: &Loaded) -> Result<()> {
+    use prost::Message;
+    let Some(ours) = crate::onnx::block_activations(l) else { return Ok(()) };
+    let bytes = std::fs::read(file).map_err(|e| Error::File { path: file.into(), msg: format!("reading: {e}") })?;
+    let meta = crate::onnx::proto::ModelMetadataOnly::decode(bytes.as_slice())
+        .map_err(|e| Error::File { path: file.into(), msg: format!("not an ONNX model: {e}") })?;
+    let Some(theirs) =
+        meta.metadata_props.iter().find(|p| p.key == crate::onnx::BLOCK_ACTIVATIONS_KEY).map(|p| p.value.as_str())
+    else {
+        return Ok(()); // not written by this exporter: compared as it is
+    };
+    if theirs != ours {
+        let flag = |a: &str| if a == crate::onnx::F32_ACTS { "with" } else { "without" };
+        return Err(Error::Usage(format!(
+            "{}: its 4-bit layers take {theirs} activations (exported {} option `float_activations`), but the \
+             source runs them with {ours} activations; verify {} option `float_activations` to compare the same \
+             arithmetic",
+            file.display(),
+            flag(theirs),
+            flag(theirs)
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that the ONNX model has the inputs this model family's export has.

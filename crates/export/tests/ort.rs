@@ -243,6 +243,83 @@ fn llama_w4a16_as_matmul_nbits() {
     }
 }
 
+/// The tiny LLaMA in 4-bit groups, run with `float_activations` and exported so (MatMulNBits on f32
+/// activations): ONNX Runtime gives whittle's greedy tokens and logits to float rounding. Verifying that
+/// export against the int8-activation run is refused naming the option (they compute different things).
+#[test]
+fn llama_w4a16_on_float_activations_agrees_to_float_rounding() {
+    if !ort_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("llama");
+    testing::tiny_llama(&m);
+    let w4 = |mut l: Loaded| {
+        let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point: false };
+        for (_, lin) in l.model.block_linears_mut() {
+            if lin.in_features() % 32 == 0 {
+                let w: Vec<f32> = lin.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let bw = rtn.quantize(&w, lin.out_features(), lin.in_features());
+                *lin = Linear::rtn(&bw, rtn, None).unwrap().inheriting(lin);
+            }
+        }
+        l
+    };
+    let (mut l, int8) = (w4(open(&m)), w4(open(&m))); // RTN is deterministic: the same codes twice
+    for (_, lin) in l.model.block_linears_mut() {
+        let mut dp = lin.dispatch();
+        dp.float_activations = true;
+        lin.set_dispatch(dp);
+    }
+    let out = d.path().join("onnx");
+    let r = onnx::export(&l, &out, &OnnxOptions::default()).unwrap();
+    assert!(r.linears.keys().any(|k| k.contains("MatMulNBits (f32 activations)")), "{:?}", r.linears);
+    let text = d.path().join("text.txt");
+    let words: Vec<String> = (0..400).map(|i| format!("w{}", 3 + (i * 7) % 36)).collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let o = VerifyOptions {
+        prompts: vec!["w1 w3 w5".into(), "w2 w9 w4 w4 w8 w11".into()],
+        n_tokens: 8,
+        chunks: 1,
+        ctx: 32,
+        text_file: Some(text),
+        threads: Some(1),
+        ..Default::default()
+    };
+    let v = verify(&out, &l, &o).unwrap().decoder.unwrap();
+    assert_eq!(v.identical, 2);
+    assert!(v.top1_agree.unwrap() >= 100.0, "top-1 {:?}", v.top1_agree);
+    assert!(v.kld_mean.unwrap() < 1e-6, "KLD {:?}", v.kld_mean);
+    let e = verify(&out, &int8, &o).unwrap_err().to_string();
+    assert!(e.contains("take f32 activations") && e.contains("option `float_activations`"), "{e}");
+}
+
+/// whittle rounds activations to int8 with ties away from zero (ONNX's `Round`: to even). A block whose
+/// scale is exactly 1 (max |x| = 127) puts ties on x.5; the graph must round them as whittle does.
+#[test]
+fn matmul_nbits_rounds_activation_ties_as_whittle() {
+    if !ort_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (n, k) = (32, 32);
+    // W = I: each output is one rounded activation (4-bit identity: 1 → 7·(1/7), 0 → 0).
+    let w: Vec<f32> = (0..n * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect();
+    let mut x = vec![127f32];
+    x.extend((1..k).map(|i| (i as f32 - 16.0) + 0.5)); // −14.5 … 15.5: every one a tie
+    let rtn = whittle_core::rtn::Rtn { bits: 4, group: 32, zero_point: false };
+    let lin = Linear::rtn(&rtn.quantize(&w, n, k), rtn, None).unwrap();
+    let xt = candle_core::Tensor::from_vec(x.clone(), (1, k), &candle_core::Device::Cpu).unwrap();
+    let ours: Vec<f32> = lin.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let theirs = ort_linear(&lin, &x, 1, d.path());
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!((a - b).abs() <= MAX_NBITS_REL_ERR * 127.0, "x[{i}] = {}: whittle {a}, ORT {b}", x[i]);
+        if i > 0 {
+            assert!((a.abs() - (x[i].abs() + 0.5)).abs() < 0.01, "x[{i}] = {} rounds away from zero: {a}", x[i]);
+        }
+    }
+}
+
 #[test]
 fn block_formats_are_refused_naming_the_tensor() {
     let d = tempfile::tempdir().unwrap();

@@ -72,6 +72,11 @@ pub struct RunArgs {
     /// scale per 256 (finer: slightly lower perplexity than llama.cpp on the same file)
     #[arg(long, global = true)]
     pub fine_activations: bool,
+    /// Run block layers (GGUF types, wNa16 groups) against f32 activations, their weights dequantized to f32
+    /// (what a16 means and ONNX Runtime's MatMulNBits computes; 8× the 4-bit weights' memory, slower); with
+    /// `export --format onnx`, 4-bit layers take f32 activations in the graph too
+    #[arg(long, global = true)]
+    pub float_activations: bool,
     /// Keep dense weights and the token embeddings in this dtype (default: f16 and bf16 weights stay 16-bit
     /// as stored, others f32); with `convert`, also the output's weight dtype (default there: f32)
     #[arg(long, global = true, value_enum)]
@@ -144,8 +149,12 @@ impl RunArgs {
         if let Some(isa) = kernel.filter(|i| !i.supported()) {
             anyhow::bail!("--kernel {}: this CPU does not support it", isa.name());
         }
-        let run =
-            whittle_core::RunConfig { isa: kernel, fine_activations: self.fine_activations, ..Default::default() };
+        let run = whittle_core::RunConfig {
+            isa: kernel,
+            fine_activations: self.fine_activations,
+            float_activations: self.float_activations,
+            ..Default::default()
+        };
         Ok(Env { run, json: false, dtype: self.dtype.map(DtypeArg::dtype) })
     }
 }

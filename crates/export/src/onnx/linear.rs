@@ -6,7 +6,7 @@
 //! | `w8a8-dynamic` | per-token u8 activations as whittle runs them (ReduceMin/ReduceMax, Round, Clip) → `MatMulInteger(x_u8, W_q int8)` − z·Σw → `· (s_x · s_w)`; or ONNX Runtime's per-tensor `DynamicQuantizeLinear` form ([`LinearOptions::per_tensor_dynamic`]) |
 //! | `w8a8-static` | explicit Q/DQ: `QuantizeLinear`/`DequantizeLinear(x, s, z)` and `DequantizeLinear(W_q, s_w, axis=1)` around a float `MatMul` |
 //! | low-rank U·V | two MatMuls (`x·Vᵀ`, then `·Uᵀ`), each factor in its own form |
-//! | 4-bit grouped (`w4a16` RTN / GPTQ / AWQ), GGUF `q4_0` | activations rounded to int8 per 32 as whittle runs block formats, then ONNX Runtime's `com.microsoft.MatMulNBits` (codes, scales, zero points as stored) |
+//! | 4-bit grouped (`w4a16` RTN / GPTQ / AWQ), GGUF `q4_0` | activations rounded to int8 per 32 as whittle runs block formats (f32 activations when the model runs with `float_activations`), then ONNX Runtime's `com.microsoft.MatMulNBits` (codes, scales, zero points as stored) |
 //! | other block formats (GGUF K-quants, q4_1, …, `w8a16`, 2/3-bit) | none here: an error that says so (load with `--dequantize` for an f32 export) |
 //!
 //! `whittle` quantizes `w8a8-dynamic` activations per token (u8, asymmetric); ONNX's `DynamicQuantizeLinear`
@@ -141,18 +141,25 @@ fn per_token_dynamic(g: &mut Graph, name: &str, p: &Arc<whittle_kernels::int8::P
 }
 
 /// `x` (…, K) with each block of `ab` values rounded as whittle's block kernels quantize activations
-/// (`whittle_kernels::block`: `s = max|x| / 127`, `q = round(x / s)` in [−127, 127], `x ≈ s·q`).
+/// (`whittle_kernels::block::quantize_block_ref`: `s = max|x| / 127`, `q = round(x · (1/s))` in [−127, 127]
+/// with ties away from zero, `x ≈ s·q`), bit for bit: ONNX's `Round` rounds ties to even, so the graph
+/// rounds as `sign(v) · floor(|v| + 0.5)`, which is whittle's `trunc(v + copysign(0.5, v))` for every f32
+/// (on SmolLM2, `Round` put 1–3 values per Linear input on the other side of a tie, each flipping a code).
 fn block_acts(g: &mut Graph, x: &str, k: usize, ab: usize) -> String {
     let blocks = g.ints(&[-1, (k / ab) as i64, ab as i64]);
     let xb = g.op("Reshape", &[x, &blocks], vec![]); // (N, K/ab, ab)
     let ax = g.op("Abs", &[&xb], vec![]);
     let amax = g.op("ReduceMax", &[&ax], vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(1))]);
-    let (f127, tiny, n127) = (g.float(127.0), g.float(f32::MIN_POSITIVE), g.float(-127.0));
+    let (f127, tiny, n127, half) = (g.float(127.0), g.float(f32::MIN_POSITIVE), g.float(-127.0), g.float(0.5));
     let s = g.op("Div", &[&amax, &f127], vec![]);
     let s = g.op("Max", &[&s, &tiny], vec![]); // an all-zero block stays zero
     let inv = g.op("Reciprocal", &[&s], vec![]);
-    let q = g.op("Mul", &[&xb, &inv], vec![]);
-    let q = g.op("Round", &[&q], vec![]);
+    let v = g.op("Mul", &[&xb, &inv], vec![]);
+    let av = g.op("Abs", &[&v], vec![]);
+    let av = g.op("Add", &[&av, &half], vec![]);
+    let av = g.op("Floor", &[&av], vec![]);
+    let sg = g.op("Sign", &[&v], vec![]);
+    let q = g.op("Mul", &[&sg, &av], vec![]);
     let q = g.op("Clip", &[&q, &n127, &f127], vec![]);
     let xd = g.op("Mul", &[&q, &s], vec![]);
     let shape = g.op("Shape", &[x], vec![]);
@@ -170,14 +177,24 @@ fn four_bit(b: &whittle_core::BlockLinear) -> bool {
 /// `w = s · (q + off) + min`: symmetric (`off` = −8, no min) is z = 8; asymmetric (`off` = 0,
 /// `min` = −s·z) gives back the integer z. Anything else has no faithful MatMulNBits form (an error).
 ///
-/// whittle runs block formats with activations rounded to int8 per block of 32 values (llama.cpp's Q8_0
-/// activations: `x ≈ s·q`, `s = max|x| / 127`); the graph rounds them the same way ([`block_acts`]) and lets
-/// MatMulNBits compute in f32 (`accuracy_level` 0). One Linear agrees with whittle's block kernel to float
-/// rounding (`tests/ort.rs`); over SmolLM2's 30 blocks, top-1 agreement with whittle on 2 WikiText-2 chunks
-/// was 97.5% this way, 97.1% with f32 activations and 96.5% with ONNX Runtime's own int8 path
-/// (`accuracy_level` 4): an activation that lands on the other side of a rounding boundary in one runtime
-/// moves by a whole step, and such flips compound over the blocks.
-fn matmul_nbits(g: &mut Graph, name: &str, b: &Arc<whittle_core::BlockLinear>, x: &str) -> Result<String> {
+/// whittle runs block formats with activations rounded to int8 per block of 32 (llama.cpp's Q8_0
+/// activations: `x ≈ s·q`, `s = max|x| / 127`) unless the model runs with `float_activations`; the graph
+/// computes the same: the int8 rounding in the graph ([`block_acts`]), or f32 activations straight into
+/// MatMulNBits, which computes in f32 (`accuracy_level` 0) either way. One Linear agrees with whittle's to
+/// float rounding (`tests/ort.rs`). Over a whole model only the f32 form agrees as closely: with int8
+/// activations, the float-rounding differences every op leaves (RMSNorm's sums, attention, the GEMMs'
+/// summation order; ~3e-7 relative) move a few values per Linear input across a rounding boundary, each such
+/// flip changes an activation by a whole step (~1/127 of its block's range), attention carries it to every
+/// later token and it seeds more flips in the next block: on SmolLM2 GPTQ w4a16 the two runs drift to ~1e-2
+/// relative by block 8 (`scripts/onnx_divergence.py`) and agree on 97.5% of top-1 tokens; with f32
+/// activations on both sides, on 100%.
+fn matmul_nbits(
+    g: &mut Graph,
+    name: &str,
+    b: &Arc<whittle_core::BlockLinear>,
+    x: &str,
+    float_activations: bool,
+) -> Result<String> {
     let unsupported = |reason: String| Error::Unsupported { tensor: name.into(), repr: b.format.clone(), reason };
     let w = b.packed.unpack();
     let (n, k, bs) = (w.m, w.k, w.sb);
@@ -231,7 +248,7 @@ fn matmul_nbits(g: &mut Graph, name: &str, b: &Arc<whittle_core::BlockLinear>, x
         }
     };
     g.import("com.microsoft", 1);
-    let xq = block_acts(g, x, k, b.packed.act_block);
+    let xq = if float_activations { x.to_string() } else { block_acts(g, x, k, b.packed.act_block) };
     let inputs: Vec<&str> = std::iter::once(xq.as_str()).chain(names.iter().map(String::as_str)).collect();
     let attrs = vec![
         ("K", Attr::Int(k as i64)),
@@ -292,7 +309,7 @@ pub fn linear(g: &mut Graph, name: &str, l: &Linear, x: &str) -> Result<String> 
             u.bias = None;
             linear(g, &format!("{name}.u"), &u, &h)?
         }
-        LinearWeight::Block(b) if four_bit(b) => matmul_nbits(g, name, b, x)?,
+        LinearWeight::Block(b) if four_bit(b) => matmul_nbits(g, name, b, x, l.dispatch().float_activations)?,
         LinearWeight::Block(b) => {
             return Err(Error::Unsupported {
                 tensor: name.into(),

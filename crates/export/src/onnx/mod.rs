@@ -57,10 +57,27 @@ fn form(l: &whittle_core::Linear, o: &OnnxOptions) -> String {
         whittle_core::LinearWeight::Int8Dynamic(_) => "per-token u8+MatMulInteger",
         whittle_core::LinearWeight::Int8Static { .. } => "QuantizeLinear/DequantizeLinear+MatMul",
         whittle_core::LinearWeight::LowRank(_) => "MatMul×2",
-        whittle_core::LinearWeight::Block(_) => "com.microsoft.MatMulNBits",
+        whittle_core::LinearWeight::Block(_) if l.dispatch().float_activations => {
+            "com.microsoft.MatMulNBits (f32 activations)"
+        }
+        whittle_core::LinearWeight::Block(_) => "int8-rounded activations+com.microsoft.MatMulNBits",
         _ => "MatMul",
     };
     format!("{s} → {f}")
+}
+
+/// Metadata key naming the activations the graph's block (4-bit) layers take: [`F32_ACTS`] or [`INT8_ACTS`].
+pub const BLOCK_ACTIVATIONS_KEY: &str = "whittle.block_activations";
+/// Block layers take f32 activations (the model ran with `float_activations`).
+pub const F32_ACTS: &str = "f32";
+/// Block layers take activations rounded to int8 per block of 32, as whittle's block kernels.
+pub const INT8_ACTS: &str = "int8/32";
+
+/// How `l`'s block layers take their activations (`None`: it has none).
+pub fn block_activations(l: &Loaded) -> Option<&'static str> {
+    let lins = l.model.linears();
+    let (_, b) = lins.iter().find(|(_, lin)| matches!(lin.weight, whittle_core::LinearWeight::Block(_)))?;
+    Some(if b.dispatch().float_activations { F32_ACTS } else { INT8_ACTS })
 }
 
 /// Builds the ONNX model of `l` in memory: the serialised `ModelProto`, its input and output names.
@@ -89,7 +106,10 @@ pub fn model_bytes(l: &Loaded, o: &OnnxOptions) -> Result<(Vec<u8>, Vec<String>,
         )));
     }
     let doc = format!("exported by whittle from {}", l.source.path.display());
-    let meta = [("source", l.source.path.display().to_string()), ("family", l.model.family().to_string())];
+    let mut meta = vec![("source", l.source.path.display().to_string()), ("family", l.model.family().to_string())];
+    if let Some(a) = block_activations(l) {
+        meta.push((BLOCK_ACTIVATIONS_KEY, a.into()));
+    }
     Ok((g.finish(name, &doc, &meta), ins, outs))
 }
 

@@ -49,6 +49,13 @@ pub struct ModelProto {
     pub metadata_props: Vec<StringStringEntryProto>,
 }
 
+/// A `ModelProto` read for its metadata only (the graph's bytes are skipped, not decoded).
+#[derive(Clone, PartialEq, Message)]
+pub struct ModelMetadataOnly {
+    #[prost(message, repeated, tag = "14")]
+    pub metadata_props: Vec<StringStringEntryProto>,
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct OperatorSetIdProto {
     /// Empty for the default `ai.onnx` domain.

@@ -87,26 +87,21 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features;
         let x2 = x.reshape((rows, in_f))?; // (N, in)
+        let float_block = matches!(self.weight, LinearWeight::Block(_)) && self.dispatch.float_activations;
         let y = match &self.weight {
             LinearWeight::Dense(w) if w.dtype() == DType::F32 && PackedF32::available() && x.device().is_cpu() => {
-                let p = match self.packed_f32.get() {
-                    Some(p) => p.clone(),
-                    None => {
-                        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                        let p = Arc::new(PackedF32::new(&wv, self.out_features, self.in_features));
-                        self.packed_f32.get_or_init(|| p).clone()
-                    }
-                };
-                let bias: Option<Vec<f32>> = match &self.bias {
-                    Some(b) => Some(b.to_vec1()?),
-                    None => None,
-                };
-                let y = with_f32_slice(&x2, |xs| {
-                    whittle_kernels::filled(rows * self.out_features, |y| {
-                        whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &KernelPool)
-                    })
-                })?;
-                Tensor::from_vec(y, (rows, self.out_features), x.device())?
+                self.f32_gemm(|| Ok(w.flatten_all()?.to_vec1()?), &x2, rows)?
+            }
+            // `float_activations`: the block weights dequantized to f32 once, against f32 activations.
+            LinearWeight::Block(_) if float_block && PackedF32::available() && x.device().is_cpu() => {
+                self.f32_gemm(|| Ok(self.dequantize()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?), &x2, rows)?
+            }
+            LinearWeight::Block(_) if float_block => {
+                let y = x2.matmul(&self.dequantize()?.to_dtype(DType::F32)?.to_device(x.device())?.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
             }
             LinearWeight::Dense(w) if matches!(w.dtype(), DType::F16 | DType::BF16) && x.device().is_cpu() => {
                 // Kept 16-bit: widened on the fly by the half kernel (never copied to f32).
@@ -204,12 +199,35 @@ fn act_block_for(p: &PackedBlock, d: Dispatch) -> usize {
 }
 
 impl Linear {
-    /// The activation block a block layer quantizes its input with.
+    /// The activation block a block layer quantizes its input with (`None`: not a block layer, or one run
+    /// against f32 activations).
     fn act_block(&self) -> Option<usize> {
         match &self.weight {
-            LinearWeight::Block(b) => Some(act_block_for(&b.packed, self.dispatch)),
+            LinearWeight::Block(b) if !self.dispatch.float_activations => Some(act_block_for(&b.packed, self.dispatch)),
             _ => None,
         }
+    }
+
+    /// whittle's f32 GEMM of `x2` (N, in) against this layer's f32 weights, packed on first use from
+    /// `weights()` (row-major (out, in)) and kept; returns (N, out).
+    fn f32_gemm(&self, weights: impl FnOnce() -> Result<Vec<f32>>, x2: &Tensor, rows: usize) -> Result<Tensor> {
+        let p = match self.packed_f32.get() {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(PackedF32::new(&weights()?, self.out_features, self.in_features));
+                self.packed_f32.get_or_init(|| p).clone()
+            }
+        };
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_vec1()?),
+            None => None,
+        };
+        let y = with_f32_slice(x2, |xs| {
+            whittle_kernels::filled(rows * self.out_features, |y| {
+                whittle_kernels::f32::gemm(&p, xs, rows, bias.as_deref(), y, &KernelPool)
+            })
+        })?;
+        Ok(Tensor::from_vec(y, (rows, self.out_features), x2.device())?)
     }
 
     /// A block layer on activations already quantized per 32-block; `dims` is the input's shape.
@@ -262,6 +280,39 @@ mod tests {
             assert!((y[o] - want).abs() < MAX_LINEAR_ABS_ERR, "row {o}: {} vs {want}", y[o]);
         }
         assert_eq!(l.num_params(), 15);
+    }
+
+    /// `float_activations`: a 4-bit block Linear equals the dense f32 Linear on its dequantized weights
+    /// (both through whittle's f32 GEMM: identical products and order), prefill and decoding rows, and
+    /// shared-input layers (q/k/v) take the same path; without it the int8 activations differ by their
+    /// rounding, so the two runs really are different.
+    #[test]
+    fn block_forward_on_float_activations_is_the_dense_forward_of_its_dequantization() {
+        /// Same weights and activations, same kernel: only the packing route could differ.
+        const MAX_FLOAT_ACTS_ABS_ERR: f32 = 1e-5;
+        let dev = Device::Cpu;
+        let (m, k) = (40, 96);
+        let w: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rtn = crate::rtn::Rtn { bits: 4, group: 32, zero_point: false };
+        let mut q = Linear::rtn(&rtn.quantize(&w, m, k), rtn, None).unwrap();
+        let dense = Linear::dense(q.dequantize().unwrap(), None).unwrap();
+        let int8 = q.clone();
+        let mut d = q.dispatch();
+        d.float_activations = true;
+        q.set_dispatch(d);
+        for rows in [1, 7] {
+            let x = (Tensor::arange(0f32, (rows * k) as f32, &dev).unwrap().reshape((rows, k)).unwrap() * 0.11)
+                .unwrap()
+                .cos()
+                .unwrap();
+            let want = dense.forward(&x).unwrap();
+            let err = |y: &Tensor| (&want - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err(&q.forward(&x).unwrap()) <= MAX_FLOAT_ACTS_ABS_ERR, "rows {rows}");
+            for y in Linear::forward_shared(&[&q, &q], &x).unwrap() {
+                assert!(err(&y) <= MAX_FLOAT_ACTS_ABS_ERR, "rows {rows}, shared input");
+            }
+            assert!(err(&int8.forward(&x).unwrap()) > MAX_FLOAT_ACTS_ABS_ERR, "int8 activations round");
+        }
     }
 
     #[test]
