@@ -461,11 +461,7 @@ fn exercise_recipe(text: &[u8], tiny: &[PathBuf]) {
             let _ = step.config_json();
             match step {
                 Step::Stage(AnyStage::Distill(_) | AnyStage::Finetune(_)) => {}
-                Step::Stage(s) => {
-                    if s.apply(&mut l, &mut Ctx::quiet()).is_err() {
-                        break;
-                    }
-                }
+                Step::Stage(s) if s.apply(&mut l, &mut Ctx::quiet()).is_err() => break,
                 _ => {}
             }
         }
