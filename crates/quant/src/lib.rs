@@ -236,7 +236,9 @@ pub fn group_for(requested: usize, k: usize, name: &str) -> Result<(usize, Strin
     if k.is_multiple_of(requested) {
         return Ok((requested, String::new()));
     }
-    let g = (1..=requested / 32).rev().map(|i| 32 * i).find(|g| k.is_multiple_of(*g)).ok_or_else(|| {
+    // From the width down (a group past the width cannot divide it): a huge request must not count down
+    // from itself (found by scripts/fuzz.sh, recipe target: `group_size` 2^40 ran for minutes).
+    let g = (1..=requested.min(k) / 32).rev().map(|i| 32 * i).find(|g| k.is_multiple_of(*g)).ok_or_else(|| {
         Error::Unsupported(format!("layer `{name}`: input width {k} is not a multiple of 32 (weight-only groups)"))
     })?;
     Ok((g, format!("group {requested} does not divide {k}: group {g}")))
@@ -390,6 +392,18 @@ pub fn quantize_calibrated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by scripts/fuzz.sh (recipe target): `group_size` 2^40 with GPTQ counted down from 2^35 looking
+    /// for a group that divides the width, and ran for minutes.
+    #[test]
+    fn fuzz_group_size_huge_falls_back_at_once() {
+        let t = std::time::Instant::now();
+        let (g, note) = group_for(1 << 40, 576, "q_proj").unwrap();
+        assert_eq!(g, 576, "the width itself is the largest multiple of 32 that divides it");
+        assert!(note.contains("does not divide 576: group 576"), "{note}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(group_for(128, 576, "x").unwrap().0, 96);
+    }
 
     #[test]
     fn plan_defaults_and_overrides() {
