@@ -24,6 +24,7 @@
 //! w8a8-static, low-rank, sparse, shared blocks, per-block widths) have no compressed-tensors form that
 //! transformers loads, and are an error naming the tensor — never a silent dequantization.
 
+use crate::gguf::errors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -538,18 +539,6 @@ fn torch_dtype(d: DType) -> &'static str {
         DType::BF16 => "bfloat16",
         _ => "float32",
     }
-}
-
-/// (‖a − b‖ / ‖b‖, max |a − b|).
-fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let d = (*x as f64) - (*y as f64);
-        num += d * d;
-        den += (*y as f64) * (*y as f64);
-        max = max.max(d.abs());
-    }
-    ((num / den.max(f64::MIN_POSITIVE)).sqrt(), max)
 }
 
 #[cfg(test)]

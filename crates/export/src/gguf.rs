@@ -469,8 +469,8 @@ pub fn exact_blocks(w: &BlockWeights) -> Option<(u32, Vec<u8>)> {
     Some((t, out))
 }
 
-/// (‖a − b‖ / ‖b‖, max |a − b|).
-fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
+/// (‖a − b‖ / ‖b‖, max |a − b|) (also the compressed-tensors report).
+pub(crate) fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
     let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
         let d = (*x as f64) - (*y as f64);
